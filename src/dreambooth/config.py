@@ -1,0 +1,337 @@
+"""The run configuration: one typed dataclass tree shared by the CLI, config files and Python.
+
+Each section checks its own fields in `__post_init__`; `validate` checks the rules that span
+sections and reports every problem at once. Field docstrings are the `--help` text. Optional
+fields always default to None, so a TOML file (which has no null) round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+"""Bump with a `migrate_vN_to_vN1` function in `_config_io` when a field is renamed or removed."""
+
+Precision = Literal["no", "fp16", "bf16"]
+Sampler = Literal["dpm++", "ddpm", "ddim", "euler_a"]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str = field(default="pocket", metadata={"flag": "model"})
+    """Model to personalise: a hub id, a local diffusers folder, a single-file .safetensors checkpoint, a cascade folder (stage_1/, stage_2/), or 'pocket' (the built-in model)."""
+    sr_source: str | None = field(default=None, metadata={"flag": "sr-model"})
+    """Super-resolution stage of a cascade given separately (e.g. DeepFloyd/IF-II-L-v1.0)."""
+    single_file_config: str | None = field(default=None, metadata={"flag": "model-config"})
+    """For a single-file checkpoint: a local diffusers folder of the same architecture giving configs and tokenizer (needed offline)."""
+    allow_pickle: bool = False
+    """Allow .ckpt (pickle) checkpoints. Unpickling runs arbitrary code: only for files you trust."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of `source`."""
+    variant: str | None = None
+    """Weights variant to load, e.g. 'fp16'."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source.strip()), "model.source must not be empty")
+
+
+@dataclass(frozen=True)
+class SubjectConfig:
+    instance_dir: Path | None = None
+    """Folder of 3-5 photos of the subject (JPEG/PNG/WebP; optional <name>.txt captions)."""
+    class_noun: str | None = None
+    """Coarse class of the subject, e.g. 'dog', 'backpack'."""
+    instance_prompt: str = "a {identifier} {class_noun}"
+    """Prompt of every subject photo without a caption file; {identifier} and {class_noun} are filled in."""
+    class_prompt: str = "a {class_noun}"
+    """Prompt of the class images for prior preservation."""
+    use_captions: bool = True
+    """Use <image>.txt caption files next to the photos when present ({identifier}/{class_noun} allowed)."""
+    resolution: int | None = None
+    """Training resolution in pixels; None: the model's native resolution."""
+    random_flip: bool = False
+    """Also train on horizontally flipped photos (not for asymmetric subjects: text, logos)."""
+    on_bad_file: Literal["skip", "error"] = "skip"
+    """What to do with a file in instance_dir that is not a readable image."""
+
+    def __post_init__(self) -> None:
+        _check(self.resolution is None or self.resolution >= 8, f"subject.resolution must be >= 8, got {self.resolution}")
+        _check(self.class_noun is None or bool(self.class_noun.strip()), "subject.class_noun must not be empty")
+
+
+@dataclass(frozen=True)
+class IdentifierConfig:
+    identifier: str | None = None
+    """The subject's identifier [V]; None: chosen from the model's own rare tokens, as the paper does."""
+    num_tokens: int = field(default=1, metadata={"flag": "identifier-tokens"})
+    """How many rare tokens make up an automatic identifier (the paper's k = 1..3)."""
+    seed: int = field(default=0, metadata={"flag": "identifier-seed"})
+    """Seed of the automatic identifier choice."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.num_tokens <= 3, f"identifier.num_tokens must be 1..3, got {self.num_tokens}")
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    enabled: bool = field(default=True, metadata={"flag": "prior-preservation"})
+    """Class-specific prior-preservation loss (Eq. 2 of Ruiz et al. 2023)."""
+    num_class_images: int = 200
+    """Class images the frozen model generates before training (reused across runs)."""
+    class_dir: Path | None = None
+    """Where class images live; None: <run_dir>/class_images."""
+    loss_weight: float = field(default=1.0, metadata={"flag": "prior-loss-weight"})
+    """Weight lambda of the prior term; the paper uses 1."""
+    sampler: Sampler = field(default="dpm++", metadata={"flag": "class-sampler"})
+    """Solver for class images: 'ddpm' is the paper's ancestral sampler; 'dpm++' is as good in 4x fewer steps."""
+    steps: int = field(default=25, metadata={"flag": "class-steps"})
+    """Denoising steps per class image."""
+    guidance_scale: float | None = field(default=None, metadata={"flag": "class-guidance"})
+    """Classifier-free guidance for class images; None: the model family's default."""
+    batch_size: int = field(default=8, metadata={"flag": "class-batch-size"})
+    """Class images generated per forward pass."""
+    seed: int = field(default=0, metadata={"flag": "class-seed"})
+    """Base seed; image i uses seed + i, so any subset can be regenerated exactly."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_class_images >= 1, f"prior.num_class_images must be >= 1, got {self.num_class_images}")
+        _check(self.loss_weight >= 0, f"prior.loss_weight must be >= 0, got {self.loss_weight}")
+        _check(self.steps >= 1 and self.batch_size >= 1, "prior.steps and prior.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int | None = field(default=None, metadata={"flag": "lora-rank"})
+    """LoRA rank; None: full fine-tuning (the paper's choice). 4-32 is enough for one subject."""
+    alpha: float | None = field(default=None, metadata={"flag": "lora-alpha"})
+    """LoRA scale numerator; None: alpha = rank."""
+    dropout: float = field(default=0.0, metadata={"flag": "lora-dropout"})
+    """Dropout on the LoRA branch."""
+
+    def __post_init__(self) -> None:
+        _check(self.rank is None or self.rank > 0, f"lora.rank must be > 0, got {self.rank}")
+        _check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float | None = None
+    """Peak learning rate; None: 5e-6 for full fine-tuning, 1e-4 for LoRA."""
+    text_encoder_learning_rate: float | None = None
+    """Learning rate of the text encoder when it trains; None: same as learning_rate."""
+    weight_decay: float = 1e-2
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    use_8bit_adam: bool = False
+    """8-bit AdamW from bitsandbytes: 1/4 of the optimizer memory."""
+    lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "text_encoder_learning_rate"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"optim.{name} must be > 0, got {value}")
+        _check(self.lr_warmup_steps >= 0, f"optim.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        _check(self.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 400
+    """Optimizer steps per stage (the community uses 400-1200 for Stable Diffusion)."""
+    batch_size: int = 1
+    """Subject images per device per step; prior preservation adds as many class images."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    mixed_precision: Precision = "no"
+    """Autocast precision; frozen parts are stored in it too. fp16 needs a GPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% slower."""
+    train_text_encoder: bool = False
+    """Fine-tune the text encoder too (the paper fine-tunes all layers)."""
+    cache_latents: bool = True
+    """Encode the photos (and, with a frozen text encoder, the prompts) once instead of every step."""
+    caption_dropout: float = 0.0
+    """Probability of training on the empty prompt (for classifier-free guidance when pretraining)."""
+    ema_decay: float | None = None
+    """Exponential moving average of the trained weights with this decay; exports use the average."""
+    seed: int = 0
+    """Seed of data order, noise and timesteps: a run is reproducible from it."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1")
+        _check(0 <= self.caption_dropout < 1, f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        _check(self.ema_decay is None or 0 < self.ema_decay < 1, f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    stages: tuple[str, ...] = ("base", "sr")
+    """Stages of a cascade to fine-tune (ignored for single-stage models). Personalised SR is the paper's finding."""
+    sr_max_steps: int | None = None
+    """Optimizer steps of the super-resolution stage; None: train.max_steps."""
+    sr_learning_rate: float | None = None
+    """Learning rate of the super-resolution stage; None: the base stage's."""
+    noise_level_range: tuple[int, int] = (0, 1000)
+    """Augmentation levels of the low-res input drawn while training SR; sampling conditions on one level (250 in IF)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.stages) >= 1 and set(self.stages) <= {"base", "sr"}, f"cascade.stages must be a subset of base, sr; got {self.stages}")
+        low, high = self.noise_level_range
+        _check(0 <= low < high, f"cascade.noise_level_range must be 0 <= low < high, got {self.noise_level_range}")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    validation_prompts: tuple[str, ...] = (
+        "a {identifier} {class_noun} on the beach",
+        "a {identifier} {class_noun} in the snow",
+        "a {class_noun}",
+    )
+    """Prompts sampled while training; the last shows whether the class prior survives."""
+    every_n_steps: int = field(default=100, metadata={"flag": "validation-every"})
+    """Sample validation images every N steps (and at the end); 0: only at the end."""
+    num_images: int = field(default=4, metadata={"flag": "validation-images"})
+    """Images per validation prompt."""
+    steps: int = field(default=25, metadata={"flag": "validation-steps"})
+    """Denoising steps of validation samples."""
+    guidance_scale: float | None = field(default=None, metadata={"flag": "validation-guidance"})
+    """Classifier-free guidance of validation samples; None: the family's default."""
+    seed: int = field(default=0, metadata={"flag": "validation-seed"})
+    """Seed of validation samples: the same noise at every step, so grids are comparable."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_n_steps >= 0, "validation.every_n_steps must be >= 0")
+        _check(self.num_images >= 1 and self.steps >= 1, "validation.num_images and validation.steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_n_steps: int = field(default=100, metadata={"flag": "checkpoint-every"})
+    """Write a resumable checkpoint every N steps (and at the end); 0: only at the end."""
+    keep_last: int = field(default=2, metadata={"flag": "keep-checkpoints"})
+    """How many checkpoints to keep per stage (older ones are deleted)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_n_steps >= 0, "checkpoint.every_n_steps must be >= 0")
+        _check(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    run_dir: Path | None = None
+    """Run folder; None: runs/<instance_dir name>."""
+    overwrite: bool = False
+    """Delete an existing run folder and start again."""
+    resume: bool = False
+    """Continue the run in run_dir from its latest checkpoint."""
+    save_pipeline: bool = True
+    """Write the full fine-tuned pipeline (LoRA merged in for LoRA runs) to <run_dir>/pipeline."""
+    logger: Literal["auto", "tensorboard", "none"] = "auto"
+    """Metrics logger; auto: TensorBoard when installed."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one `dreambooth train` run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    subject: SubjectConfig = field(default_factory=SubjectConfig)
+    identifier: IdentifierConfig = field(default_factory=IdentifierConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    schema_version: int = SCHEMA_VERSION
+    """Version of this schema; older files are migrated on load."""
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate in effect: the configured one, else the default for the method."""
+        if self.optim.learning_rate is not None:
+            return self.optim.learning_rate
+        return 1e-4 if self.lora.rank is not None else 5e-6
+
+    @property
+    def run_dir(self) -> Path:
+        if self.output.run_dir is not None:
+            return self.output.run_dir
+        name = self.subject.instance_dir.name if self.subject.instance_dir else "dreambooth"
+        return Path("runs") / name
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check the rules that span sections; raise one ValueError listing every problem.
+
+    Harmless leftovers (a setting that has no effect) only warn.
+
+    Raises:
+        ValueError: if any rule is broken.
+    """
+    problems: list[str] = []
+    if cfg.subject.instance_dir is None:
+        problems.append("subject.instance_dir is required (--instance-dir DIR: a folder of 3-5 photos)")
+    if cfg.subject.class_noun is None:
+        problems.append("subject.class_noun is required (--class-noun NOUN, e.g. 'dog')")
+    if cfg.output.resume and cfg.output.overwrite:
+        problems.append("output.resume and output.overwrite contradict each other: pick one")
+    for template in (cfg.subject.instance_prompt, *cfg.validation.validation_prompts):
+        problems += _template_problems(template)
+    if "{identifier}" not in cfg.subject.instance_prompt:
+        problems.append(f"subject.instance_prompt {cfg.subject.instance_prompt!r} lacks {{identifier}}: the subject would have no key")
+    problems += _template_problems(cfg.subject.class_prompt)
+    if problems:
+        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    if not cfg.prior.enabled and cfg.prior.class_dir is not None:
+        logger.warning("prior.class_dir is set but prior preservation is off: it is ignored")
+    if not cfg.train.train_text_encoder and cfg.optim.text_encoder_learning_rate is not None:
+        logger.warning("optim.text_encoder_learning_rate is set but train.train_text_encoder is off: it is ignored")
+    if cfg.lora.rank is None and cfg.lora.alpha is not None:
+        logger.warning("lora.alpha is set but lora.rank is not (full fine-tuning): it is ignored")
+
+
+def _template_problems(template: str) -> list[str]:
+    try:
+        template.format(identifier="V", class_noun="N")
+    except (KeyError, IndexError, ValueError) as error:
+        return [f"prompt template {template!r} is not valid: only {{identifier}} and {{class_noun}} may appear ({error})"]
+    return []
+
+
+def load_config(path: Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """Build a RunConfig from defaults, then a TOML/YAML file, then overrides (e.g. CLI flags).
+
+    Raises:
+        FileNotFoundError: if `path` does not exist.
+        ValueError: naming a key that is unknown or has a wrong type.
+    """
+    from dreambooth._config_io import from_dict, load_file, merge, migrate
+
+    data = migrate(load_file(path), SCHEMA_VERSION) if path is not None else {}
+    return from_dict(RunConfig, merge(data, overrides or {}))

@@ -1,0 +1,197 @@
+"""The DreamBooth recipe: photos -> identifier -> class images -> fine-tuned stages -> exports.
+
+Every input is checked before any weights load; then each stage of the model (one for Stable
+Diffusion, base and super-resolution for a cascade) is fine-tuned by the same loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from PIL import Image
+
+from dreambooth.config import RunConfig, validate
+from dreambooth.data.images import LoadedImage, load_images, warn_small_images
+from dreambooth.data.training_set import TrainingSet, encode_captions, encode_examples
+from dreambooth.export.pipeline import export_run
+from dreambooth.files import read_json, write_json
+from dreambooth.generate import generate
+from dreambooth.grid import image_grid, upscale_for_viewing
+from dreambooth.identifier import check_identifier, choose_identifier
+from dreambooth.layout import RunLayout
+from dreambooth.models.loading import ModelSource, load_stages, resolve_source
+from dreambooth.models.spec import Stage, frozen_modules
+from dreambooth.prior import ClassImageSpec, ensure_class_images, model_fingerprint
+from dreambooth.run_folder import open_run_folder
+from dreambooth.training.loop import DTYPES, StagePaths, StagePlan, train_stage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """The subject as the model will be taught it."""
+
+    identifier: str
+    class_noun: str
+
+    def fill(self, template: str) -> str:
+        return template.format(identifier=self.identifier, class_noun=self.class_noun)
+
+
+def finetune(cfg: RunConfig) -> RunLayout:
+    """Run DreamBooth as configured; return the run folder's layout.
+
+    Raises:
+        ValueError / FileNotFoundError: for any problem with the inputs, before loading weights.
+    """
+    validate(cfg)
+    photos = load_images(cfg.subject.instance_dir, on_bad_file=cfg.subject.on_bad_file)
+    source = resolve_source(cfg.model)
+    accelerator = _make_accelerator(cfg)
+    layout, resuming = open_run_folder(cfg) if accelerator.is_main_process else (RunLayout(cfg.run_dir), cfg.output.resume)
+    accelerator.wait_for_everyone()
+    if accelerator.log_with:
+        accelerator.init_trackers("dreambooth")
+
+    stages = load_stages(source, cfg.model, cfg.cascade.noise_level_range)
+    trained = [s for s in stages if not source.is_cascade or s.name in cfg.cascade.stages]
+    subject = _resolve_subject(cfg, stages, layout, resuming)
+    _record_run(layout, cfg, source, subject, trained, status="training", main=accelerator.is_main_process)
+    weight_dtype = DTYPES[cfg.train.mixed_precision]
+    for stage in stages:
+        stage.pipeline.to(accelerator.device)
+        for module in frozen_modules(stage, cfg.train.train_text_encoder) if weight_dtype != torch.float32 else []:
+            module.to(dtype=weight_dtype)
+
+    class_images = _class_images(cfg, stages[0], subject, layout, accelerator) if cfg.prior.enabled else None
+    for stage in trained:
+        warn_small_images(photos, stage.resolution)
+        data = _training_set(cfg, stage, photos, subject, class_images if stage.name == "base" else None)
+        train_stage(stage, data, _plan(cfg, stage), _paths(layout, stage), accelerator, _previewer(cfg, stages, stage, subject, layout, accelerator))
+        accelerator.free_memory()
+
+    if accelerator.is_main_process:
+        written = export_run(stages, layout, cascade=source.is_cascade, save_pipeline=cfg.output.save_pipeline)
+        _record_run(layout, cfg, source, subject, trained, status="done", main=True, outputs=written)
+    accelerator.end_training()
+    return layout
+
+
+def _make_accelerator(cfg: RunConfig) -> Accelerator:
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.mixed_precision 'fp16' needs a GPU; on CPU use 'bf16' or 'no'")
+    use_tb = cfg.output.logger == "tensorboard" or (cfg.output.logger == "auto" and importlib.util.find_spec("tensorboard"))
+    if cfg.output.logger == "tensorboard" and not importlib.util.find_spec("tensorboard"):
+        raise ValueError("--logger tensorboard needs TensorBoard: pip install 'dreambooth[tensorboard]'")
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        log_with="tensorboard" if use_tb else None, project_dir=str(RunLayout(cfg.run_dir).tensorboard),
+    )
+
+
+def _resolve_subject(cfg: RunConfig, stages: list[Stage], layout: RunLayout, resuming: bool) -> Subject:
+    """The identifier: the resumed run's, the user's (checked), or chosen from the model's rare tokens."""
+    class_noun = cfg.subject.class_noun
+    if resuming and layout.run_info.is_file():
+        recorded = read_json(layout.run_info)["identifier"]
+        if cfg.identifier.identifier not in (None, recorded):
+            logger.warning("resume: keeping the run's identifier %r, not %r", recorded, cfg.identifier.identifier)
+        return Subject(recorded, class_noun)
+    if cfg.identifier.identifier is not None:
+        text = cfg.identifier.identifier
+        for stage in stages:
+            for message in check_identifier(stage.tokenizer, text, class_noun):
+                logger.warning("identifier: %s", message)
+    else:
+        text = choose_identifier(stages[0].tokenizer, class_noun, num_tokens=cfg.identifier.num_tokens, seed=cfg.identifier.seed).text
+    logger.info("identifier [V] = %r: prompts read %r", text, cfg.subject.instance_prompt.format(identifier=text, class_noun=class_noun))
+    print(f"identifier [V] = {text!r}  (prompt: {cfg.subject.instance_prompt.format(identifier=text, class_noun=class_noun)!r})")
+    return Subject(text, class_noun)
+
+
+def _class_images(cfg: RunConfig, base: Stage, subject: Subject, layout: RunLayout, accelerator: Accelerator) -> list[Image.Image]:
+    """Generate (once) and load the class images of the frozen base stage."""
+    spec = ClassImageSpec(
+        model=model_fingerprint(base.unet), prompt=subject.fill(cfg.subject.class_prompt), resolution=base.resolution,
+        sampler=cfg.prior.sampler, steps=cfg.prior.steps, guidance=cfg.prior.guidance_scale or base.default_guidance,
+    )
+    class_dir = cfg.prior.class_dir or layout.class_images
+    if accelerator.is_main_process:
+        ensure_class_images(base.pipeline, class_dir, spec, cfg.prior.num_class_images, seed=cfg.prior.seed, batch_size=cfg.prior.batch_size)
+    accelerator.wait_for_everyone()
+    paths = ensure_class_images(base.pipeline, class_dir, spec, cfg.prior.num_class_images, seed=cfg.prior.seed, batch_size=cfg.prior.batch_size)
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def _training_set(cfg: RunConfig, stage: Stage, photos: list[LoadedImage], subject: Subject, class_images: list[Image.Image] | None) -> TrainingSet:
+    captions = [subject.fill(p.caption if (p.caption and cfg.subject.use_captions) else cfg.subject.instance_prompt) for p in photos]
+    instance = encode_examples(stage, [p.image for p in photos], captions, flip=cfg.subject.random_flip)
+    classes = None
+    if class_images is not None:
+        classes = encode_examples(stage, class_images, [subject.fill(cfg.subject.class_prompt)] * len(class_images))
+    text_cache = None
+    if not cfg.train.train_text_encoder and cfg.train.cache_latents:
+        text_cache = encode_captions(stage, instance.captions + (classes.captions if classes else []))
+    return TrainingSet(instance, classes, text_cache)
+
+
+def _plan(cfg: RunConfig, stage: Stage) -> StagePlan:
+    sr = stage.name == "sr"
+    lr = (cfg.cascade.sr_learning_rate or cfg.learning_rate) if sr else cfg.learning_rate
+    train = dataclasses.replace(cfg.train, max_steps=cfg.cascade.sr_max_steps or cfg.train.max_steps) if sr else cfg.train
+    return StagePlan(
+        train=train, optim=cfg.optim, lora=cfg.lora, checkpoint=cfg.checkpoint, learning_rate=lr,
+        text_encoder_learning_rate=cfg.optim.text_encoder_learning_rate or lr,
+        prior_weight=cfg.prior.loss_weight, preview_every=cfg.validation.every_n_steps,
+    )
+
+
+def _paths(layout: RunLayout, stage: Stage) -> StagePaths:
+    return StagePaths(layout.checkpoints(stage.name), layout.log(stage.name), layout.loss_plot(stage.name))
+
+
+def _previewer(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subject, layout: RunLayout, accelerator: Accelerator):
+    """Sample the validation prompts through the cascade up to `stage`, as a labelled grid PNG."""
+    prompts = [subject.fill(p) for p in cfg.validation.validation_prompts]
+    pipelines = [s.pipeline for s in stages[: stages.index(stage) + 1]]
+    v = cfg.validation
+
+    def preview(step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        for s in stages:
+            s.unet.eval()
+        images = generate(
+            pipelines, [p for p in prompts for _ in range(v.num_images)], [v.seed + k for _ in prompts for k in range(v.num_images)],
+            steps=v.steps, guidance=[v.guidance_scale or s.default_guidance for s in stages], sampler="dpm++",
+            autocast_dtype=DTYPES[cfg.train.mixed_precision],
+        )
+        stage.unet.train()
+        rows = [[upscale_for_viewing(im) for im in images[i * v.num_images : (i + 1) * v.num_images]] for i in range(len(prompts))]
+        out = layout.samples(stage.name) / f"step-{step:06d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(rows, prompts).save(out)
+
+    return preview
+
+
+def _record_run(layout, cfg, source: ModelSource, subject: Subject, trained, *, status: str, main: bool, outputs=None) -> None:
+    if not main:
+        return
+    write_json(layout.run_info, {
+        "identifier": subject.identifier,
+        "class_noun": subject.class_noun,
+        "instance_prompt": subject.fill(cfg.subject.instance_prompt),
+        "model": {"source": cfg.model.source, "family": source.family, "base": source.base, "sr": source.sr},
+        "stages": [s.name for s in trained],
+        "method": "lora" if cfg.lora.rank is not None else "full",
+        "status": status,
+        "outputs": outputs or {},
+    })

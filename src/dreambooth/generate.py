@@ -1,0 +1,157 @@
+"""Sampling text-to-image models, single-stage or cascaded, with per-image seeds.
+
+Image i of a request is fully determined by its seed (one `torch.Generator` per image), so a
+set can be regenerated in part, batched differently, or compared across checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+from PIL import Image
+from tqdm.auto import tqdm
+
+SAMPLERS = {
+    "dpm++": DPMSolverMultistepScheduler,
+    "ddpm": DDPMScheduler,  # the ancestral sampler of the paper
+    "ddim": DDIMScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+}
+
+
+def use_sampler(pipeline, name: str) -> None:
+    """Swap the pipeline's scheduler for `name`, keeping its noise schedule and parameterisation."""
+    config = dict(pipeline.scheduler.config)
+    if name == "ddim" and "variance_type" not in config:
+        config["variance_type"] = "fixed_small"  # IFPipeline reads it even for DDIM
+    scheduler = SAMPLERS[name].from_config(config)
+    if "variance_type" in config and "variance_type" not in scheduler.config:
+        scheduler.register_to_config(variance_type=config["variance_type"])
+    pipeline.scheduler = scheduler
+
+
+@torch.no_grad()
+def generate(
+    pipelines: Sequence, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 25,
+    guidance: Sequence[float], sampler: str = "dpm++", batch_size: int = 8, autocast_dtype: torch.dtype | None = None,
+    progress: str | None = None,
+) -> list[Image.Image]:
+    """One image per (prompt, seed) pair through every stage of `pipelines`.
+
+    Args:
+        pipelines: the stock diffusers pipelines of a model, base first (IF: then super-resolution).
+        guidance: classifier-free guidance per pipeline.
+        autocast_dtype: run under autocast (needed when weights are in mixed dtypes during training).
+        progress: description of a progress bar over batches, or None for none.
+    """
+    assert len(prompts) == len(seeds)
+    for pipeline in pipelines:
+        use_sampler(pipeline, sampler)
+        pipeline.set_progress_bar_config(disable=True)
+    device = pipelines[0].device
+    images: list[Image.Image] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=progress, disable=progress is None, unit="batch"):
+        chunk_prompts = list(prompts[start : start + batch_size])
+        chunk_seeds = seeds[start : start + batch_size]
+        with _autocast(device, autocast_dtype):
+            images += _sample_cascade(pipelines, chunk_prompts, chunk_seeds, steps, guidance)
+    return images
+
+
+def _sample_cascade(pipelines, prompts, seeds, steps, guidance) -> list[Image.Image]:
+    image = None
+    for index, (pipeline, scale) in enumerate(zip(pipelines, guidance)):
+        last = index == len(pipelines) - 1
+        generators = [torch.Generator().manual_seed(int(s) + 1_000_003 * index) for s in seeds]
+        extra = {} if image is None else {"image": image}
+        image = pipeline(
+            prompt=prompts, num_inference_steps=steps, guidance_scale=scale, generator=generators,
+            output_type="pil" if last else "pt", **extra,
+        ).images
+    return image
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to sample: its pipelines (base first), their default guidance, its subject."""
+
+    pipelines: list
+    guidance: list[float]
+    subject: dict
+    """A run's identifier and class noun (its run.json); empty for other sources."""
+
+
+def load_model(model: str, *, lora: str | None = None, device: str | None = None) -> LoadedModel:
+    """Load a run folder, diffusers/cascade folder, hub id or 'pocket' for sampling."""
+    from dreambooth.config import ModelConfig
+    from dreambooth.files import read_json
+    from dreambooth.layout import CASCADE_STAGE_DIRS
+    from dreambooth.models.loading import load_stages, resolve_source
+
+    run_info = Path(model) / "run.json"
+    subject = read_json(run_info) if run_info.is_file() else {}
+    source = resolve_source(ModelConfig(source=model))
+    stages = load_stages(source, ModelConfig(source=model))
+    pipelines = [stage.pipeline for stage in stages]
+    if lora is not None:
+        lora_path = Path(lora)
+        for pipeline, stage_dir in zip(pipelines, CASCADE_STAGE_DIRS.values()):
+            path = lora_path / stage_dir if (lora_path / stage_dir).exists() else lora_path
+            if path.exists() and (len(pipelines) == 1 or path != lora_path):
+                pipeline.load_lora_weights(str(path))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return LoadedModel([p.to(device) for p in pipelines], [s.default_guidance for s in stages], subject)
+
+
+def read_prompts(prompts: Sequence[str], prompts_file: Path | None) -> list[str]:
+    """Prompts from flags and a file (one per line; blank lines and # comments skipped).
+
+    Raises:
+        ValueError: if there are none.
+    """
+    out = list(prompts)
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise FileNotFoundError(f"prompts file {str(prompts_file)!r} does not exist")
+        lines = prompts_file.read_text(encoding="utf-8").splitlines()
+        out += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not out:
+        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    return out
+
+
+def generate_to_folder(
+    model: str, prompts: list[str], out: Path, *, lora: str | None = None, num_images: int = 4, seed: int = 0,
+    steps: int = 25, guidance: float | None = None, sampler: str = "dpm++", device: str | None = None,
+) -> Path:
+    """Sample `num_images` per prompt; write `<prompt index>-<k>.png`, `grid.png` and `prompts.txt`."""
+    from dreambooth.grid import image_grid, upscale_for_viewing
+
+    loaded = load_model(model, lora=lora, device=device)
+    if "identifier" in loaded.subject:
+        name = loaded.subject["identifier"]
+        prompts = [p.replace("[V]", name).replace("{identifier}", name) for p in prompts]
+    scales = [guidance] * len(loaded.pipelines) if guidance is not None else loaded.guidance
+    images = generate(
+        loaded.pipelines, [p for p in prompts for _ in range(num_images)], [seed + k for _ in prompts for k in range(num_images)],
+        steps=steps, guidance=scales, sampler=sampler, progress="generate",
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(out / f"{i // num_images:03d}-{i % num_images}.png")
+    rows = [[upscale_for_viewing(im) for im in images[i * num_images : (i + 1) * num_images]] for i in range(len(prompts))]
+    image_grid(rows, prompts).save(out / "grid.png")
+    (out / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    return out

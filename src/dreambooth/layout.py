@@ -1,0 +1,53 @@
+"""Where everything of a run lives: one place that names the files of a run folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CASCADE_STAGE_DIRS = {"base": "stage_1", "sr": "stage_2"}
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.resolved.toml"
+
+    @property
+    def run_info(self) -> Path:
+        """Identifier, model, stages and status of the run (JSON)."""
+        return self.root / "run.json"
+
+    @property
+    def class_images(self) -> Path:
+        return self.root / "class_images"
+
+    @property
+    def pipeline(self) -> Path:
+        """The fine-tuned pipeline; for a cascade, a folder of stage_1/, stage_2/ pipelines."""
+        return self.root / "pipeline"
+
+    def pipeline_stage(self, stage: str, cascade: bool) -> Path:
+        return self.pipeline / CASCADE_STAGE_DIRS[stage] if cascade else self.pipeline
+
+    def lora(self, stage: str, cascade: bool) -> Path:
+        return self.root / "lora" / CASCADE_STAGE_DIRS[stage] if cascade else self.root / "lora"
+
+    def checkpoints(self, stage: str) -> Path:
+        return self.root / "checkpoints" / stage
+
+    def log(self, stage: str) -> Path:
+        return self.root / "logs" / f"{stage}.jsonl"
+
+    def loss_plot(self, stage: str) -> Path:
+        return self.root / "logs" / f"loss-{stage}.png"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "logs" / "tensorboard"
+
+    def samples(self, stage: str) -> Path:
+        return self.root / "samples" / stage

@@ -1,0 +1,148 @@
+"""Imagen-like pixel cascades in DeepFloyd IF format (real IF, and the built-in pocket model).
+
+The base stage denoises pixels at 64x64 (IF) or 32x32 (pocket). The super-resolution stage
+trains exactly as `IFSuperResolutionPipeline` samples: its input is the noisy high-res image
+concatenated with the *real low-res image*, bilinearly upscaled and noise-augmented by the
+pipeline's `image_noising_scheduler`, and the augmentation level is passed as `class_labels`.
+(Two popular trainers feed the noisy target concatenated with itself and pass the timestep
+instead, so their model meets different inputs at sampling time.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
+from torch import Tensor, nn
+
+from dreambooth.models.spec import Encoded, LoraTargets
+from dreambooth.seeding import RowRandom
+
+LORA_TARGETS = LoraTargets(
+    unet=("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"),
+    text_encoder=("q", "k", "v", "o"),
+)
+_NO_SAFETY = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+
+
+def downsample(pixels: Tensor, size: int) -> Tensor:
+    """The low-res view of high-res images [b, 3, H, W] -> [b, 3, size, size] (antialiased bicubic)."""
+    return F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+def upscale(lowres: Tensor, size: int) -> Tensor:
+    """Upscale as IFSuperResolutionPipeline does (bilinear, align_corners=True)."""
+    return F.interpolate(lowres, (size, size), mode="bilinear", align_corners=True)
+
+
+def _encode_t5(text_encoder: nn.Module, tokens: dict[str, Tensor]) -> Tensor:
+    # IFPipeline.encode_prompt passes the attention mask and takes the last hidden state.
+    device = next(text_encoder.parameters()).device
+    return text_encoder(tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))[0]
+
+
+def _epsilon(output: Tensor, channels: int) -> Tensor:
+    # IF UNets predict [epsilon, variance] along channels; the denoising loss is on epsilon.
+    return output[:, :channels]
+
+
+@dataclass
+class IFBaseStage:
+    """The text-to-image base stage of a pixel cascade."""
+
+    pipeline: IFPipeline
+    unet: nn.Module
+    text_encoder: nn.Module
+    noise_scheduler: DDPMScheduler
+    name: str = "base"
+    lora_targets: LoraTargets = LORA_TARGETS
+    default_guidance: float = 7.0
+
+    @property
+    def tokenizer(self):
+        return self.pipeline.tokenizer
+
+    @property
+    def resolution(self) -> int:
+        return self.pipeline.unet.config.sample_size
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def encode_images(self, pixels: Tensor) -> Encoded:
+        return {"pixels": pixels.float()}
+
+    def sample_x0(self, encoded: Encoded, rng: RowRandom) -> Tensor:
+        return encoded["pixels"]
+
+    def encode_text(self, tokens: dict[str, Tensor]) -> Tensor:
+        return _encode_t5(self.text_encoder, tokens)
+
+    def predict(self, noisy: Tensor, t: Tensor, text: Tensor, encoded: Encoded, rng: RowRandom) -> Tensor:
+        return _epsilon(self.unet(noisy, t, encoder_hidden_states=text).sample, noisy.shape[1])
+
+
+@dataclass
+class IFSuperResStage:
+    """The super-resolution stage, conditioned on the noise-augmented low-res image and its level."""
+
+    pipeline: IFSuperResolutionPipeline
+    unet: nn.Module
+    text_encoder: nn.Module
+    noise_scheduler: DDPMScheduler
+    low_resolution: int
+    noise_level_range: tuple[int, int] = (0, 1000)
+    name: str = "sr"
+    lora_targets: LoraTargets = LORA_TARGETS
+    default_guidance: float = 4.0
+
+    @property
+    def tokenizer(self):
+        return self.pipeline.tokenizer
+
+    @property
+    def resolution(self) -> int:
+        return self.pipeline.unet.config.sample_size
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def encode_images(self, pixels: Tensor) -> Encoded:
+        # The low-res input is the real photo seen at the base stage's resolution.
+        return {"pixels": pixels.float(), "lowres": downsample(pixels.float(), self.low_resolution)}
+
+    def sample_x0(self, encoded: Encoded, rng: RowRandom) -> Tensor:
+        return encoded["pixels"]
+
+    def encode_text(self, tokens: dict[str, Tensor]) -> Tensor:
+        return _encode_t5(self.text_encoder, tokens)
+
+    def condition(self, lowres: Tensor, rng: RowRandom) -> tuple[Tensor, Tensor]:
+        """Upscaled, noise-augmented low-res input [b, 3, H, W] and its augmentation level [b]."""
+        low, high = self.noise_level_range
+        level = rng.randint(low, min(high, self.pipeline.image_noising_scheduler.config.num_train_timesteps))
+        upscaled = upscale(lowres, self.resolution)
+        noise = rng.randn(tuple(upscaled.shape[1:])).to(upscaled)
+        return self.pipeline.image_noising_scheduler.add_noise(upscaled, noise, level), level
+
+    def predict(self, noisy: Tensor, t: Tensor, text: Tensor, encoded: Encoded, rng: RowRandom) -> Tensor:
+        augmented, level = self.condition(encoded["lowres"], rng)
+        model_input = torch.cat([noisy, augmented.to(noisy)], dim=1)  # [b, 6, H, W], as the pipeline builds it
+        return _epsilon(self.unet(model_input, t, encoder_hidden_states=text, class_labels=level).sample, noisy.shape[1])
+
+
+def load_if(source: str, sr_source: str | None = None, *, noise_level_range: tuple[int, int] = (0, 1000), revision: str | None = None, variant: str | None = None) -> list:
+    """Load the stages of an IF cascade (fp32): the base from `source`, SR from `sr_source` if given."""
+    base_pipe = IFPipeline.from_pretrained(source, revision=revision, variant=variant, dtype=torch.float32, **_NO_SAFETY)
+    stages: list = [IFBaseStage(base_pipe, base_pipe.unet, base_pipe.text_encoder, DDPMScheduler.from_config(base_pipe.scheduler.config))]
+    if sr_source is not None:
+        sr_pipe = IFSuperResolutionPipeline.from_pretrained(sr_source, variant=variant, dtype=torch.float32, **_NO_SAFETY)
+        stages.append(
+            IFSuperResStage(
+                sr_pipe, sr_pipe.unet, sr_pipe.text_encoder, DDPMScheduler.from_config(sr_pipe.scheduler.config),
+                low_resolution=stages[0].resolution, noise_level_range=noise_level_range,
+            )
+        )
+    return stages

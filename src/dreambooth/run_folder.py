@@ -1,0 +1,73 @@
+"""Opening a run folder: refuse to clobber, resume only on request, record the resolved config."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+
+from dreambooth._config_io import from_dict, load_file, save_toml, to_dict
+from dreambooth.config import RunConfig
+from dreambooth.layout import RunLayout
+
+logger = logging.getLogger(__name__)
+
+
+def open_run_folder(cfg: RunConfig) -> tuple[RunLayout, bool]:
+    """Create or reopen `cfg.run_dir` as the flags ask; return its layout and whether this resumes.
+
+    Raises:
+        ValueError: if the folder exists and neither --resume nor --overwrite was given, or it
+            cannot be written.
+    """
+    layout = RunLayout(cfg.run_dir)
+    exists = layout.root.is_dir() and any(layout.root.iterdir())
+    if exists and not (cfg.output.resume or cfg.output.overwrite):
+        raise ValueError(
+            f"run folder {str(layout.root)!r} already exists{_describe(layout)}. "
+            "Pass --resume to continue it, --overwrite to start over, or --run-dir for a new folder"
+        )
+    if exists and cfg.output.overwrite:
+        shutil.rmtree(layout.root)
+    if cfg.output.resume and not exists:
+        logger.warning("--resume: %s holds no run yet; starting a new one", layout.root)
+    _check_writable(layout.root)
+    resuming = exists and cfg.output.resume
+    if resuming and layout.config.is_file():
+        _warn_config_changes(layout.config, cfg)
+    save_toml(cfg, layout.config)
+    return layout, resuming
+
+
+def _describe(layout: RunLayout) -> str:
+    steps = sorted(p.name for p in (layout.root / "checkpoints").glob("*/step-*"))
+    return f" with checkpoints up to {steps[-1]}" if steps else ""
+
+
+def _check_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"cannot write to run folder {str(root)!r} ({error.strerror}): choose another --run-dir") from error
+
+
+def _warn_config_changes(path: Path, cfg: RunConfig) -> None:
+    """Name every setting that differs from the run being resumed; the new values win."""
+    try:
+        old = to_dict(from_dict(RunConfig, load_file(path)))
+    except ValueError:
+        logger.warning("could not read the previous config %s; using the new one", path)
+        return
+    new = to_dict(dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, resume=False, overwrite=False)))
+    old["output"] = {**old.get("output", {}), "resume": False, "overwrite": False}
+    for section in sorted(set(old) | set(new)):
+        before, after = old.get(section, {}), new.get(section, {})
+        if not isinstance(before, dict):
+            continue
+        for key in sorted(set(before) | set(after)):
+            if before.get(key) != after.get(key):
+                logger.warning("resume: %s.%s was %r, now %r; the new value is used", section, key, before.get(key), after.get(key))

@@ -1,0 +1,222 @@
+"""The training loop of one stage: read top to bottom to understand a run.
+
+accelerate supplies devices, mixed precision, gradient accumulation and multi-process
+gradient averaging; the step is `compute_loss`; state and batches are plain functions. The
+same loop pretrains the pocket model and fine-tunes any model on a subject.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from dreambooth.config import CheckpointConfig, LoraConfig, OptimConfig, TrainConfig
+from dreambooth.data.training_set import TrainingSet, sample_batch
+from dreambooth.models.lora import add_lora
+from dreambooth.models.spec import Stage, frozen_modules
+from dreambooth.training.optim import build_lr_schedule, build_optimizer
+from dreambooth.training.recorder import Recorder, step_metrics
+from dreambooth.training.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from dreambooth.training.step import compute_loss
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Everything one stage's training needs besides the model and the data."""
+
+    train: TrainConfig
+    optim: OptimConfig
+    lora: LoraConfig
+    checkpoint: CheckpointConfig
+    learning_rate: float
+    text_encoder_learning_rate: float
+    prior_weight: float = 1.0
+    preview_every: int = 0
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    checkpoints: Path
+    log: Path
+    loss_plot: Path
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the weights of the last good checkpoint are untouched."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C: a checkpoint of the last finished step was written before stopping."""
+
+
+def train_stage(
+    stage: Stage, data: TrainingSet, plan: StagePlan, paths: StagePaths, accelerator: Accelerator,
+    preview: Callable[[int], None] | None = None,
+) -> None:
+    """Train `stage` for `plan.train.max_steps` optimizer steps, resuming from its latest checkpoint.
+
+    Raises:
+        TrainingDiverged: on a non-finite loss (before the bad update is applied).
+        TrainingInterrupted: on Ctrl-C, after saving a checkpoint.
+    """
+    train, device = plan.train, accelerator.device
+    modules = _make_trainable(stage, plan)                        # name -> module that trains
+    for module in frozen_modules(stage, train.train_text_encoder):  # stored in the autocast dtype
+        module.requires_grad_(False).to(device)
+        if DTYPES[accelerator.mixed_precision] != torch.float32:
+            module.to(dtype=DTYPES[accelerator.mixed_precision])
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    optimizer = build_optimizer(_param_groups(modules, plan), plan.optim)
+    schedule = build_lr_schedule(optimizer, plan.optim, train.max_steps)
+    prepared = accelerator.prepare(*modules.values(), optimizer)
+    wrapped, optimizer = dict(zip(modules, prepared[:-1])), prepared[-1]
+    model = dataclasses.replace(stage, **wrapped)                 # forward passes go through the wrappers
+    ema = EMAModel(params, decay=train.ema_decay) if train.ema_decay else None
+
+    step = _resume(paths.checkpoints, modules, optimizer, schedule, ema)
+    recorder = Recorder(paths.log, accelerator, resume_step=step)
+    bar = tqdm(total=train.max_steps, initial=step, desc=f"train {stage.name}", disable=not accelerator.is_main_process)
+    num_timesteps = stage.noise_scheduler.config.num_train_timesteps
+    with _StopOnSigint() as stop:
+        while step < train.max_steps:
+            for micro in range(train.gradient_accumulation_steps):
+                batch = sample_batch(
+                    data, stage.tokenizer, step=step, micro=micro, accumulation=train.gradient_accumulation_steps,
+                    rank=accelerator.process_index, world=accelerator.num_processes, batch_size=train.batch_size,
+                    seed=train.seed, caption_dropout=train.caption_dropout,
+                ).to(device)
+                with accelerator.accumulate(*wrapped.values()):
+                    loss, terms = compute_loss(model, batch, plan.prior_weight)
+                    _check_finite(loss, accelerator, step, paths.checkpoints)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and plan.optim.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, plan.optim.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            if ema is not None:
+                ema.step(params)
+            step += 1
+
+            if accelerator.is_main_process:
+                metrics = step_metrics(float(loss.detach()), terms, num_timesteps, schedule.get_last_lr()[0])
+                recorder.log(step, metrics)
+                bar.update()
+                bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
+            done = step == train.max_steps
+            if done or stop.requested or _due(step, plan.checkpoint.every_n_steps):
+                _save(paths, step, modules, optimizer, schedule, ema, plan.checkpoint.keep_last, accelerator, recorder, stage.name)
+            if stop.requested:
+                raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved in {paths.checkpoints}: rerun with --resume")
+            if preview is not None and (done or _due(step, plan.preview_every)):
+                _with_ema(ema, params, lambda: preview(step))
+    bar.close()
+    if ema is not None:
+        ema.copy_to(params)                                       # exports use the averaged weights
+
+
+def _make_trainable(stage: Stage, plan: StagePlan) -> dict[str, torch.nn.Module]:
+    """Full fine-tuning or LoRA adapters; gradient checkpointing when asked. Returns the modules that train."""
+    train_te = plan.train.train_text_encoder
+    if plan.lora.rank is not None:
+        add_lora(stage, plan.lora, text_encoder=train_te)
+    else:
+        stage.unet.requires_grad_(True)
+        stage.text_encoder.requires_grad_(train_te)
+    modules = {"unet": stage.unet, **({"text_encoder": stage.text_encoder} if train_te else {})}
+    if plan.train.gradient_checkpointing:
+        stage.unet.enable_gradient_checkpointing()
+        if train_te:
+            stage.text_encoder.gradient_checkpointing_enable()
+    for module in modules.values():
+        module.train()
+    return modules
+
+
+def _param_groups(modules: dict[str, torch.nn.Module], plan: StagePlan) -> list[dict]:
+    rates = {"unet": plan.learning_rate, "text_encoder": plan.text_encoder_learning_rate}
+    return [{"params": [p for p in m.parameters() if p.requires_grad], "lr": rates[name]} for name, m in modules.items()]
+
+
+def _resume(root: Path, modules, optimizer, schedule, ema) -> int:
+    checkpoint = latest_checkpoint(root)
+    if checkpoint is None:
+        return 0
+    step, state = load_checkpoint(checkpoint, modules)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["lr_schedule"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    logger.info("resumed from %s (step %d)", checkpoint, step)
+    return step
+
+
+def _save(paths: StagePaths, step, modules, optimizer, schedule, ema, keep_last, accelerator, recorder, name) -> None:
+    if accelerator.is_main_process:
+        state = {"optimizer": optimizer.state_dict(), "lr_schedule": schedule.state_dict(), "ema": ema.state_dict() if ema else None}
+        unwrapped = {k: accelerator.unwrap_model(m) for k, m in modules.items()}
+        loss = recorder.rows[-1].get("loss/total") if recorder.rows else None
+        save_checkpoint(paths.checkpoints, step, unwrapped, state, {"loss": loss}, keep_last)
+        recorder.plot(paths.loss_plot, f"stage {name}")
+    accelerator.wait_for_everyone()
+
+
+def _check_finite(loss: torch.Tensor, accelerator: Accelerator, step: int, checkpoints: Path) -> None:
+    if bool(accelerator.gather(loss.detach().reshape(1)).isfinite().all()):
+        return
+    last = latest_checkpoint(checkpoints)
+    where = f"the last good checkpoint is {last} (continue from it with --resume)" if last else "no checkpoint was written yet"
+    raise TrainingDiverged(
+        f"loss became {float(loss)} at step {step + 1}; the update was not applied and {where}. "
+        "Try a lower learning rate, bf16 instead of fp16, or a smaller max_grad_norm"
+    )
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _with_ema(ema: EMAModel | None, params, fn: Callable[[], None]) -> None:
+    if ema is None:
+        return fn()
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        fn()
+    finally:
+        ema.restore(params)
+
+
+class _StopOnSigint:
+    """First Ctrl-C asks the loop to checkpoint and stop at the end of the step; a second one aborts."""
+
+    def __enter__(self) -> "_StopOnSigint":
+        self.requested = False
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Ctrl-C: saving a checkpoint at the end of this step (press again to abort)")
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)

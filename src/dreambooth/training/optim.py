@@ -1,0 +1,31 @@
+"""Optimizer and learning-rate schedule from the config."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from dreambooth.config import OptimConfig
+
+
+def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (a quarter of the optimizer memory).
+
+    Raises:
+        ValueError: if 8-bit Adam is asked for and bitsandbytes is not installed.
+    """
+    kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+    if not cfg.use_8bit_adam:
+        return torch.optim.AdamW(param_groups, **kwargs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise ValueError(
+            "--use-8bit-adam needs bitsandbytes: pip install 'dreambooth[bnb]' (or drop the flag)"
+        ) from error
+    return bnb.optim.AdamW8bit(param_groups, **kwargs)
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+    """Warm-up then `cfg.lr_scheduler`; stepped once per optimizer step."""
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=max_steps)

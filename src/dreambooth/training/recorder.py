@@ -1,0 +1,73 @@
+"""Training metrics: one JSON line per step, TensorBoard through accelerate, and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dreambooth.files import atomic_write_text
+
+
+class Recorder:
+    """Appends step metrics to `path`; on resume, drops lines past the checkpoint it resumed from."""
+
+    def __init__(self, path: Path, accelerator, resume_step: int = 0) -> None:
+        self.path, self.accelerator = path, accelerator
+        self.rows: list[dict] = []
+        if path.is_file():
+            self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        row = {"step": step, **{k: round(float(v), 6) for k, v in values.items()}}
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.accelerator.log(values, step=step)
+
+    def plot(self, png: Path, title: str) -> None:
+        """Loss curves (raw and smoothed) of every 'loss/...' series."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        for key in sorted({k for r in self.rows for k in r if k in ("loss/instance", "loss/prior")}):
+            steps = [r["step"] for r in self.rows if key in r]
+            values = [r[key] for r in self.rows if key in r]
+            (line,) = ax.plot(steps, values, alpha=0.25)
+            ax.plot(steps, _smooth(values), color=line.get_color(), label=key)
+        ax.set(xlabel="step", ylabel="denoising loss", title=title, yscale="log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png)
+        plt.close(fig)
+
+
+def step_metrics(loss: float, terms: dict[str, torch.Tensor], num_timesteps: int, lr: float) -> dict[str, float]:
+    """Scalars of one step: total and per-term losses, and the instance loss by timestep quartile."""
+    out = {"loss/total": loss, "lr": lr}
+    for key in ("loss/instance", "loss/prior"):
+        if terms[key].numel():
+            out[key] = float(terms[key].mean())
+    t = terms["t"][: terms["loss/instance"].numel()].cpu()
+    quartile = (t * 4 // num_timesteps).clamp(max=3)
+    for q in range(4):
+        mask = quartile == q
+        if mask.any():
+            out[f"loss/t{q}"] = float(terms["loss/instance"].cpu()[mask].mean())
+    return out
+
+
+def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average, started at the first value."""
+    out: list[float] = []
+    for v in values:
+        out.append(v if not out else weight * out[-1] + (1 - weight) * v)
+    return out

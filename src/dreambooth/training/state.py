@@ -1,0 +1,105 @@
+"""Resumable checkpoints: trainable weights, optimizer, schedule, EMA and the step, written atomically.
+
+Layout: `<checkpoints>/step-000200/` holds `trainable.safetensors`, `optimizer.pt` and
+`progress.json` (written last: a checkpoint without it is incomplete), and a `latest` file
+names the newest complete one. A checkpoint is assembled in a hidden temporary folder and
+renamed into place, and `latest` is replaced atomically, so a process killed at any moment
+never leaves a half-written checkpoint as "latest".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dreambooth.files import atomic_write_text, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+STEP_KEY = "step"
+LATEST_FILE = "latest"
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+PROGRESS_FILE = "progress.json"
+
+
+def trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The parameters that train (full weights, or only LoRA adapters), keyed '<module>.<param>'."""
+    return {
+        f"{name}.{param_name}": param
+        for name, module in modules.items()
+        for param_name, param in module.named_parameters()
+        if param.requires_grad
+    }
+
+
+def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module], training_state: dict, extra: dict, keep_last: int) -> Path:
+    """Write checkpoint `step` under `root`, point `latest` at it, and prune to `keep_last`.
+
+    Args:
+        modules: the trainable modules, unwrapped.
+        training_state: state dicts of the optimizer, schedule and EMA, saved with torch.save.
+        extra: JSON-able facts recorded in progress.json (e.g. the loss).
+    """
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trainable_state(modules).items()}
+    save_file(weights, tmp / TRAINABLE_FILE)
+    torch.save(training_state, tmp / OPTIMIZER_FILE)
+    write_json(tmp / PROGRESS_FILE, {STEP_KEY: step, **extra})
+    if final.exists():  # the same step saved again (e.g. on interrupt right after a save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / LATEST_FILE, final.name + "\n")
+    _prune(root, keep_last)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / PROGRESS_FILE).is_file():
+            return candidate
+        logger.warning("%s points at an incomplete checkpoint; falling back to the newest complete one", pointer)
+    complete = sorted(p for p in root.glob("step-*") if (p / PROGRESS_FILE).is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: Path, modules: dict[str, nn.Module]) -> tuple[int, dict]:
+    """Load trainable weights into `modules`; return the step and the saved training state.
+
+    Raises:
+        ValueError: if the checkpoint's parameters do not match the model's (another model or method).
+    """
+    weights = load_file(path / TRAINABLE_FILE)
+    params = trainable_state(modules)
+    if set(weights) != set(params):
+        missing, unexpected = sorted(set(params) - set(weights))[:3], sorted(set(weights) - set(params))[:3]
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not match this model's trainable parameters "
+            f"(missing e.g. {missing}, unexpected e.g. {unexpected}): was it made with another model, "
+            "LoRA setting or --train-text-encoder? Start a new run folder or pass --overwrite"
+        )
+    with torch.no_grad():
+        for key, value in weights.items():
+            params[key].copy_(value)
+    training_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+    return int(read_json(path / PROGRESS_FILE)[STEP_KEY]), training_state
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.glob("step-*") if (p / PROGRESS_FILE).is_file())
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)

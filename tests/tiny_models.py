@@ -1,0 +1,82 @@
+"""Tiny, randomly initialised models of the real diffusers/transformers classes, built offline.
+
+They have the structure of the real thing (Stable Diffusion, an IF-style cascade) at a size that
+trains a step in milliseconds on CPU, so tests exercise the real loaders, pipelines and savers.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+WORDS = (
+    "a an the of photo picture dog cat backpack toy cube ball cup on in at with beach snow jungle city "
+    "mountain street grass floor fabric red blue green purple pink white shiny wet background water rug"
+).split()
+# Short strings seen only a few times: whole-word tokens with a weak prior, as in a real vocabulary.
+RARE = ("xon", "qak", "vip", "zor", "tep", "rin", "mok", "dax", "wug", "fep", "lom", "sks", "jib", "kel", "pov")
+
+
+@cache
+def _clip_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    corpus = [" ".join(WORDS)] * 40 + [" ".join(RARE)] * 3
+    alphabet = [chr(c) for c in range(33, 127)]
+    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|startoftext|>", "<|endoftext|>"], initial_alphabet=alphabet,
+        end_of_word_suffix="</w>", min_frequency=1, show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for char in alphabet:  # CLIP's byte-level BPE needs every character as a word end too
+        vocab.setdefault(char + "</w>", len(vocab))
+    merges = tuple(tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"])
+    return vocab, merges
+
+
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over a few hundred tokens (transformers 5 ignores vocab_file=: pass vocab=)."""
+    vocab, merges = _clip_vocab()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+
+
+def tiny_clip_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    return CLIPTextModel(config)
+
+
+def build_tiny_sd(path: Path, *, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Save a tiny Stable Diffusion pipeline (32x32 pixels, 4x16x16 latents) in diffusers format."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = tiny_clip_text_encoder(len(tokenizer), seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=32,
+    )
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dreambooth._config_args import add_config_arguments, overrides_from_args
 from dreambooth.config import RunConfig, load_config
+from dreambooth.pocket.pretrain_config import PretrainFlags
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -28,6 +29,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         steps=args.steps, guidance=args.guidance, sampler=args.sampler, device=args.device,
     )
     print(f"wrote {out}")
+
+
+def cmd_pocket_pretrain(args: argparse.Namespace) -> None:
+    from dreambooth._config_io import from_dict
+    from dreambooth.pocket.pretrain import pretrain
+
+    cfg = from_dict(PretrainFlags, overrides_from_args(args)).pretrain
+    print(f"pretrained cascade: {pretrain(cfg, export_to=args.export_to)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda, cpu... (default: cuda if available)")
     gen.add_argument("--out", type=Path, default=Path("samples"), help="output folder (default: samples)")
     gen.set_defaults(func=cmd_generate)
+
+    pocket = commands.add_parser("pocket", help="the built-in pocket world and model").add_subparsers(dest="pocket_command", required=True)
+    pre = pocket.add_parser("pretrain", help="pretrain the pocket cascade on the procedural world (resumable)")
+    pre.add_argument("--export-to", type=Path, help="also copy the pretrained cascade here (e.g. src/dreambooth/pocket/weights/cascade)")
+    add_config_arguments(pre, PretrainFlags)
+    pre.set_defaults(func=cmd_pocket_pretrain)
     return parser
 
 

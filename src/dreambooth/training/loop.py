@@ -111,8 +111,10 @@ def train_stage(
                 ema.step(params)
             step += 1
 
+            loss = accelerator.reduce(loss.detach(), "mean")             # the global batch, for logging
+            terms = {key: accelerator.gather(value) for key, value in terms.items()}
             if accelerator.is_main_process:
-                metrics = step_metrics(float(loss.detach()), terms, num_timesteps, schedule.get_last_lr()[0])
+                metrics = step_metrics(float(loss), terms, num_timesteps, schedule.get_last_lr()[0])
                 recorder.log(step, metrics)
                 bar.update()
                 bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")

@@ -56,7 +56,7 @@ def step_metrics(loss: float, terms: dict[str, torch.Tensor], num_timesteps: int
     for key in ("loss/instance", "loss/prior"):
         if terms[key].numel():
             out[key] = float(terms[key].mean())
-    t = terms["t"][: terms["loss/instance"].numel()].cpu()
+    t = terms["t/instance"].cpu()
     quartile = (t * 4 // num_timesteps).clamp(max=3)
     for q in range(4):
         mask = quartile == q

@@ -22,7 +22,7 @@ def compute_loss(stage: Stage, batch: Batch, prior_weight: float) -> tuple[Tenso
 
     Returns:
         The scalar loss and per-sample terms: "loss/instance" [n_instance], "loss/prior" [n_class]
-        and the timesteps "t" [b], for logging by timestep.
+        and the instance rows' timesteps "t/instance" [n_instance], for logging by timestep.
     """
     rng = RowRandom(batch.seeds, device=_device(stage))
     x0 = stage.sample_x0(batch.encoded, rng)                                   # [b, c, h, w]
@@ -35,7 +35,7 @@ def compute_loss(stage: Stage, batch: Batch, prior_weight: float) -> tuple[Tenso
     per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)  # [b]
     instance, prior = per_sample.split([batch.n_instance, batch.n_class])
     loss = instance.mean() + (prior_weight * prior.mean() if batch.n_class else 0.0)
-    return loss, {"loss/instance": instance.detach(), "loss/prior": prior.detach(), "t": t}
+    return loss, {"loss/instance": instance.detach(), "loss/prior": prior.detach(), "t/instance": t[: batch.n_instance]}
 
 
 def _device(stage: Stage) -> torch.device:

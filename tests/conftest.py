@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny models of the real classes, built once per session, and subject photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tiny_models import build_tiny_sd
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Stable Diffusion pipeline folder (epsilon prediction)."""
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Stable Diffusion pipeline folder with v-prediction (as SD 2.x 768)."""
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction")
+
+
+def write_photos(folder: Path, n: int = 4, size: tuple[int, int] = (40, 48), seed: int = 0) -> Path:
+    """`n` synthetic subject photos: a red square on a random background, like casual shots."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        pixels = np.empty((size[1], size[0], 3), np.uint8)
+        pixels[:] = rng.integers(0, 255, 3)
+        x, y = rng.integers(4, 12, 2)
+        pixels[y : y + 20, x : x + 20] = (200, 30, 30)
+        Image.fromarray(pixels).save(folder / f"photo_{i}.png")
+    return folder
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    return write_photos(tmp_path / "photos")

@@ -1,0 +1,35 @@
+"""Two processes under torchrun (CPU, gloo) make the update of one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ARGS = ["--class-noun", "dog", "--max-steps", "3", "--num-class-images", "2", "--class-steps", "2", "--validation-every", "0",
+        "--validation-images", "1", "--validation-steps", "1", "--logger", "none", "--learning-rate", "1e-3", "--checkpoint-every", "0"]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
+def test_two_processes_match_one_with_the_same_global_batch(tiny_sd: Path, photos: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["train", "--model", str(tiny_sd), "--instance-dir", str(photos), *ARGS]
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "dreambooth.cli", *common,
+                    "--batch-size", "1", "--run-dir", str(tmp_path / "two")], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "dreambooth.cli", *common, "--batch-size", "2", "--run-dir", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True)
+
+    weights = lambda run: load_file(tmp_path / run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")  # noqa: E731
+    one, two, base = weights("one"), weights("two"), load_file(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors")
+    moved = max((one[k] - base[k]).abs().max().item() for k in one)
+    apart = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert moved > 1e-3 and apart < 1e-4  # AdamW's first steps move every weight by ~lr; the two agree to float noise
+    logs = lambda run: [json.loads(l)["loss/total"] for l in (tmp_path / run / "logs" / "base.jsonl").read_text().splitlines()]  # noqa: E731,E741
+    assert logs("one") == pytest.approx(logs("two"), abs=1e-5)

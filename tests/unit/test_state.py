@@ -1,0 +1,56 @@
+"""Checkpoints: atomic, pruned, never half-written as latest; they restore exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dreambooth.training.state import LATEST_FILE, PROGRESS_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+def _modules(seed: int) -> dict[str, nn.Module]:
+    torch.manual_seed(seed)
+    unet = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    unet[1].requires_grad_(False)  # frozen parameters are not checkpointed
+    return {"unet": unet}
+
+
+def test_save_then_load_restores_trainable_weights_and_state(tmp_path: Path) -> None:
+    saved = _modules(0)
+    save_checkpoint(tmp_path, 5, saved, {"optimizer": {"x": 1}}, {"loss": 0.5}, keep_last=2)
+    restored = _modules(1)
+    step, state = load_checkpoint(latest_checkpoint(tmp_path), restored)
+    assert step == 5 and state == {"optimizer": {"x": 1}}
+    assert torch.equal(restored["unet"][0].weight, saved["unet"][0].weight)
+    assert not torch.equal(restored["unet"][1].weight, saved["unet"][1].weight)  # frozen: untouched
+
+
+def test_only_the_last_k_are_kept_and_latest_points_at_the_newest(tmp_path: Path) -> None:
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, _modules(step), {}, {}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000003", "step-000004"]
+    assert (tmp_path / LATEST_FILE).read_text().strip() == "step-000004"
+
+
+def test_a_half_written_checkpoint_is_never_latest(tmp_path: Path) -> None:
+    """A process killed while writing leaves a temporary folder or a folder without progress.json."""
+    save_checkpoint(tmp_path, 1, _modules(1), {}, {}, keep_last=3)
+    (tmp_path / ".tmp-step-000002").mkdir()                 # killed before the rename
+    (tmp_path / "step-000003").mkdir()                      # a folder without its completion marker
+    (tmp_path / LATEST_FILE).write_text("step-000003\n")    # even if latest were pointed at it
+    assert latest_checkpoint(tmp_path).name == "step-000001"
+    assert not (tmp_path / "step-000001" / PROGRESS_FILE).read_text() == ""
+
+
+def test_a_checkpoint_of_another_model_is_refused_with_advice(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, 1, _modules(0), {}, {}, keep_last=1)
+    other = {"unet": nn.Linear(3, 3)}
+    with pytest.raises(ValueError, match="does not match this model's trainable parameters"):
+        load_checkpoint(latest_checkpoint(tmp_path), other)
+
+
+def test_no_checkpoint_means_none(tmp_path: Path) -> None:
+    assert latest_checkpoint(tmp_path) is None

@@ -39,3 +39,11 @@ def write_photos(folder: Path, n: int = 4, size: tuple[int, int] = (40, 48), see
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
     return write_photos(tmp_path / "photos")
+
+
+@pytest.fixture(scope="session")
+def tiny_cascade(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny IF-format cascade folder (stage_1/ base 16x16, stage_2/ super-resolution to 32x32)."""
+    from tiny_models import build_tiny_cascade
+
+    return build_tiny_cascade(tmp_path_factory.mktemp("models") / "tiny-cascade")

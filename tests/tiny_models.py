@@ -80,3 +80,16 @@ def build_tiny_sd(path: Path, *, prediction_type: str = "epsilon", seed: int = 0
     )
     pipe.save_pretrained(path)
     return path
+
+
+TINY_CASCADE = dict(
+    base_resolution=16, sr_resolution=32, text_width=32, text_layers=1, base_channels=(16, 32), sr_channels=(16, 32), head_dim=8,
+    english_words=1500,
+)
+
+
+def build_tiny_cascade(path: Path, seed: int = 0) -> Path:
+    """Save a tiny IF-format cascade (16x16 base, 16->32 super-resolution) with stage_1/ and stage_2/."""
+    from dreambooth.pocket.model import PocketArchitecture, build_cascade
+
+    return build_cascade(path, PocketArchitecture(**TINY_CASCADE), seed)

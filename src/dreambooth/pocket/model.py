@@ -42,6 +42,7 @@ class PocketArchitecture:
     text_layers: int = 2
     base_channels: tuple[int, ...] = (32, 64, 128)
     sr_channels: tuple[int, ...] = (16, 32, 64, 128)
+    head_dim: int = 32
     english_words: int = 20000
 
 
@@ -75,15 +76,15 @@ def build_text_encoder(arch: PocketArchitecture, vocab_size: int) -> T5EncoderMo
     )
 
 
-def _unet(channels: tuple[int, ...], resolution: int, in_channels: int, attention_levels: int, text_width: int, **extra) -> UNet2DConditionModel:
+def _unet(channels: tuple[int, ...], resolution: int, in_channels: int, attention_levels: int, arch: PocketArchitecture, **extra) -> UNet2DConditionModel:
     plain = len(channels) - attention_levels
     down = ("ResnetDownsampleBlock2D",) * plain + ("SimpleCrossAttnDownBlock2D",) * attention_levels
     up = ("SimpleCrossAttnUpBlock2D",) * attention_levels + ("ResnetUpsampleBlock2D",) * plain
     return UNet2DConditionModel(
         sample_size=resolution, in_channels=in_channels, out_channels=6, block_out_channels=channels, layers_per_block=1,
         down_block_types=down, up_block_types=up, mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        cross_attention_dim=channels[-1], encoder_hid_dim=text_width, encoder_hid_dim_type="text_proj",
-        addition_embed_type="text", addition_embed_type_num_heads=4, attention_head_dim=32,
+        cross_attention_dim=channels[-1], encoder_hid_dim=arch.text_width, encoder_hid_dim_type="text_proj",
+        addition_embed_type="text", addition_embed_type_num_heads=4, attention_head_dim=arch.head_dim,
         resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=16, **extra,
     )
 
@@ -98,11 +99,11 @@ def build_cascade(out_dir: Path, arch: PocketArchitecture = PocketArchitecture()
     torch.manual_seed(seed)
     base = IFPipeline(
         tokenizer=tokenizer, text_encoder=build_text_encoder(arch, len(tokenizer)),
-        unet=_unet(arch.base_channels, arch.base_resolution, 3, 2, arch.text_width), scheduler=_scheduler(), **NO_SAFETY,
+        unet=_unet(arch.base_channels, arch.base_resolution, 3, 2, arch), scheduler=_scheduler(), **NO_SAFETY,
     )
     sr = IFSuperResolutionPipeline(
         tokenizer=tokenizer, text_encoder=build_text_encoder(arch, len(tokenizer)),
-        unet=_unet(arch.sr_channels, arch.sr_resolution, 6, 1, arch.text_width, class_embed_type="timestep"),
+        unet=_unet(arch.sr_channels, arch.sr_resolution, 6, 1, arch, class_embed_type="timestep"),
         scheduler=_scheduler(), image_noising_scheduler=_scheduler(), **NO_SAFETY,
     )
     base.save_pretrained(out_dir / CASCADE_STAGE_DIRS["base"])

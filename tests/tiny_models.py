@@ -93,3 +93,29 @@ def build_tiny_cascade(path: Path, seed: int = 0) -> Path:
     from dreambooth.pocket.model import PocketArchitecture, build_cascade
 
     return build_cascade(path, PocketArchitecture(**TINY_CASCADE), seed)
+
+
+_TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def build_tiny_dino(path: Path, seed: int = 0) -> Path:
+    """A tiny random ViT saved like facebook/dino-vits16 (224 px, patch 16, no pooler)."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    ViTModel(ViTConfig(image_size=224, patch_size=16, **_TINY_VIT), add_pooling_layer=False).save_pretrained(path)
+    return path
+
+
+def build_tiny_clip(path: Path, seed: int = 0) -> Path:
+    """A tiny random CLIP (text + vision + projections) with the tiny CLIP tokenizer, saved like openai/clip-*."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer.save_pretrained(path)
+    special = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    text = {**_TINY_VIT, **special, "vocab_size": len(tokenizer), "max_position_embeddings": 77}
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=text, vision_config={**_TINY_VIT, "image_size": 224, "patch_size": 32}, projection_dim=16)
+    CLIPModel(config).save_pretrained(path)
+    return path

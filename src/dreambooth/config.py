@@ -227,6 +227,34 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    eval_every: int = 0
+    """Score samples with the paper's metrics every N steps (and at the end) and export the best checkpoint; 0: off."""
+    eval_prompts: tuple[str, ...] = (
+        "a {identifier} {class_noun} in the snow",
+        "a {identifier} {class_noun} on the beach",
+        "a {identifier} {class_noun} with a city in the background",
+        "a red {identifier} {class_noun}",
+    )
+    """Prompts scored during training (DreamBench's first prompts); "a {class_noun}" is always added for PRES."""
+    num_images: int = field(default=4, metadata={"flag": "eval-images"})
+    """Images per prompt at each evaluation."""
+    best_metric: Literal["dino", "clip_i", "clip_t"] = "dino"
+    """Metric that picks the best checkpoint (higher is better)."""
+    max_pres_increase: float = 0.1
+    """Prior-collapse guard: a checkpoint whose PRES exceeds the pretrained model's by more is never the best."""
+    embedders: Literal["auto", "paper"] = field(default="auto", metadata={"flag": "eval-embedders"})
+    """'paper': DINO, CLIP and LPIPS; 'auto': the model's own scorers where it ships them (the pocket model), else the paper's."""
+    dino: str = field(default="facebook/dino-vits16", metadata={"flag": "eval-dino"})
+    """DINO ViT-S/16 hub id or local folder (the DINO and PRES metrics)."""
+    clip: str = field(default="openai/clip-vit-base-patch32", metadata={"flag": "eval-clip"})
+    """CLIP hub id or local folder (CLIP-I and CLIP-T)."""
+
+    def __post_init__(self) -> None:
+        _check(self.eval_every >= 0 and self.num_images >= 1, "eval.eval_every must be >= 0 and eval.num_images >= 1")
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every_n_steps: int = field(default=100, metadata={"flag": "checkpoint-every"})
     """Write a resumable checkpoint every N steps (and at the end); 0: only at the end."""
@@ -265,6 +293,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     schema_version: int = SCHEMA_VERSION
@@ -300,7 +329,7 @@ def validate(cfg: RunConfig) -> None:
         problems.append("subject.class_noun is required (--class-noun NOUN, e.g. 'dog')")
     if cfg.output.resume and cfg.output.overwrite:
         problems.append("output.resume and output.overwrite contradict each other: pick one")
-    for template in (cfg.subject.instance_prompt, *cfg.validation.validation_prompts):
+    for template in (cfg.subject.instance_prompt, *cfg.validation.validation_prompts, *cfg.eval.eval_prompts):
         problems += _template_problems(template)
     if "{identifier}" not in cfg.subject.instance_prompt:
         problems.append(f"subject.instance_prompt {cfg.subject.instance_prompt!r} lacks {{identifier}}: the subject would have no key")

@@ -20,6 +20,8 @@ from PIL import Image
 from dreambooth.config import RunConfig, validate
 from dreambooth.data.images import LoadedImage, load_images, warn_small_images
 from dreambooth.data.training_set import TrainingSet, encode_captions, encode_examples
+from dreambooth.eval.during_training import TrainingEvaluator, load_eval_embedders
+from dreambooth.eval.scoring import Subject as EvalSubject
 from dreambooth.export.pipeline import export_run
 from dreambooth.files import read_json, write_json
 from dreambooth.generate import generate
@@ -30,7 +32,7 @@ from dreambooth.models.loading import ModelSource, load_stages, resolve_source
 from dreambooth.models.spec import Stage
 from dreambooth.prior import ClassImageSpec, ensure_class_images, model_fingerprint
 from dreambooth.run_folder import open_run_folder
-from dreambooth.training.loop import DTYPES, StagePaths, StagePlan, train_stage
+from dreambooth.training.loop import DTYPES, StagePlan, train_stage
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +70,14 @@ def finetune(cfg: RunConfig) -> RunLayout:
     for stage in stages:
         stage.pipeline.to(accelerator.device)
     class_images = _class_images(cfg, stages[0], subject, layout, accelerator) if cfg.prior.enabled else None
+    evaluating = cfg.eval.eval_every > 0 and accelerator.is_main_process
+    embedders = load_eval_embedders(cfg.eval, cfg.model.source, str(accelerator.device)) if evaluating else None
     for stage in trained:
         warn_small_images(photos, stage.resolution)
         data = _training_set(cfg, stage, photos, subject, class_images if stage.name == "base" else None)
-        train_stage(stage, data, _plan(cfg, stage), _paths(layout, stage), accelerator, _previewer(cfg, stages, stage, subject, layout, accelerator))
+        evaluator = _evaluator(cfg, stages, stage, subject, photos, embedders) if evaluating else None
+        validator = _validator(cfg, stages, stage, subject, layout, accelerator, evaluator)
+        train_stage(stage, data, _plan(cfg, stage), layout.stage(stage.name), accelerator, validator)
         accelerator.free_memory()
 
     if accelerator.is_main_process:
@@ -151,37 +157,51 @@ def _plan(cfg: RunConfig, stage: Stage) -> StagePlan:
     return StagePlan(
         train=train, optim=cfg.optim, lora=cfg.lora, checkpoint=cfg.checkpoint, learning_rate=lr,
         text_encoder_learning_rate=cfg.optim.text_encoder_learning_rate or lr,
-        prior_weight=cfg.prior.loss_weight, preview_every=cfg.validation.every_n_steps,
+        prior_weight=cfg.prior.loss_weight, validate_every=(cfg.validation.every_n_steps, cfg.eval.eval_every),
+        best_metric=f"eval/{cfg.eval.best_metric}" if cfg.eval.eval_every else None, max_pres_increase=cfg.eval.max_pres_increase,
     )
 
 
-def _paths(layout: RunLayout, stage: Stage) -> StagePaths:
-    return StagePaths(layout.checkpoints(stage.name), layout.log(stage.name), layout.loss_plot(stage.name))
-
-
-def _previewer(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subject, layout: RunLayout, accelerator: Accelerator):
-    """Sample the validation prompts through the cascade up to `stage`, as a labelled grid PNG."""
-    prompts = [subject.fill(p) for p in cfg.validation.validation_prompts]
+def _validator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subject, layout: RunLayout, accelerator: Accelerator, evaluator):
+    """Validation of `stage`: a grid of the validation prompts through the cascade up to it, and the
+    paper's metrics when evaluation is on. Runs on the main process only."""
+    v, max_steps = cfg.validation, _plan(cfg, stage).train.max_steps
+    prompts = [subject.fill(p) for p in v.validation_prompts]
     pipelines = [s.pipeline for s in stages[: stages.index(stage) + 1]]
-    v = cfg.validation
 
-    def preview(step: int) -> None:
+    def validate(step: int) -> dict[str, float] | None:
         if not accelerator.is_main_process:
-            return
-        for s in stages:
-            s.unet.eval()
-        images = generate(
-            pipelines, [p for p in prompts for _ in range(v.num_images)], [v.seed + k for _ in prompts for k in range(v.num_images)],
-            steps=v.steps, guidance=[v.guidance_scale or s.default_guidance for s in stages], sampler="dpm++",
-            autocast_dtype=DTYPES[cfg.train.mixed_precision],
-        )
+            return None
+        done = step == max_steps
+        stage.unet.eval()
+        if done or (v.every_n_steps and step % v.every_n_steps == 0):
+            images = generate(
+                pipelines, [p for p in prompts for _ in range(v.num_images)], [v.seed + k for _ in prompts for k in range(v.num_images)],
+                steps=v.steps, guidance=[v.guidance_scale or s.default_guidance for s in stages], autocast_dtype=DTYPES[cfg.train.mixed_precision],
+            )
+            rows = [[upscale_for_viewing(im) for im in images[i * v.num_images : (i + 1) * v.num_images]] for i in range(len(prompts))]
+            out = layout.samples(stage.name) / f"step-{step:06d}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            image_grid(rows, prompts).save(out)
+        scores = evaluator(step) if evaluator is not None and (done or step % cfg.eval.eval_every == 0) else None
         stage.unet.train()
-        rows = [[upscale_for_viewing(im) for im in images[i * v.num_images : (i + 1) * v.num_images]] for i in range(len(prompts))]
-        out = layout.samples(stage.name) / f"step-{step:06d}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(rows, prompts).save(out)
+        return scores
 
-    return preview
+    return validate
+
+
+def _evaluator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subject, photos: list[LoadedImage], embedders) -> TrainingEvaluator:
+    """Scores the cascade up to `stage` during training; its baseline is sampled now, before the stage trains."""
+    evaluator = TrainingEvaluator(
+        pipelines=[s.pipeline for s in stages[: stages.index(stage) + 1]],
+        guidance=[s.default_guidance for s in stages], subject=EvalSubject(subject.identifier, subject.class_noun, [p.image for p in photos]),
+        identifier=subject.identifier, prompts=[subject.fill(p) for p in cfg.eval.eval_prompts], embedders=embedders,
+        num_images=cfg.eval.num_images, steps=cfg.validation.steps, seed=cfg.validation.seed,
+        autocast_dtype=DTYPES[cfg.train.mixed_precision],
+    )
+    baseline = evaluator.record_baseline()
+    logger.info("stage %s before fine-tuning: %s", stage.name, baseline)
+    return evaluator
 
 
 def _record_run(layout, cfg, source: ModelSource, subject: Subject, trained, *, status: str, main: bool, outputs=None) -> None:

@@ -9,6 +9,17 @@ CASCADE_STAGE_DIRS = {"base": "stage_1", "sr": "stage_2"}
 
 
 @dataclass(frozen=True)
+class StagePaths:
+    """The files the training loop writes for one stage."""
+
+    checkpoints: Path
+    log: Path
+    loss_plot: Path
+    eval_log: Path
+    eval_plot: Path
+
+
+@dataclass(frozen=True)
 class RunLayout:
     root: Path
 
@@ -39,11 +50,12 @@ class RunLayout:
     def checkpoints(self, stage: str) -> Path:
         return self.root / "checkpoints" / stage
 
-    def log(self, stage: str) -> Path:
-        return self.root / "logs" / f"{stage}.jsonl"
-
-    def loss_plot(self, stage: str) -> Path:
-        return self.root / "logs" / f"loss-{stage}.png"
+    def stage(self, stage: str) -> StagePaths:
+        logs = self.root / "logs"
+        return StagePaths(
+            checkpoints=self.checkpoints(stage), log=logs / f"{stage}.jsonl", loss_plot=logs / f"loss-{stage}.png",
+            eval_log=logs / f"eval-{stage}.jsonl", eval_plot=logs / f"eval-{stage}.png",
+        )
 
     @property
     def tensorboard(self) -> Path:

@@ -43,7 +43,8 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         FileNotFoundError: if a local path does not exist.
         ValueError: if the path is not a model this tool can train, with what to pass instead.
     """
-    source = str(BUILTIN_MODELS.get(cfg.source, cfg.source))
+    builtin = BUILTIN_MODELS.get(cfg.source)
+    source = str(builtin.path) if builtin is not None else cfg.source
     path = Path(source).expanduser()
     if path.suffix in SINGLE_FILE_SUFFIXES:
         return ModelSource("sd", _check_single_file(path, cfg))

@@ -29,7 +29,7 @@ from dreambooth.models.deepfloyd_if import load_if
 from dreambooth.pocket.model import PocketArchitecture, build_cascade
 from dreambooth.pocket.pretrain_config import PretrainConfig
 from dreambooth.pocket.world import sample_dataset
-from dreambooth.training.loop import StagePaths, StagePlan, train_stage
+from dreambooth.training.loop import StagePlan, train_stage
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +60,11 @@ def pretrain(cfg: PretrainConfig, export_to: Path | None = None, arch: PocketArc
     logger.info("rendered %d scenes in %.1f s", len(images), time.time() - started)
 
     base_data = TrainingSet(_examples(base, images, captions))
-    train_stage(base, base_data, _plan(cfg, cfg.base_steps, train_text_encoder=True), _paths(layout, "base"), accelerator, _previewer(layout, [base], "base"))
+    train_stage(base, base_data, _plan(cfg, cfg.base_steps, train_text_encoder=True), layout.stage("base"), accelerator, _previewer(layout, [base], "base"))
     sr.text_encoder.load_state_dict(base.text_encoder.state_dict())             # one text encoder for the cascade
     sr_examples = _examples(sr, images, captions)
     sr_data = TrainingSet(sr_examples, text_cache=encode_captions(sr, sr_examples.captions))
-    train_stage(sr, sr_data, _plan(cfg, cfg.sr_steps, train_text_encoder=False), _paths(layout, "sr"), accelerator, _previewer(layout, [base, sr], "sr"))
+    train_stage(sr, sr_data, _plan(cfg, cfg.sr_steps, train_text_encoder=False), layout.stage("sr"), accelerator, _previewer(layout, [base, sr], "sr"))
 
     out = cfg.run_dir / "cascade"
     for stage in (base, sr):
@@ -93,12 +93,8 @@ def _plan(cfg: PretrainConfig, steps: int, *, train_text_encoder: bool) -> Stage
     optim = OptimConfig(learning_rate=cfg.learning_rate, lr_scheduler="cosine", lr_warmup_steps=cfg.warmup_steps, weight_decay=0.0)
     return StagePlan(
         train=train, optim=optim, lora=LoraConfig(), checkpoint=CheckpointConfig(every_n_steps=250, keep_last=2),
-        learning_rate=cfg.learning_rate, text_encoder_learning_rate=cfg.learning_rate, prior_weight=0.0, preview_every=1000,
+        learning_rate=cfg.learning_rate, text_encoder_learning_rate=cfg.learning_rate, prior_weight=0.0, validate_every=(1000,),
     )
-
-
-def _paths(layout: RunLayout, stage: str) -> StagePaths:
-    return StagePaths(layout.checkpoints(stage), layout.log(stage), layout.loss_plot(stage))
 
 
 def _previewer(layout: RunLayout, stages: list, name: str):

@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 
 from dreambooth.config import CheckpointConfig, LoraConfig, OptimConfig, TrainConfig
 from dreambooth.data.training_set import TrainingSet, sample_batch
+from dreambooth.layout import StagePaths
 from dreambooth.models.lora import add_lora
 from dreambooth.models.spec import Stage, frozen_modules
 from dreambooth.training.optim import build_lr_schedule, build_optimizer
 from dreambooth.training.recorder import Recorder, step_metrics
-from dreambooth.training.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from dreambooth.training.state import best_record, latest_checkpoint, load_best, load_checkpoint, save_best, save_checkpoint
 from dreambooth.training.step import compute_loss
 
 logger = logging.getLogger(__name__)
@@ -44,14 +45,12 @@ class StagePlan:
     learning_rate: float
     text_encoder_learning_rate: float
     prior_weight: float = 1.0
-    preview_every: int = 0
-
-
-@dataclass(frozen=True)
-class StagePaths:
-    checkpoints: Path
-    log: Path
-    loss_plot: Path
+    validate_every: tuple[int, ...] = ()
+    """Call the validation function at multiples of each (and at the end); 0s are ignored."""
+    best_metric: str | None = None
+    """Validation score (e.g. 'eval/dino', higher is better) whose best checkpoint is exported."""
+    max_pres_increase: float = 0.1
+    """Prior-collapse guard: no checkpoint whose 'eval/pres' exceeds 'eval/pres_pretrained' by more is best."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,7 +63,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def train_stage(
     stage: Stage, data: TrainingSet, plan: StagePlan, paths: StagePaths, accelerator: Accelerator,
-    preview: Callable[[int], None] | None = None,
+    validate: Callable[[int], dict[str, float] | None] | None = None,
 ) -> None:
     """Train `stage` for `plan.train.max_steps` optimizer steps, resuming from its latest checkpoint.
 
@@ -88,6 +87,7 @@ def train_stage(
 
     step = _resume(paths.checkpoints, modules, optimizer, schedule, ema)
     recorder = Recorder(paths.log, accelerator, resume_step=step)
+    eval_recorder = Recorder(paths.eval_log, accelerator, resume_step=step)
     bar = tqdm(total=train.max_steps, initial=step, desc=f"train {stage.name}", disable=not accelerator.is_main_process)
     num_timesteps = stage.noise_scheduler.config.num_train_timesteps
     with _StopOnSigint() as stop:
@@ -123,11 +123,14 @@ def train_stage(
                 _save(paths, step, modules, optimizer, schedule, ema, plan.checkpoint.keep_last, accelerator, recorder, stage.name)
             if stop.requested:
                 raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved in {paths.checkpoints}: rerun with --resume")
-            if preview is not None and (done or _due(step, plan.preview_every)):
-                _with_ema(ema, params, lambda: preview(step))
+            if validate is not None and (done or any(_due(step, every) for every in plan.validate_every)):
+                _with_ema(ema, params, lambda: _validate(validate, step, plan, paths, modules, eval_recorder, accelerator))
     bar.close()
     if ema is not None:
         ema.copy_to(params)                                       # exports use the averaged weights
+    if plan.best_metric is not None and best_record(paths.checkpoints) is not None:
+        record = load_best(paths.checkpoints, modules)
+        logger.info("stage %s ends with its best checkpoint: step %d (%s)", stage.name, record["step"], record["scores"])
 
 
 def _make_trainable(stage: Stage, plan: StagePlan) -> dict[str, torch.nn.Module]:
@@ -176,6 +179,29 @@ def _save(paths: StagePaths, step, modules, optimizer, schedule, ema, keep_last,
     accelerator.wait_for_everyone()
 
 
+def _validate(validate, step: int, plan: StagePlan, paths: StagePaths, modules, recorder: Recorder, accelerator) -> None:
+    """Sample/score now; log the scores; keep the weights if they are the best that pass the guard."""
+    scores = validate(step) if accelerator.is_main_process else None
+    if scores:
+        recorder.log(step, scores)
+        recorder.plot(paths.eval_plot, "evaluation during training", keys=tuple(scores), log_scale=False)
+        if plan.best_metric is not None and _is_new_best(scores, plan, best_record(paths.checkpoints), step):
+            save_best(paths.checkpoints, step, {k: accelerator.unwrap_model(m) for k, m in modules.items()}, scores)
+    accelerator.wait_for_everyone()
+
+
+def _is_new_best(scores: dict[str, float], plan: StagePlan, best: dict | None, step: int) -> bool:
+    pres, baseline = scores.get("eval/pres"), scores.get("eval/pres_pretrained")
+    if pres is not None and baseline is not None and pres > baseline + plan.max_pres_increase:
+        logger.warning(
+            "step %d: PRES %.3f is more than %.2f above the pretrained model's %.3f: the class prior is collapsing "
+            "onto the subject (language drift); this checkpoint cannot be the best", step, pres, plan.max_pres_increase, baseline,
+        )
+        return False
+    value = scores.get(plan.best_metric)
+    return value is not None and (best is None or value > best["scores"].get(plan.best_metric, float("-inf")))
+
+
 def _check_finite(loss: torch.Tensor, accelerator: Accelerator, step: int, checkpoints: Path) -> None:
     if bool(accelerator.gather(loss.detach().reshape(1)).isfinite().all()):
         return
@@ -192,6 +218,7 @@ def _due(step: int, every: int) -> bool:
 
 
 def _with_ema(ema: EMAModel | None, params, fn: Callable[[], None]) -> None:
+    """Run `fn` with the EMA weights in place (what would be exported), then restore the raw ones."""
     if ema is None:
         return fn()
     ema.store(params)

@@ -28,20 +28,23 @@ class Recorder:
             f.write(json.dumps(row) + "\n")
         self.accelerator.log(values, step=step)
 
-    def plot(self, png: Path, title: str) -> None:
-        """Loss curves (raw and smoothed) of every 'loss/...' series."""
+    def plot(self, png: Path, title: str, keys: tuple[str, ...] = ("loss/instance", "loss/prior"), log_scale: bool = True) -> None:
+        """Curves of `keys` over steps: raw and smoothed when there are many points, markers when few."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        for key in sorted({k for r in self.rows for k in r if k in ("loss/instance", "loss/prior")}):
+        for key in keys:
             steps = [r["step"] for r in self.rows if key in r]
             values = [r[key] for r in self.rows if key in r]
-            (line,) = ax.plot(steps, values, alpha=0.25)
-            ax.plot(steps, _smooth(values), color=line.get_color(), label=key)
-        ax.set(xlabel="step", ylabel="denoising loss", title=title, yscale="log")
+            if len(values) > 20:
+                (line,) = ax.plot(steps, values, alpha=0.25)
+                ax.plot(steps, _smooth(values), color=line.get_color(), label=key)
+            elif values:
+                ax.plot(steps, values, marker="o", label=key)
+        ax.set(xlabel="step", title=title, yscale="log" if log_scale else "linear")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()

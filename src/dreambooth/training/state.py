@@ -103,3 +103,38 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+
+
+def save_best(root: Path, step: int, modules: dict[str, nn.Module], scores: dict) -> None:
+    """Keep the trainable weights of the best evaluation so far in `<root>/best/` (atomically)."""
+    tmp, final = root / ".tmp-best", root / BEST_DIR
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in trainable_state(modules).items()}, tmp / TRAINABLE_FILE)
+    write_json(tmp / BEST_FILE, {STEP_KEY: step, "scores": scores})
+    old = root / ".old-best"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def best_record(root: Path) -> dict | None:
+    """The step and scores of the kept best checkpoint, or None."""
+    path = root / BEST_DIR / BEST_FILE
+    return read_json(path) if path.is_file() else None
+
+
+def load_best(root: Path, modules: dict[str, nn.Module]) -> dict:
+    """Load the best checkpoint's weights into `modules`; return its record."""
+    weights = load_file(root / BEST_DIR / TRAINABLE_FILE)
+    params = trainable_state(modules)
+    with torch.no_grad():
+        for key, value in weights.items():
+            params[key].copy_(value)
+    return read_json(root / BEST_DIR / BEST_FILE)

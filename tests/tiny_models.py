@@ -95,15 +95,15 @@ def build_tiny_cascade(path: Path, seed: int = 0) -> Path:
     return build_cascade(path, PocketArchitecture(**TINY_CASCADE), seed)
 
 
-_TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+_TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, "image_size": 32, "patch_size": 8}
 
 
 def build_tiny_dino(path: Path, seed: int = 0) -> Path:
-    """A tiny random ViT saved like facebook/dino-vits16 (224 px, patch 16, no pooler)."""
+    """A tiny random ViT saved like facebook/dino-vits16 (no pooler; 32 px input: the embedders crop to the model's size)."""
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(seed)
-    ViTModel(ViTConfig(image_size=224, patch_size=16, **_TINY_VIT), add_pooling_layer=False).save_pretrained(path)
+    ViTModel(ViTConfig(**_TINY_VIT), add_pooling_layer=False).save_pretrained(path)
     return path
 
 
@@ -116,6 +116,11 @@ def build_tiny_clip(path: Path, seed: int = 0) -> Path:
     special = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
     text = {**_TINY_VIT, **special, "vocab_size": len(tokenizer), "max_position_embeddings": 77}
     torch.manual_seed(seed)
-    config = CLIPConfig(text_config=text, vision_config={**_TINY_VIT, "image_size": 224, "patch_size": 32}, projection_dim=16)
+    config = CLIPConfig(text_config=text, vision_config=_TINY_VIT, projection_dim=16)
     CLIPModel(config).save_pretrained(path)
     return path
+
+
+def tiny_scorer_flags(folder: Path) -> list[str]:
+    """Tiny DINO and CLIP folders, as the CLI flags that select them."""
+    return ["--eval-dino", str(build_tiny_dino(folder / "dino")), "--eval-clip", str(build_tiny_clip(folder / "clip"))]

@@ -40,24 +40,20 @@ def cmd_pocket_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from dreambooth.eval.evaluate import EvalRequest, run_eval, table_text
+    from dreambooth.eval.evaluate import EvalRequest, ScoringModels, run_eval, table_text
 
     request = EvalRequest(
         args.subject_dir, model=args.model, lora=args.lora, images=args.images, class_noun=args.class_noun,
         identifier=args.identifier, baseline=args.baseline, baseline_images=args.baseline_images,
         use_baseline=args.use_baseline, live=args.live, max_prompts=args.max_prompts, out=args.out,
     )
-    from dreambooth.eval.evaluate import ScoringModels
-
     result, report = run_eval(request, _sampling(args), ScoringModels(args.dino, args.clip, args.lpips_weights))
     print(f"{table_text(result.rows)}\nreport: {report}")
 
 
 def cmd_dreambench(args: argparse.Namespace) -> None:
     from dreambooth.eval.dreambench import BenchEval, run_dreambench
-    from dreambooth.eval.evaluate import table_text
-
-    from dreambooth.eval.evaluate import ScoringModels
+    from dreambooth.eval.evaluate import ScoringModels, table_text
 
     cfg = load_config(args.config, overrides_from_args(args))
     evaluation = BenchEval(

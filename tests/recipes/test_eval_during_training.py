@@ -12,13 +12,12 @@ from safetensors.torch import load_file
 
 from dreambooth.cli import main
 from dreambooth.training.loop import StagePlan, _is_new_best
-from tiny_models import build_tiny_clip, build_tiny_dino
+from tiny_models import tiny_scorer_flags
 
 
 @pytest.fixture(scope="module")
 def scorers(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    folder = tmp_path_factory.mktemp("scorers")
-    return ["--eval-dino", str(build_tiny_dino(folder / "dino")), "--eval-clip", str(build_tiny_clip(folder / "clip"))]
+    return tiny_scorer_flags(tmp_path_factory.mktemp("scorers"))
 
 
 def test_metrics_are_logged_and_the_best_checkpoint_is_exported(tiny_sd: Path, photos: Path, tmp_path: Path, scorers) -> None:

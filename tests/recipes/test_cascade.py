@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pytest
 import torch
 from diffusers import IFPipeline, IFSuperResolutionPipeline
 from PIL import Image
 
 from dreambooth.cli import main
-from dreambooth.data.images import to_tensor
 from dreambooth.data.training_set import TrainingSet, encode_examples, sample_batch
 from dreambooth.models.deepfloyd_if import downsample, load_if, upscale
 from dreambooth.training.step import compute_loss

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dreambooth._config_args import add_config_arguments, overrides_from_args
 from dreambooth.config import RunConfig, load_config
-from dreambooth.pocket.pretrain_config import PretrainFlags
+from dreambooth.pocket.settings import DemoFlags, PretrainFlags
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -29,6 +29,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         steps=args.steps, guidance=args.guidance, sampler=args.sampler, device=args.device,
     )
     print(f"wrote {out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from dreambooth._config_io import from_dict
+    from dreambooth.demo import run_demo
+
+    run_demo(from_dict(DemoFlags, overrides_from_args(args)).demo)
 
 
 def cmd_pocket_pretrain(args: argparse.Namespace) -> None:
@@ -150,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_arguments(bench, prefix="bench-")
     add_config_arguments(bench, RunConfig)
     bench.set_defaults(func=cmd_dreambench)
+
+    demo = commands.add_parser(
+        "demo", help="DreamBooth end to end on the built-in pocket model (CPU, a few minutes)",
+        description="Personalise the built-in pocket cascade to a pocket subject and show before/after samples and scores.",
+    )
+    add_config_arguments(demo, DemoFlags)
+    demo.set_defaults(func=cmd_demo)
 
     pocket = commands.add_parser("pocket", help="the built-in pocket world and model").add_subparsers(dest="pocket_command", required=True)
     pre = pocket.add_parser("pretrain", help="pretrain the pocket cascade on the procedural world (resumable)")

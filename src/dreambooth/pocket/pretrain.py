@@ -27,7 +27,7 @@ from dreambooth.grid import image_grid, upscale_for_viewing
 from dreambooth.layout import CASCADE_STAGE_DIRS, RunLayout
 from dreambooth.models.deepfloyd_if import load_if
 from dreambooth.pocket.model import PocketArchitecture, build_cascade
-from dreambooth.pocket.pretrain_config import PretrainConfig
+from dreambooth.pocket.settings import PretrainConfig
 from dreambooth.pocket.world import sample_dataset
 from dreambooth.training.loop import StagePlan, train_stage
 

@@ -1,0 +1,77 @@
+"""Settings of the pocket commands, `dreambooth demo` and `dreambooth pocket pretrain`.
+
+A light module: the CLI builds its flags from these dataclasses without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    run_dir: Path = Path("runs/pocket-pretrain")
+    """Where checkpoints, logs and previews go (rerun the command to resume)."""
+    num_images: int = 40000
+    """Rendered training scenes (each with one caption, attributes dropped at random)."""
+    base_steps: int = 6000
+    """Optimizer steps of the 32x32 base stage (and its text encoder)."""
+    sr_steps: int = 2000
+    """Optimizer steps of the 32->64 super-resolution stage."""
+    batch_size: int = 32
+    """Scenes per step."""
+    learning_rate: float = 5e-4
+    """Peak AdamW learning rate (cosine decay after warm-up)."""
+    warmup_steps: int = 200
+    """Linear warm-up steps."""
+    caption_dropout: float = 0.1
+    """Share of empty captions, for classifier-free guidance."""
+    ema_decay: float = 0.998
+    """EMA of the weights; the saved cascade uses the average."""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """fp32 is faster than bf16 autocast for UNets this small on CPU (FIELD-NOTES)."""
+    seed: int = 0
+    """Seed of the world's scenes, initialisation, noise and data order."""
+
+
+@dataclass(frozen=True)
+class PretrainFlags:
+    """The config tree of the pretraining command: one section."""
+
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    run_dir: Path = Path("runs/demo")
+    """Where the photos, the fine-tuned run, the contact sheet and metrics.json go."""
+    subject: str = "checker_cube"
+    """A ready pocket subject: checker_cube, twotone_ball or scarf_teddy."""
+    subject_seed: int | None = None
+    """Make a new random subject from this seed instead (e.g. 7)."""
+    num_photos: int = 4
+    """Photos of the subject, each in a different context."""
+    prior_preservation: bool = True
+    """Train with the class-specific prior-preservation loss (turn off to see language drift)."""
+    base_steps: int = 200
+    """Fine-tuning steps of the 32x32 base stage."""
+    sr_steps: int = 150
+    """Fine-tuning steps of the 32->64 super-resolution stage (0: keep the pretrained SR)."""
+    num_class_images: int = 64
+    """Class images the pretrained model generates for prior preservation."""
+    images_per_prompt: int = 4
+    """Samples per prompt, before and after."""
+    sampling_steps: int = 20
+    """Denoising steps of every sample."""
+    model: str = "pocket"
+    """The model to personalise (the built-in pocket cascade)."""
+    seed: int = 0
+    """Seed of photos, training and samples."""
+
+
+@dataclass(frozen=True)
+class DemoFlags:
+    """The config tree of `dreambooth demo`: one section."""
+
+    demo: DemoConfig = field(default_factory=DemoConfig)

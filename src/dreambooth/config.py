@@ -276,6 +276,8 @@ class OutputConfig:
     """Continue the run in run_dir from its latest checkpoint."""
     save_pipeline: bool = True
     """Write the full fine-tuned pipeline (LoRA merged in for LoRA runs) to <run_dir>/pipeline."""
+    save_single_file: bool = False
+    """Also write <run_dir>/model.safetensors in the original Stable Diffusion layout (fp16) for A1111/ComfyUI."""
     logger: Literal["auto", "tensorboard", "none"] = "auto"
     """Metrics logger; auto: TensorBoard when installed."""
 

@@ -56,6 +56,8 @@ def finetune(cfg: RunConfig) -> RunLayout:
     validate(cfg)
     photos = load_images(cfg.subject.instance_dir, on_bad_file=cfg.subject.on_bad_file)
     source = resolve_source(cfg.model)
+    if cfg.output.save_single_file and source.family != "sd":
+        raise ValueError(f"--save-single-file writes Stable Diffusion checkpoints; {cfg.model.source!r} is a {source.family} model")
     accelerator = _make_accelerator(cfg)
     layout, resuming = open_run_folder(cfg) if accelerator.is_main_process else (RunLayout(cfg.run_dir), cfg.output.resume)
     accelerator.wait_for_everyone()
@@ -80,7 +82,10 @@ def finetune(cfg: RunConfig) -> RunLayout:
         accelerator.free_memory()
 
     if accelerator.is_main_process:
-        written = export_run(stages, layout, cascade=source.is_cascade, save_pipeline=cfg.output.save_pipeline)
+        written = export_run(
+            stages, layout, cascade=source.is_cascade, save_pipeline=cfg.output.save_pipeline,
+            save_single_file=cfg.output.save_single_file,
+        )
         _record_run(layout, cfg, source, subject, trained, status="done", main=True, outputs=written)
     accelerator.end_training()
     return layout

@@ -41,6 +41,11 @@ class RunLayout:
         """The fine-tuned pipeline; for a cascade, a folder of stage_1/, stage_2/ pipelines."""
         return self.root / "pipeline"
 
+    @property
+    def single_file(self) -> Path:
+        """The model as one checkpoint in the original Stable Diffusion layout (for the UIs)."""
+        return self.root / "model.safetensors"
+
     def pipeline_stage(self, stage: str, cascade: bool) -> Path:
         return self.pipeline / CASCADE_STAGE_DIRS[stage] if cascade else self.pipeline
 

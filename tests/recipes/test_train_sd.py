@@ -56,16 +56,26 @@ def test_full_finetune_outputs_load_in_stock_diffusers(tiny_sd: Path, photos: Pa
 
 def test_lora_weights_load_with_load_lora_weights_and_match_the_merged_pipeline(tiny_sd: Path, photos: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    assert train(tiny_sd, photos, run, "--max-steps", "3", "--lora-rank", "4", "--train-text-encoder", "--learning-rate", "1e-2") == 0
+    lora = ["--lora-rank", "4", "--lora-alpha", "8", "--train-text-encoder", "--learning-rate", "1e-2"]
+    assert train(tiny_sd, photos, run, "--max-steps", "3", *lora) == 0
     weights = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("unet.") for k in weights) and any(k.startswith("text_encoder.") for k in weights)
 
-    with_adapter = StableDiffusionPipeline.from_pretrained(tiny_sd)
-    plain = _sample(with_adapter)
-    with_adapter.load_lora_weights(str(run / "lora"))
-    merged = StableDiffusionPipeline.from_pretrained(run / "pipeline")
-    assert np.abs(_sample(with_adapter) - _sample(merged)).max() < 2e-3
-    assert np.abs(_sample(with_adapter) - plain).max() > 1e-3  # the adapter changes the output
+    merged = _sample(StableDiffusionPipeline.from_pretrained(run / "pipeline"))
+    plain = _sample(StableDiffusionPipeline.from_pretrained(tiny_sd))
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):  # diffusers' format, and the UIs'
+        with_adapter = StableDiffusionPipeline.from_pretrained(tiny_sd)
+        with_adapter.load_lora_weights(str(run / "lora"), weight_name=name)
+        assert np.abs(_sample(with_adapter) - merged).max() < 2e-3, name  # alpha/rank = 2 survives the round trip
+    assert np.abs(merged - plain).max() > 1e-3  # the adapter changes the output
+
+
+def test_single_file_checkpoint_loads_offline_with_a_config_folder(tiny_sd: Path, photos: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert train(tiny_sd, photos, run, "--max-steps", "2", "--save-single-file") == 0
+    pipe = StableDiffusionPipeline.from_single_file(str(run / "model.safetensors"), config=str(run / "pipeline"), local_files_only=True)
+    folder = StableDiffusionPipeline.from_pretrained(run / "pipeline")
+    assert torch.allclose(pipe.unet.conv_in.weight, folder.unet.conv_in.weight.half().float())
 
 
 def test_resume_after_ctrl_c_reaches_the_uninterrupted_weights(tiny_sd: Path, photos: Path, tmp_path: Path, monkeypatch) -> None:

@@ -37,13 +37,16 @@ def has_lora(module: nn.Module) -> bool:
 
 
 def save_lora(stage: Stage, out_dir: Path) -> Path:
-    """Write the adapters as `pytorch_lora_weights.safetensors` (diffusers `load_lora_weights` format)."""
-    layers = {
-        f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-        for name, module in (("unet", stage.unet), ("text_encoder", stage.text_encoder))
-        if has_lora(module)
-    }
-    type(stage.pipeline).save_lora_weights(out_dir, safe_serialization=True, **layers)
+    """Write the adapters as `pytorch_lora_weights.safetensors` (diffusers `load_lora_weights` format).
+
+    The adapter configs go into the file's metadata, so `load_lora_weights` scales by alpha/rank.
+    """
+    kwargs = {}
+    for name, module in (("unet", stage.unet), ("text_encoder", stage.text_encoder)):
+        if has_lora(module):
+            kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+            kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+    type(stage.pipeline).save_lora_weights(out_dir, safe_serialization=True, **kwargs)
     return out_dir / "pytorch_lora_weights.safetensors"
 
 

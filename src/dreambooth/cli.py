@@ -54,7 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         identifier=args.identifier, baseline=args.baseline, baseline_images=args.baseline_images,
         use_baseline=args.use_baseline, live=args.live, max_prompts=args.max_prompts, out=args.out,
     )
-    result, report = run_eval(request, _sampling(args), ScoringModels(args.dino, args.clip, args.lpips_weights))
+    result, report = run_eval(request, _sampling(args), ScoringModels(args.dino, args.clip, args.lpips_weights, args.embedders))
     print(f"{table_text(result.rows)}\nreport: {report}")
 
 
@@ -64,7 +64,7 @@ def cmd_dreambench(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, overrides_from_args(args))
     evaluation = BenchEval(
-        _sampling(args), ScoringModels(cfg.eval.dino, cfg.eval.clip, args.lpips_weights), live=args.live,
+        _sampling(args), ScoringModels(cfg.eval.dino, cfg.eval.clip, args.lpips_weights, cfg.eval.embedders), live=args.live,
         max_prompts=args.max_prompts, baseline=args.baseline, use_baseline=args.use_baseline,
     )
     summary = run_dreambench(args.dataset, cfg, args.out, subjects=args.subjects, evaluation=evaluation)
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_arguments(ev, prefix="")
     ev.add_argument("--eval-dino", "--eval.dino", dest="dino", default="facebook/dino-vits16", metavar="MODEL", help="DINO ViT hub id or local folder, for DINO and PRES (default: facebook/dino-vits16)")
     ev.add_argument("--eval-clip", "--eval.clip", dest="clip", default="openai/clip-vit-base-patch32", metavar="MODEL", help="CLIP hub id or local folder, for CLIP-I and CLIP-T (default: openai/clip-vit-base-patch32)")
+    ev.add_argument("--eval-embedders", dest="embedders", default="auto", choices=["auto", "paper"], help="'auto': a built-in model's own scorers (the pocket model's); 'paper': DINO, CLIP, LPIPS (default: auto)")
     ev.set_defaults(func=cmd_eval)
 
     bench = commands.add_parser(

@@ -197,7 +197,7 @@ def run_dreambench(
     state = _process_state()
     sampling = replace(evaluation.sampling, device=evaluation.sampling.device or str(state.device))
     evaluation = replace(evaluation, sampling=sampling)
-    embedders = evaluation.models.load(sampling.device)
+    embedders = evaluation.models.load(sampling.device, model_source=config.model.source)
     cache = EmbeddingCache()
     mine = list(zip(chosen, configs))[state.process_index :: state.num_processes]
     for position, (subject, cfg) in enumerate(mine, 1):

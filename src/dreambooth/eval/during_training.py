@@ -17,9 +17,9 @@ from PIL import Image
 from dreambooth.config import EvalConfig
 from dreambooth.eval.embedders import EmbeddingCache
 from dreambooth.eval.prompts import strip_identifier
-from dreambooth.eval.scoring import Embedders, Samples, Scores, Subject, load_embedders, score_subject
+from dreambooth.eval.evaluate import ScoringModels
+from dreambooth.eval.scoring import Embedders, Samples, Scores, Subject, score_subject
 from dreambooth.generate import generate
-from dreambooth.models.builtin import builtin_embedders
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,7 @@ METRICS = ("dino", "clip_i", "clip_t", "pres", "div", "class_div")
 
 def load_eval_embedders(cfg: EvalConfig, model_source: str, device: str) -> Embedders:
     """The model's own scorers if it ships them and `cfg.embedders` is 'auto'; else DINO, CLIP and LPIPS."""
-    own = builtin_embedders(model_source, device) if cfg.embedders == "auto" else None
-    return own if own is not None else load_embedders(device, dino=cfg.dino, clip=cfg.clip)
+    return ScoringModels(cfg.dino, cfg.clip, embedders=cfg.embedders).load(device, model_source=model_source)
 
 
 @dataclass

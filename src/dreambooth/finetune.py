@@ -59,6 +59,8 @@ def finetune(cfg: RunConfig) -> RunLayout:
     if cfg.output.save_single_file and source.family != "sd":
         raise ValueError(f"--save-single-file writes Stable Diffusion checkpoints; {cfg.model.source!r} is a {source.family} model")
     accelerator = _make_accelerator(cfg)
+    evaluating = cfg.eval.eval_every > 0 and accelerator.is_main_process
+    embedders = load_eval_embedders(cfg.eval, cfg.model.source, str(accelerator.device)) if evaluating else None
     layout, resuming = open_run_folder(cfg) if accelerator.is_main_process else (RunLayout(cfg.run_dir), cfg.output.resume)
     accelerator.wait_for_everyone()
     if accelerator.log_with:
@@ -71,8 +73,6 @@ def finetune(cfg: RunConfig) -> RunLayout:
     for stage in stages:
         stage.pipeline.to(accelerator.device)
     class_images = _class_images(cfg, stages[0], subject, layout, accelerator) if cfg.prior.enabled else None
-    evaluating = cfg.eval.eval_every > 0 and accelerator.is_main_process
-    embedders = load_eval_embedders(cfg.eval, cfg.model.source, str(accelerator.device)) if evaluating else None
     for stage in trained:
         warn_small_images(photos, stage.resolution)
         data = _training_set(cfg, stage, photos, subject, class_images if stage.name == "base" else None)

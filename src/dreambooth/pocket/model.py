@@ -11,7 +11,13 @@ personalises it through the very code path that personalises real IF cascades.
   that attends over image and text tokens together, and the pooled text embedding added to the
   timestep embedding, `addition_embed_type="text"`), which carries whole-image properties such as
   the context. Outputs are 6 channels (epsilon + variance) as IF pipelines expect; the schedulers
-  use fixed variance, so only epsilon is trained and sampled.
+  use fixed variance, so only the first half is trained and sampled.
+- Parameterisation: the base stage predicts v, the SR stage epsilon. With epsilon the loss
+  weighs an image's x0 error by its SNR, which vanishes at the high noise levels where the
+  background (the prompt's context) is decided: a first pretraining with epsilon learned the
+  object classes but ignored every context word (same seed, any context: the same backdrop).
+  v weighs x0 errors by SNR + 1, so the text must carry the background. The SR stage gets
+  its global structure from the low-res image and keeps IF's epsilon.
 """
 
 from __future__ import annotations
@@ -89,8 +95,8 @@ def _unet(channels: tuple[int, ...], resolution: int, in_channels: int, attentio
     )
 
 
-def _scheduler() -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", variance_type="fixed_small", prediction_type="epsilon")
+def _scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", variance_type="fixed_small", prediction_type=prediction_type)
 
 
 def build_cascade(out_dir: Path, arch: PocketArchitecture = PocketArchitecture(), seed: int = 0) -> Path:
@@ -99,7 +105,7 @@ def build_cascade(out_dir: Path, arch: PocketArchitecture = PocketArchitecture()
     torch.manual_seed(seed)
     base = IFPipeline(
         tokenizer=tokenizer, text_encoder=build_text_encoder(arch, len(tokenizer)),
-        unet=_unet(arch.base_channels, arch.base_resolution, 3, 2, arch), scheduler=_scheduler(), **NO_SAFETY,
+        unet=_unet(arch.base_channels, arch.base_resolution, 3, 2, arch), scheduler=_scheduler("v_prediction"), **NO_SAFETY,
     )
     sr = IFSuperResolutionPipeline(
         tokenizer=tokenizer, text_encoder=build_text_encoder(arch, len(tokenizer)),

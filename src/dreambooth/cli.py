@@ -45,6 +45,15 @@ def cmd_pocket_ablation(args: argparse.Namespace) -> None:
     run_ablation(from_dict(DemoFlags, overrides_from_args(args)).demo, args.out, tuple(args.new_subject_seeds))
 
 
+def cmd_pocket_train_scorer(args: argparse.Namespace) -> None:
+    import torch
+
+    from dreambooth.pocket.scorers import WEIGHTS, train_scorer
+
+    torch.set_num_threads(args.threads)
+    print(train_scorer(args.out or WEIGHTS, args.seed, args.steps))
+
+
 def cmd_pocket_pretrain(args: argparse.Namespace) -> None:
     from dreambooth._config_io import from_dict
     from dreambooth.pocket.pretrain import pretrain
@@ -178,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--export-to", type=Path, help="also copy the pretrained cascade here (e.g. src/dreambooth/pocket/weights/cascade)")
     add_config_arguments(pre, PretrainFlags)
     pre.set_defaults(func=cmd_pocket_pretrain)
+    scorer = pocket.add_parser("train-scorer", help="retrain the pocket world's scorer network (deterministic, ~6 min on 1 CPU thread)")
+    scorer.add_argument("--out", type=Path, help="default: the package's pocket/weights/scorer.safetensors")
+    scorer.add_argument("--seed", type=int, default=0, help="default: 0")
+    scorer.add_argument("--steps", type=int, default=1500, help="default: 1500")
+    scorer.add_argument("--threads", type=int, default=1, help="torch CPU threads; bitwise reproducible for a given count and CPU (default: 1)")
+    scorer.set_defaults(func=cmd_pocket_train_scorer)
     ablation = pocket.add_parser(
         "ablation", help="the paper's prior-preservation ablation and SR finding, in miniature (resumable)",
         description="Personalise every ready subject and new ones, with and without prior preservation; average the scores.",

@@ -27,7 +27,7 @@ from dreambooth.grid import image_grid, upscale_for_viewing
 from dreambooth.pocket.evaluate import format_table, score_model
 from dreambooth.pocket.scorers import PocketScorer
 from dreambooth.pocket.settings import DemoConfig
-from dreambooth.pocket.subjects import SUBJECTS, Subject, make_subject, subject_photos, write_subject_photos
+from dreambooth.pocket.subjects import SUBJECTS, Subject, make_subject, photo_scenes, subject_photos, write_subject_photos
 from dreambooth.pocket.world import CONTEXTS
 
 
@@ -46,7 +46,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     identifier = read_json(layout.run_info)["identifier"]
 
     # 3. Before and after, same prompts and seeds.
-    prompts = demo_prompts(subject, identifier, photos_dir)
+    prompts = demo_prompts(subject, identifier, shown={scene.context for scene in photo_scenes(subject, cfg.num_photos, cfg.seed)})
     class_prompt = f"a {subject.cls}"
     pretrained, tuned = load_model(cfg.model, device="cpu"), load_model(str(layout.root), device="cpu")
     cascades = {
@@ -76,9 +76,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     return result
 
 
-def demo_prompts(subject: Subject, identifier: str, photos_dir: Path) -> list[str]:
+def demo_prompts(subject: Subject, identifier: str, shown: set[str]) -> list[str]:
     """New contexts (those no photo shows) and property changes, DreamBench-style."""
-    shown = {c for c in CONTEXTS if any(c in p.name for p in photos_dir.iterdir())}
     key = f"a {identifier} {subject.cls}"
     contexts = [f"{key} {phrase}" for name, phrase in CONTEXTS.items() if name not in shown]
     return [*contexts, f"a small {identifier} {subject.cls}", f"a tilted {identifier} {subject.cls} on the left"]

@@ -27,13 +27,12 @@ lower than the true 64x64 image.
 
 Measured with the committed weights on 1,000 held-out renders: class and context accuracy
 99.9% / 100% at 64x64, 32x32 and 32 -> 64 upsampled, 98% / 100% on "generated-like"
-augmented renders. Retrain them with `python -m dreambooth.pocket.scorers` (seed 0, 1,500
+augmented renders. Retrain them with `dreambooth pocket train-scorer` (seed 0, 1,500
 steps, about 6 minutes on one CPU thread; bitwise reproducible for a given thread count).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -291,7 +290,7 @@ def _badge_template(subject: Subject, view: str) -> _Template:
 def _load(path: str) -> PocketScorer:
     if not Path(path).is_file():
         raise FileNotFoundError(
-            f"no scorer weights at {path}; train them with `python -m dreambooth.pocket.scorers`"
+            f"no scorer weights at {path}; train them with `dreambooth pocket train-scorer`"
         )
     net = ScorerNet()
     net.load_state_dict(load_file(path))
@@ -348,18 +347,3 @@ def train_scorer(out_path: str | Path = WEIGHTS, seed: int = 0, steps: int = TRA
     )
     return metrics
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Train the pocket scorer network.")
-    parser.add_argument("--out", type=Path, default=WEIGHTS)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=TRAIN_STEPS)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads; results are bitwise reproducible for a given count and CPU",
-    )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)  # 2 threads on 2 shared cores ran 13x slower than 1
-    print(train_scorer(args.out, args.seed, args.steps))

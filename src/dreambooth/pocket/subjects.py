@@ -187,8 +187,8 @@ SUBJECTS: dict[str, Subject] = {
 ball, a smile on a brown teddy with a green scarf (brown is no colour of the world)."""
 
 
-def subject_photos(subject: Subject, n: int = 5, seed: int = 0) -> list[Image.Image]:
-    """n "casual photos" of a subject, 64x64 RGB, each in a different context.
+def photo_scenes(subject: Subject, n: int = 5, seed: int = 0) -> list[Scene]:
+    """The scenes of n "casual photos" of a subject, each in a different context.
 
     Positions, views and backdrop variants are drawn at random too, as a user would take them.
 
@@ -201,7 +201,7 @@ def subject_photos(subject: Subject, n: int = 5, seed: int = 0) -> list[Image.Im
         )
     rng = np.random.default_rng([seed, 11])
     contexts = rng.permutation(list(CONTEXTS))[:n]
-    scenes = [
+    return [
         subject.scene(
             str(c),
             str(rng.choice(list(POSITIONS))),
@@ -210,7 +210,11 @@ def subject_photos(subject: Subject, n: int = 5, seed: int = 0) -> list[Image.Im
         )
         for c in contexts
     ]
-    return [Image.fromarray(img) for img in render(scenes)]
+
+
+def subject_photos(subject: Subject, n: int = 5, seed: int = 0) -> list[Image.Image]:
+    """n "casual photos" of a subject, 64x64 RGB: `photo_scenes` rendered."""
+    return [Image.fromarray(img) for img in render(photo_scenes(subject, n, seed))]
 
 
 def write_subject_photos(subject: Subject, folder: str | Path, n: int = 5, seed: int = 0) -> list[Path]:

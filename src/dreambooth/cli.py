@@ -54,6 +54,19 @@ def cmd_pocket_train_scorer(args: argparse.Namespace) -> None:
     print(train_scorer(args.out or WEIGHTS, args.seed, args.steps))
 
 
+def cmd_pocket_quality(args: argparse.Namespace) -> None:
+    from dreambooth.files import write_json
+    from dreambooth.generate import load_model
+    from dreambooth.pocket.quality import base_accuracy, super_resolution_agreement
+    from dreambooth.pocket.scorers import PocketScorer
+
+    model = load_model(args.model, device="cpu")
+    report = {"base": base_accuracy(model, PocketScorer.load()), "super_resolution": super_resolution_agreement(model)}
+    print(report)
+    if args.out:
+        write_json(args.out, report)
+
+
 def cmd_pocket_pretrain(args: argparse.Namespace) -> None:
     from dreambooth._config_io import from_dict
     from dreambooth.pocket.pretrain import pretrain
@@ -187,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--export-to", type=Path, help="also copy the pretrained cascade here (e.g. src/dreambooth/pocket/weights/cascade)")
     add_config_arguments(pre, PretrainFlags)
     pre.set_defaults(func=cmd_pocket_pretrain)
+    quality = pocket.add_parser("quality", help="class/context accuracy of base samples; SR vs bilinear upsampling")
+    quality.add_argument("--model", default="pocket", help="a pocket cascade (default: the built-in one)")
+    quality.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    quality.set_defaults(func=cmd_pocket_quality)
     scorer = pocket.add_parser("train-scorer", help="retrain the pocket world's scorer network (deterministic, ~6 min on 1 CPU thread)")
     scorer.add_argument("--out", type=Path, help="default: the package's pocket/weights/scorer.safetensors")
     scorer.add_argument("--seed", type=int, default=0, help="default: 0")

@@ -92,6 +92,7 @@ def train_stage(
     num_timesteps = stage.noise_scheduler.config.num_train_timesteps
     with _StopOnSigint() as stop:
         while step < train.max_steps:
+            micro_losses, micro_terms = [], []
             for micro in range(train.gradient_accumulation_steps):
                 batch = sample_batch(
                     data, stage.tokenizer, step=step, micro=micro, accumulation=train.gradient_accumulation_steps,
@@ -106,13 +107,17 @@ def train_stage(
                         accelerator.clip_grad_norm_(params, plan.optim.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                micro_losses.append(loss.detach())
+                micro_terms.append(terms)
             schedule.step()
             if ema is not None:
                 ema.step(params)
             step += 1
 
-            loss = accelerator.reduce(loss.detach(), "mean")             # the global batch, for logging
-            terms = {key: accelerator.gather(value) for key, value in terms.items()}
+            # Logged: the mean over micro-batches and processes, i.e. the global batch.
+            loss = accelerator.reduce(torch.stack(micro_losses).mean(), "mean")
+            terms = {key: torch.cat([t[key] for t in micro_terms]) for key in micro_terms[0]}
+            terms = {key: accelerator.gather(value) if value.numel() else value for key, value in terms.items()}
             if accelerator.is_main_process:
                 metrics = step_metrics(float(loss), terms, num_timesteps, schedule.get_last_lr()[0])
                 recorder.log(step, metrics)

@@ -72,10 +72,10 @@ def finetune(cfg: RunConfig) -> RunLayout:
     _record_run(layout, cfg, source, subject, trained, status="training", main=accelerator.is_main_process)
     for stage in stages:
         stage.pipeline.to(accelerator.device)
-    class_images = _class_images(cfg, stages[0], subject, layout, accelerator) if cfg.prior.enabled else None
     for stage in trained:
         warn_small_images(photos, stage.resolution)
-        data = _training_set(cfg, stage, photos, subject, class_images if stage.name == "base" else None)
+        class_images = _class_images(cfg, stages[: stages.index(stage) + 1], subject, layout, accelerator) if cfg.prior.enabled else None
+        data = _training_set(cfg, stage, photos, subject, class_images)
         evaluator = _evaluator(cfg, stages, stage, subject, photos, embedders) if evaluating else None
         validator = _validator(cfg, stages, stage, subject, layout, accelerator, evaluator)
         train_stage(stage, data, _plan(cfg, stage), layout.stage(stage.name), accelerator, validator)
@@ -128,18 +128,26 @@ def _resolve_subject(cfg: RunConfig, stages: list[Stage], layout: RunLayout, res
     return Subject(text, class_noun)
 
 
-def _class_images(cfg: RunConfig, base: Stage, subject: Subject, layout: RunLayout, accelerator: Accelerator) -> list[Image.Image]:
-    """Generate (once) and load the class images of the frozen base stage."""
+def _class_images(cfg: RunConfig, cascade: list[Stage], subject: Subject, layout: RunLayout, accelerator: Accelerator) -> list[Image.Image]:
+    """Generate (once) and load the class images of the frozen model up to the last stage of `cascade`.
+
+    The base stage's set is the paper's; a super-resolution stage gets the frozen cascade's
+    outputs for the same seeds, so that it too keeps its prior (without them, an SR stage
+    fine-tuned on the subject alone redraws every "a [class]" as the subject).
+    """
     spec = ClassImageSpec(
-        model=model_fingerprint(base.unet), prompt=subject.fill(cfg.subject.class_prompt), resolution=base.resolution,
-        sampler=cfg.prior.sampler, steps=cfg.prior.steps, guidance=cfg.prior.guidance_scale or base.default_guidance,
+        model=model_fingerprint(*(s.unet for s in cascade)), prompt=subject.fill(cfg.subject.class_prompt),
+        resolution=cascade[-1].resolution, sampler=cfg.prior.sampler, steps=cfg.prior.steps,
+        guidance=(cfg.prior.guidance_scale or cascade[0].default_guidance, *(s.default_guidance for s in cascade[1:])),
     )
-    class_dir = cfg.prior.class_dir or layout.class_images
+    root = cfg.prior.class_dir or layout.class_images
+    class_dir = root if len(cascade) == 1 else root / cascade[-1].name
+    pipelines = [s.pipeline for s in cascade]
+    make = lambda: ensure_class_images(pipelines, class_dir, spec, cfg.prior.num_class_images, seed=cfg.prior.seed, batch_size=cfg.prior.batch_size)  # noqa: E731
     if accelerator.is_main_process:
-        ensure_class_images(base.pipeline, class_dir, spec, cfg.prior.num_class_images, seed=cfg.prior.seed, batch_size=cfg.prior.batch_size)
+        make()
     accelerator.wait_for_everyone()
-    paths = ensure_class_images(base.pipeline, class_dir, spec, cfg.prior.num_class_images, seed=cfg.prior.seed, batch_size=cfg.prior.batch_size)
-    return [Image.open(p).convert("RGB") for p in paths]
+    return [Image.open(p).convert("RGB") for p in make()]  # complete now: only reads
 
 
 def _training_set(cfg: RunConfig, stage: Stage, photos: list[LoadedImage], subject: Subject, class_images: list[Image.Image] | None) -> TrainingSet:

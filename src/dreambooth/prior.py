@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,28 +33,32 @@ class ClassImageSpec:
     """What defines a class-image set: images made under the same spec are interchangeable."""
 
     model: str
-    """Fingerprint of the generating model's weights."""
+    """Fingerprint of the generating stages' weights."""
     prompt: str
     resolution: int
     sampler: str
     steps: int
-    guidance: float
+    guidance: tuple[float, ...]
+    """Classifier-free guidance of each stage of the cascade that made the images."""
 
 
-def model_fingerprint(unet: torch.nn.Module) -> str:
-    """A cheap identity of a denoiser's weights: its config and a few tensors' bytes."""
+def model_fingerprint(*unets: torch.nn.Module) -> str:
+    """A cheap identity of denoisers' weights: their configs and a few tensors' bytes."""
     digest = hashlib.blake2b(digest_size=12)
-    digest.update(repr(sorted(dict(getattr(unet, "config", {})).items())).encode())
-    params = list(unet.parameters())
-    for param in params[:3] + params[-3:]:
-        digest.update(param.detach().float().cpu().numpy().tobytes())
+    for unet in unets:
+        digest.update(repr(sorted(dict(getattr(unet, "config", {})).items())).encode())
+        params = list(unet.parameters())
+        for param in params[:3] + params[-3:]:
+            digest.update(param.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
-def ensure_class_images(pipeline, class_dir: Path, spec: ClassImageSpec, count: int, *, seed: int, batch_size: int) -> list[Path]:
-    """Make sure `class_dir` holds `count` class images of `pipeline` made under `spec`; return their paths.
+def ensure_class_images(pipelines: list, class_dir: Path, spec: ClassImageSpec, count: int, *, seed: int, batch_size: int) -> list[Path]:
+    """Make sure `class_dir` holds `count` class images of `pipelines` made under `spec`; return their paths.
 
-    For a cascade, `pipeline` is the base stage: prior preservation applies where the text binds.
+    `pipelines` is the frozen model up to the stage being trained: the base alone, or the base
+    and the super-resolution stage, whose class images are the SR stage's own outputs on the
+    base stage's class images (same seeds).
 
     Raises:
         ValueError: if `class_dir` holds images made under another spec (model, prompt, settings).
@@ -67,8 +72,8 @@ def ensure_class_images(pipeline, class_dir: Path, spec: ClassImageSpec, count: 
     for start in range(0, len(missing), batch_size * 4):  # write the manifest every few batches
         indices = missing[start : start + batch_size * 4]
         images = generate(
-            [pipeline], [spec.prompt] * len(indices), [seed + i for i in indices], steps=spec.steps,
-            guidance=[spec.guidance], sampler=spec.sampler,
+            pipelines, [spec.prompt] * len(indices), [seed + i for i in indices], steps=spec.steps,
+            guidance=list(spec.guidance), sampler=spec.sampler,
             batch_size=batch_size, progress=f"class images {start + len(indices)}/{len(missing)}",
         )
         for i, image in zip(indices, images):
@@ -89,8 +94,9 @@ def _load_manifest(class_dir: Path, spec: ClassImageSpec) -> list[dict]:
             )
         return []
     manifest = read_json(path)
-    if manifest["spec"] != asdict(spec):
-        changed = {k: (manifest["spec"].get(k), v) for k, v in asdict(spec).items() if manifest["spec"].get(k) != v}
+    if manifest["spec"] != json.loads(json.dumps(asdict(spec))):  # as JSON stores it (tuples as lists)
+        current = json.loads(json.dumps(asdict(spec)))
+        changed = {k: (manifest["spec"].get(k), v) for k, v in current.items() if manifest["spec"].get(k) != v}
         details = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in changed.items())
         raise ValueError(
             f"class images in {str(class_dir)!r} were made differently ({details}). "
@@ -107,7 +113,7 @@ def _save_image(class_dir: Path, index: int, image: Image.Image, seed: int, spec
     atomic_write_bytes(class_dir / name, data)
     return {
         "index": index, "file": name, "prompt": spec.prompt, "seed": seed, "sampler": spec.sampler,
-        "steps": spec.steps, "guidance": spec.guidance, "sha256": hashlib.sha256(data).hexdigest(),
+        "steps": spec.steps, "guidance": list(spec.guidance), "sha256": hashlib.sha256(data).hexdigest(),
     }
 
 

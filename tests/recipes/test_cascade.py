@@ -23,6 +23,9 @@ def test_both_stages_fine_tune_and_reload_in_stock_if_pipelines(tiny_cascade: Pa
     for stage in ("base", "sr"):
         assert (run / "checkpoints" / stage / "latest").is_file()
         assert (run / "samples" / stage / "step-000002.png").is_file()
+    # Prior preservation for both stages: the SR stage's class images are the frozen cascade's outputs.
+    assert Image.open(run / "class_images" / "00000.png").size == (16, 16)
+    assert Image.open(run / "class_images" / "sr" / "00000.png").size == (32, 32)
     base = IFPipeline.from_pretrained(run / "pipeline" / "stage_1", safety_checker=None, watermarker=None, feature_extractor=None)
     sr = IFSuperResolutionPipeline.from_pretrained(run / "pipeline" / "stage_2", safety_checker=None, watermarker=None, feature_extractor=None)
     low = base("a cube", num_inference_steps=2, output_type="pt", clean_caption=False).images

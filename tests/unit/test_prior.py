@@ -16,7 +16,7 @@ from dreambooth.prior import MANIFEST, ClassImageSpec, ensure_class_images, mode
 @pytest.fixture
 def setup(tiny_sd: Path, monkeypatch: pytest.MonkeyPatch):
     stage = load_sd(str(tiny_sd))[0]
-    spec = ClassImageSpec(model_fingerprint(stage.unet), "a dog", stage.resolution, "dpm++", 2, 7.5)
+    spec = ClassImageSpec(model_fingerprint(stage.unet), "a dog", stage.resolution, "dpm++", 2, (7.5,))
     generated: list[int] = []
     real_generate = prior.generate
 
@@ -25,7 +25,7 @@ def setup(tiny_sd: Path, monkeypatch: pytest.MonkeyPatch):
         return real_generate(pipelines, prompts, seeds, **kwargs)
 
     monkeypatch.setattr(prior, "generate", counting_generate)
-    return stage.pipeline, spec, generated
+    return [stage.pipeline], spec, generated
 
 
 def test_generated_once_then_reused(setup, tmp_path: Path) -> None:
@@ -37,7 +37,7 @@ def test_generated_once_then_reused(setup, tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     record = manifest["images"][1]
     assert {k: record[k] for k in ("prompt", "seed", "sampler", "steps", "guidance")} == {
-        "prompt": "a dog", "seed": 11, "sampler": "dpm++", "steps": 2, "guidance": 7.5,
+        "prompt": "a dog", "seed": 11, "sampler": "dpm++", "steps": 2, "guidance": [7.5],
     }
 
 

@@ -9,6 +9,7 @@ guidance, EMA weights. Both stages checkpoint and resume like any run:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -70,7 +71,7 @@ def pretrain(cfg: PretrainConfig, export_to: Path | None = None, arch: PocketArc
     for stage in (base, sr):
         stage.pipeline.to("cpu", torch.float16).save_pretrained(out / CASCADE_STAGE_DIRS[stage.name])
         stage.pipeline.to(torch.float32)
-    write_json(out / "pretraining.json", {"config": _plain(dataclasses.asdict(cfg)), "wall_seconds": round(time.time() - started)})
+    write_json(out / "pretraining.json", {"config": _plain(dataclasses.asdict(cfg)), "training_seconds": _training_seconds(layout)})
     if export_to is not None:
         shutil.copytree(out, export_to, dirs_exist_ok=True)
     return out
@@ -108,6 +109,15 @@ def _previewer(layout: RunLayout, stages: list, name: str):
         image_grid([[upscale_for_viewing(im) for im in images]]).save(out)
 
     return preview
+
+
+def _training_seconds(layout: RunLayout) -> dict[str, float | None]:
+    """Wall-clock seconds each stage trained, summed over resumes (from its step log)."""
+    seconds: dict[str, float | None] = {}
+    for name in ("base", "sr"):
+        lines = layout.stage(name).log.read_text().splitlines()
+        seconds[name] = json.loads(lines[-1]).get("elapsed_s") if lines else None
+    return seconds
 
 
 def _plain(value):

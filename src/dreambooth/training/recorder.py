@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -11,7 +12,10 @@ from dreambooth.files import atomic_write_text
 
 
 class Recorder:
-    """Appends step metrics to `path`; on resume, drops lines past the checkpoint it resumed from."""
+    """Appends step metrics to `path`; on resume, drops lines past the checkpoint it resumed from.
+
+    Each line carries `elapsed_s`, the stage's wall-clock seconds so far, summed over resumes.
+    """
 
     def __init__(self, path: Path, accelerator, resume_step: int = 0) -> None:
         self.path, self.accelerator = path, accelerator
@@ -20,9 +24,10 @@ class Recorder:
             self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._started = time.monotonic() - (self.rows[-1].get("elapsed_s", 0.0) if self.rows else 0.0)
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        row = {"step": step, **{k: round(float(v), 6) for k, v in values.items()}}
+        row = {"step": step, **{k: round(float(v), 6) for k, v in values.items()}, "elapsed_s": round(time.monotonic() - self._started, 1)}
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -1,0 +1,24 @@
+"""The step log: a resumed run drops the steps past its checkpoint and keeps counting wall time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from dreambooth.training.recorder import Recorder
+
+_ACCELERATOR = SimpleNamespace(log=lambda values, step: None)
+
+
+def test_resume_truncates_the_log_and_sums_wall_time(tmp_path: Path) -> None:
+    log = tmp_path / "base.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss/total": 1.0, "elapsed_s": 100.0 * s}) + "\n" for s in (1, 2, 3)))
+
+    recorder = Recorder(log, _ACCELERATOR, resume_step=2)
+    recorder.log(3, {"loss/total": 0.5})
+
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["loss/total"] == 0.5
+    assert 200.0 <= rows[-1]["elapsed_s"] < 260.0  # the first run's 200 s plus this one's few

@@ -18,8 +18,18 @@ from pathlib import Path
 
 from PIL import Image
 
-from dreambooth.config import (CascadeConfig, CheckpointConfig, ModelConfig, OptimConfig, OutputConfig, PriorConfig,
-                               RunConfig, SubjectConfig, TrainConfig, ValidationConfig)
+from dreambooth.config import (
+    CascadeConfig,
+    CheckpointConfig,
+    ModelConfig,
+    OptimConfig,
+    OutputConfig,
+    PriorConfig,
+    RunConfig,
+    SubjectConfig,
+    TrainConfig,
+    ValidationConfig,
+)
 from dreambooth.files import read_json, write_json
 from dreambooth.finetune import finetune
 from dreambooth.generate import generate, load_model
@@ -27,7 +37,14 @@ from dreambooth.grid import image_grid, upscale_for_viewing
 from dreambooth.pocket.evaluate import format_table, score_model
 from dreambooth.pocket.scorers import PocketScorer
 from dreambooth.pocket.settings import DemoConfig
-from dreambooth.pocket.subjects import SUBJECTS, Subject, make_subject, photo_scenes, subject_photos, write_subject_photos
+from dreambooth.pocket.subjects import (
+    SUBJECTS,
+    Subject,
+    make_subject,
+    photo_scenes,
+    subject_photos,
+    write_subject_photos,
+)
 from dreambooth.pocket.world import CONTEXTS
 
 

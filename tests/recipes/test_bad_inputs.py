@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_photos
 from dreambooth.cli import main
+
+from conftest import write_photos
 
 FAST = ["--class-noun", "dog", "--max-steps", "1", "--no-prior-preservation", "--validation-every", "0",
         "--validation-images", "1", "--validation-steps", "1", "--logger", "none"]

@@ -7,12 +7,13 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import write_photos
-from tiny_models import tiny_scorer_flags
 
 from dreambooth.cli import main
 from dreambooth.eval.dreambench import find_subjects, read_class_nouns
 from dreambooth.eval.scoring import REAL_LABEL
+
+from conftest import write_photos
+from tiny_models import tiny_scorer_flags
 
 CLASSES = "Classes\n\nsubject_name,class\nalpha,dog\nbeta,stuffed animal\n\nPrompts\n\nObject Prompts\n"
 CONFIG = """\

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from dreambooth.cli import main
 from dreambooth.training.loop import StagePlan, _is_new_best
+
 from tiny_models import tiny_scorer_flags
 
 

@@ -14,7 +14,8 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 import dreambooth.training.loop as loop
-from dreambooth._config_io import from_dict, load_file as load_config_file
+from dreambooth._config_io import from_dict
+from dreambooth._config_io import load_file as load_config_file
 from dreambooth.cli import main
 from dreambooth.config import RunConfig
 

@@ -7,11 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import write_photos
-from tiny_models import build_tiny_sd, tiny_scorer_flags
 
 from dreambooth.cli import main
 from dreambooth.eval.scoring import REAL_LABEL
+
+from conftest import write_photos
+from tiny_models import build_tiny_sd, tiny_scorer_flags
 
 FAST = ["--max-prompts", "2", "--num-images", "2", "--steps", "2", "--device", "cpu"]
 IDENTIFIER = "xon"

@@ -20,11 +20,12 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
-from tiny_models import tiny_clip_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from dreambooth.export.single_file import convert_to_ldm, export_lora_kohya, export_single_file
 from dreambooth.models.sd import LORA_TARGETS, load_sd
+
+from tiny_models import tiny_clip_tokenizer
 
 NO_CHECKER = {"safety_checker": None, "requires_safety_checker": False}
 

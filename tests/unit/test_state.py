@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from dreambooth.training.state import LATEST_FILE, PROGRESS_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
+from dreambooth.training.state import (
+    LATEST_FILE,
+    PROGRESS_FILE,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def _modules(seed: int) -> dict[str, nn.Module]:

@@ -52,7 +52,7 @@ class Batch:
     """Cached text embeddings [b, seq, d]; None when the text encoder runs (see `tokens`)."""
     tokens: dict[str, Tensor] | None = None
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         move = lambda d: {k: v.to(device) for k, v in d.items()} if d is not None else None  # noqa: E731
         text = self.text.to(device) if self.text is not None else None
         return Batch(move(self.encoded), self.seeds, self.n_instance, self.n_class, text, move(self.tokens))

@@ -16,8 +16,8 @@ from PIL import Image
 
 from dreambooth.config import EvalConfig
 from dreambooth.eval.embedders import EmbeddingCache
-from dreambooth.eval.prompts import strip_identifier
 from dreambooth.eval.evaluate import ScoringModels
+from dreambooth.eval.prompts import strip_identifier
 from dreambooth.eval.scoring import Embedders, Samples, Scores, Subject, score_subject
 from dreambooth.generate import generate
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import torch
-
 from diffusers import StableDiffusionPipeline
 
 from dreambooth.export.single_file import export_lora_kohya, export_single_file

@@ -8,6 +8,7 @@ same loop pretrains the pocket model and fine-tunes any model on a subject.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import signal
 from collections.abc import Callable
@@ -26,7 +27,14 @@ from dreambooth.models.lora import add_lora
 from dreambooth.models.spec import Stage, frozen_modules
 from dreambooth.training.optim import build_lr_schedule, build_optimizer
 from dreambooth.training.recorder import Recorder, step_metrics
-from dreambooth.training.state import best_record, latest_checkpoint, load_best, load_checkpoint, save_best, save_checkpoint
+from dreambooth.training.state import (
+    best_record,
+    latest_checkpoint,
+    load_best,
+    load_checkpoint,
+    save_best,
+    save_checkpoint,
+)
 from dreambooth.training.step import compute_loss
 
 logger = logging.getLogger(__name__)
@@ -129,7 +137,7 @@ def train_stage(
             if stop.requested:
                 raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved in {paths.checkpoints}: rerun with --resume")
             if validate is not None and (done or any(_due(step, every) for every in plan.validate_every)):
-                _with_ema(ema, params, lambda: _validate(validate, step, plan, paths, modules, eval_recorder, accelerator))
+                _with_ema(ema, params, functools.partial(_validate, validate, step, plan, paths, modules, eval_recorder, accelerator))
     bar.close()
     if ema is not None:
         ema.copy_to(params)                                       # exports use the averaged weights
@@ -237,7 +245,7 @@ def _with_ema(ema: EMAModel | None, params, fn: Callable[[], None]) -> None:
 class _StopOnSigint:
     """First Ctrl-C asks the loop to checkpoint and stop at the end of the step; a second one aborts."""
 
-    def __enter__(self) -> "_StopOnSigint":
+    def __enter__(self) -> _StopOnSigint:
         self.requested = False
         try:
             self.previous = signal.signal(signal.SIGINT, self._handle)

@@ -21,10 +21,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_sd: Path, photo
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["train", "--model", str(tiny_sd), "--instance-dir", str(photos), *ARGS]
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "dreambooth.cli", *common,
-                    "--batch-size", "1", "--run-dir", str(tmp_path / "two")], check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, "-m", "dreambooth.cli", *common, "--batch-size", "2", "--run-dir", str(tmp_path / "one")],
-                   check=True, env=env, capture_output=True)
+    _run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "dreambooth.cli", *common, "--batch-size", "1", "--run-dir", str(tmp_path / "two")], env)
+    _run([sys.executable, "-m", "dreambooth.cli", *common, "--batch-size", "2", "--run-dir", str(tmp_path / "one")], env)
 
     weights = lambda run: load_file(tmp_path / run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")  # noqa: E731
     one, two, base = weights("one"), weights("two"), load_file(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors")
@@ -33,3 +31,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_sd: Path, photo
     assert moved > 1e-3 and apart < 1e-4  # AdamW's first steps move every weight by ~lr; the two agree to float noise
     logs = lambda run: [json.loads(l)["loss/total"] for l in (tmp_path / run / "logs" / "base.jsonl").read_text().splitlines()]  # noqa: E731,E741
     assert logs("one") == pytest.approx(logs("two"), abs=1e-5)
+
+
+def _run(command: list[str], env: dict[str, str]) -> None:
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(command[:4])} ... failed:\n{done.stderr[-4000:]}"

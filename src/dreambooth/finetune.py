@@ -72,9 +72,10 @@ def finetune(cfg: RunConfig) -> RunLayout:
     _record_run(layout, cfg, source, subject, trained, status="training", main=accelerator.is_main_process)
     for stage in stages:
         stage.pipeline.to(accelerator.device)
+    # Made before any stage trains, so that every stage's prior is the frozen model's.
+    class_images = _class_images(cfg, stages[: stages.index(trained[-1]) + 1], subject, layout, accelerator) if cfg.prior.enabled else None
     for stage in trained:
         warn_small_images(photos, stage.resolution)
-        class_images = _class_images(cfg, stages[: stages.index(stage) + 1], subject, layout, accelerator) if cfg.prior.enabled else None
         data = _training_set(cfg, stage, photos, subject, class_images)
         evaluator = _evaluator(cfg, stages, stage, subject, photos, embedders) if evaluating else None
         validator = _validator(cfg, stages, stage, subject, layout, accelerator, evaluator)
@@ -129,11 +130,11 @@ def _resolve_subject(cfg: RunConfig, stages: list[Stage], layout: RunLayout, res
 
 
 def _class_images(cfg: RunConfig, cascade: list[Stage], subject: Subject, layout: RunLayout, accelerator: Accelerator) -> list[Image.Image]:
-    """Generate (once) and load the class images of the frozen model up to the last stage of `cascade`.
+    """Generate (once) and load the frozen model's class images, sampled through every stage of `cascade`.
 
-    The base stage's set is the paper's; a super-resolution stage gets the frozen cascade's
-    outputs for the same seeds, so that it too keeps its prior (without them, an SR stage
-    fine-tuned on the subject alone redraws every "a [class]" as the subject).
+    One set serves every trained stage, each seeing it at its own resolution: the base stage the
+    paper's prior, a super-resolution stage the frozen cascade's own outputs (without them, an SR
+    stage fine-tuned on the subject alone redraws every "a [class]" as the subject).
     """
     spec = ClassImageSpec(
         model=model_fingerprint(*(s.unet for s in cascade)), prompt=subject.fill(cfg.subject.class_prompt),

@@ -56,9 +56,8 @@ def model_fingerprint(*unets: torch.nn.Module) -> str:
 def ensure_class_images(pipelines: list, class_dir: Path, spec: ClassImageSpec, count: int, *, seed: int, batch_size: int) -> list[Path]:
     """Make sure `class_dir` holds `count` class images of `pipelines` made under `spec`; return their paths.
 
-    `pipelines` is the frozen model up to the stage being trained: the base alone, or the base
-    and the super-resolution stage, whose class images are the SR stage's own outputs on the
-    base stage's class images (same seeds).
+    `pipelines` is the frozen model up to its last stage that trains: the base alone, or the
+    base and the super-resolution stage (the images are then the whole cascade's outputs).
 
     Raises:
         ValueError: if `class_dir` holds images made under another spec (model, prompt, settings).

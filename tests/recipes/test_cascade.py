@@ -10,7 +10,9 @@ from PIL import Image
 
 from dreambooth.cli import main
 from dreambooth.data.training_set import TrainingSet, encode_examples, sample_batch
+from dreambooth.files import read_json
 from dreambooth.models.deepfloyd_if import downsample, load_if, upscale
+from dreambooth.prior import model_fingerprint
 from dreambooth.training.step import compute_loss
 
 FAST = ["--class-noun", "cube", "--max-steps", "2", "--sr-max-steps", "2", "--num-class-images", "2", "--class-steps", "2",
@@ -23,9 +25,12 @@ def test_both_stages_fine_tune_and_reload_in_stock_if_pipelines(tiny_cascade: Pa
     for stage in ("base", "sr"):
         assert (run / "checkpoints" / stage / "latest").is_file()
         assert (run / "samples" / stage / "step-000002.png").is_file()
-    # Prior preservation for both stages: the SR stage's class images are the frozen cascade's outputs.
-    assert Image.open(run / "class_images" / "00000.png").size == (16, 16)
+    # Prior preservation for both stages: one set of class images, the frozen cascade's outputs.
     assert Image.open(run / "class_images" / "sr" / "00000.png").size == (32, 32)
+    assert not list((run / "class_images").glob("*.png"))
+    frozen = load_if(str(tiny_cascade / "stage_1"), str(tiny_cascade / "stage_2"))
+    manifest = read_json(run / "class_images" / "sr" / "manifest.json")
+    assert manifest["spec"]["model"] == model_fingerprint(*(s.unet for s in frozen))  # not the fine-tuned base's
     base = IFPipeline.from_pretrained(run / "pipeline" / "stage_1", safety_checker=None, watermarker=None, feature_extractor=None)
     sr = IFSuperResolutionPipeline.from_pretrained(run / "pipeline" / "stage_2", safety_checker=None, watermarker=None, feature_extractor=None)
     low = base("a cube", num_inference_steps=2, output_type="pt", clean_caption=False).images

@@ -26,9 +26,13 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_sd: Path, photo
 
     weights = lambda run: load_file(tmp_path / run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")  # noqa: E731
     one, two, base = weights("one"), weights("two"), load_file(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors")
-    moved = max((one[k] - base[k]).abs().max().item() for k in one)
-    apart = max((one[k] - two[k]).abs().max().item() for k in one)
-    assert moved > 1e-3 and apart < 1e-4  # AdamW's first steps move every weight by ~lr; the two agree to float noise
+    mean_abs = lambda diffs: sum(d.abs().sum().item() for d in diffs) / sum(d.numel() for d in diffs)  # noqa: E731
+    moved = mean_abs([one[k] - base[k] for k in one])
+    apart = mean_abs([one[k] - two[k] for k in one])
+    # AdamW's first steps move a weight by ~lr whatever its gradient's size, so a weight whose
+    # gradient is ~0 can move either way on float noise (the reduction order differs between one
+    # and two processes): compare on average. Without gradient averaging, `apart` would be ~`moved`.
+    assert moved > 1e-4 and apart < 0.01 * moved, (moved, apart)
     logs = lambda run: [json.loads(l)["loss/total"] for l in (tmp_path / run / "logs" / "base.jsonl").read_text().splitlines()]  # noqa: E731,E741
     assert logs("one") == pytest.approx(logs("two"), abs=1e-5)
 

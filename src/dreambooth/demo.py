@@ -32,7 +32,7 @@ from dreambooth.config import (
 )
 from dreambooth.files import read_json, write_json
 from dreambooth.finetune import finetune
-from dreambooth.generate import generate, load_model
+from dreambooth.generate import generate_cascades, load_model
 from dreambooth.grid import image_grid, upscale_for_viewing
 from dreambooth.pocket.evaluate import format_table, score_model
 from dreambooth.pocket.scorers import PocketScorer
@@ -71,7 +71,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "fine-tuned": tuned.pipelines,
         "fine-tuned base + pretrained SR": [tuned.pipelines[0], pretrained.pipelines[1]],
     }
-    samples = {name: _sample(pipelines, [*prompts, class_prompt], cfg) for name, pipelines in cascades.items()}
+    samples = _sample(cascades, [*prompts, class_prompt], cfg)  # the fine-tuned base is sampled once for both SRs
 
     # 4. Scores and pictures.
     scorer = PocketScorer.load()
@@ -109,13 +109,14 @@ def contact_sheet(photos, prompts, class_prompt, before: dict, after: dict) -> I
     return image_grid(rows, labels)
 
 
-def _sample(pipelines, prompts: list[str], cfg: DemoConfig) -> dict[str, list[Image.Image]]:
+def _sample(cascades: dict[str, list], prompts: list[str], cfg: DemoConfig) -> dict[str, dict[str, list[Image.Image]]]:
+    """Cascade name -> prompt -> its images (seeds seed, seed + 1, ...)."""
     n = cfg.images_per_prompt
-    images = generate(
-        pipelines, [p for p in prompts for _ in range(n)], [cfg.seed + k for _ in prompts for k in range(n)],
-        steps=cfg.sampling_steps, guidance=[4.0] * len(pipelines), batch_size=32, progress="sample",
+    images = generate_cascades(
+        cascades, [p for p in prompts for _ in range(n)], [cfg.seed + k for _ in prompts for k in range(n)],
+        steps=cfg.sampling_steps, guidance=[4.0, 4.0], batch_size=32, progress="sample",
     )
-    return {p: images[i * n : (i + 1) * n] for i, p in enumerate(prompts)}
+    return {name: {p: ims[i * n : (i + 1) * n] for i, p in enumerate(prompts)} for name, ims in images.items()}
 
 
 def _run_config(cfg: DemoConfig, subject: Subject, photos_dir: Path) -> RunConfig:

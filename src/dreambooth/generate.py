@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,31 +66,57 @@ def generate(
         autocast_dtype: run under autocast (needed when weights are in mixed dtypes during training).
         progress: description of a progress bar over batches, or None for none.
     """
+    return generate_cascades(
+        {"": pipelines}, prompts, seeds, steps=steps, guidance=guidance, sampler=sampler, batch_size=batch_size,
+        autocast_dtype=autocast_dtype, progress=progress,
+    )[""]
+
+
+@torch.no_grad()
+def generate_cascades(
+    cascades: Mapping[str, Sequence], prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 25,
+    guidance: Sequence[float], sampler: str = "dpm++", batch_size: int = 8, autocast_dtype: torch.dtype | None = None,
+    progress: str | None = None,
+) -> dict[str, list[Image.Image]]:
+    """`generate` for several cascades that may share their first stages (the same pipeline objects).
+
+    A shared stage is sampled once and its output handed to every cascade that continues from it,
+    e.g. a fine-tuned base followed by the pretrained or the fine-tuned super-resolution stage.
+    Each cascade's images equal what `generate` gives it alone.
+    """
     assert len(prompts) == len(seeds)
-    for pipeline in pipelines:
+    every = {id(p): p for pipelines in cascades.values() for p in pipelines}.values()
+    for pipeline in every:
         pipeline.set_progress_bar_config(disable=True)
-    device = pipelines[0].device
-    images: list[Image.Image] = []
+    device = next(iter(cascades.values()))[0].device
+    images: dict[str, list[Image.Image]] = {name: [] for name in cascades}
     starts = range(0, len(prompts), batch_size)
-    with using_sampler(pipelines, sampler), _autocast(device, autocast_dtype):
+    with using_sampler(list(every), sampler), _autocast(device, autocast_dtype):
         for start in tqdm(starts, desc=progress, disable=progress is None, unit="batch"):
-            images += _sample_cascade(pipelines, list(prompts[start : start + batch_size]), seeds[start : start + batch_size], steps, guidance)
+            batch_prompts, batch_seeds = list(prompts[start : start + batch_size]), seeds[start : start + batch_size]
+            done: dict[tuple, object] = {}  # (ids of the stages so far, final?) -> their output
+            for name, pipelines in cascades.items():
+                image = None
+                for index, (pipeline, scale) in enumerate(zip(pipelines, guidance)):
+                    last = index == len(pipelines) - 1
+                    key = (tuple(id(p) for p in pipelines[: index + 1]), last)
+                    if key not in done:
+                        done[key] = _sample_stage(pipeline, index, batch_prompts, batch_seeds, steps, scale, image, last)
+                    image = done[key]
+                images[name] += image
     return images
 
 
-def _sample_cascade(pipelines, prompts, seeds, steps, guidance) -> list[Image.Image]:
-    image = None
-    for index, (pipeline, scale) in enumerate(zip(pipelines, guidance)):
-        last = index == len(pipelines) - 1
-        generators = [torch.Generator().manual_seed(int(s) + 1_000_003 * index) for s in seeds]
-        extra = {} if image is None else {"image": image}
-        if "clean_caption" in inspect.signature(pipeline.__call__).parameters:
-            extra["clean_caption"] = False  # IF's caption cleaning needs bs4 + ftfy, and changes nothing here
-        image = pipeline(
-            prompt=prompts, num_inference_steps=steps, guidance_scale=scale, generator=generators,
-            output_type="pil" if last else "pt", **extra,
-        ).images
-    return image
+def _sample_stage(pipeline, index: int, prompts, seeds, steps: int, scale: float, image, last: bool):
+    """Stage `index` of a cascade: PIL images if it is the last stage, else the pipeline's tensors."""
+    generators = [torch.Generator().manual_seed(int(s) + 1_000_003 * index) for s in seeds]
+    extra = {} if image is None else {"image": image}
+    if "clean_caption" in inspect.signature(pipeline.__call__).parameters:
+        extra["clean_caption"] = False  # IF's caption cleaning needs bs4 + ftfy, and changes nothing here
+    return pipeline(
+        prompt=prompts, num_inference_steps=steps, guidance_scale=scale, generator=generators,
+        output_type="pil" if last else "pt", **extra,
+    ).images
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

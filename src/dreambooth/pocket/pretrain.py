@@ -50,7 +50,7 @@ def pretrain(cfg: PretrainConfig, export_to: Path | None = None, arch: PocketArc
     init = cfg.run_dir / "init"
     if not (init / CASCADE_STAGE_DIRS["sr"] / "model_index.json").is_file():
         build_cascade(init, arch, cfg.seed)
-    base, sr = load_if(str(init / CASCADE_STAGE_DIRS["base"]), str(init / CASCADE_STAGE_DIRS["sr"]))
+    base, sr = load_if(str(init / CASCADE_STAGE_DIRS["base"]), str(init / CASCADE_STAGE_DIRS["sr"]), noise_level_range=cfg.sr_noise_levels)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     for stage in (base, sr):
         stage.pipeline.to(accelerator.device)

@@ -15,10 +15,13 @@ class PretrainConfig:
     """Where checkpoints, logs and previews go (rerun the command to resume)."""
     num_images: int = 40000
     """Rendered training scenes (each with one caption, attributes dropped at random)."""
-    base_steps: int = 6000
+    base_steps: int = 4500
     """Optimizer steps of the 32x32 base stage (and its text encoder)."""
-    sr_steps: int = 2000
+    sr_steps: int = 1400
     """Optimizer steps of the 32->64 super-resolution stage."""
+    sr_noise_levels: tuple[int, int] = (0, 500)
+    """Augmentation levels of the SR stage's low-res input in training (sampling uses 250): levels near
+    1000 leave almost nothing of the input, and a stage this small must first learn to use it."""
     batch_size: int = 32
     """Scenes per step."""
     learning_rate: float = 5e-4

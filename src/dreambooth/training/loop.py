@@ -221,7 +221,7 @@ def _check_finite(loss: torch.Tensor, accelerator: Accelerator, step: int, check
     last = latest_checkpoint(checkpoints)
     where = f"the last good checkpoint is {last} (continue from it with --resume)" if last else "no checkpoint was written yet"
     raise TrainingDiverged(
-        f"loss became {float(loss)} at step {step + 1}; the update was not applied and {where}. "
+        f"loss became {loss.item()} at step {step + 1}; the update was not applied and {where}. "
         "Try a lower learning rate, bf16 instead of fp16, or a smaller max_grad_norm"
     )
 

@@ -57,15 +57,15 @@ class DemoConfig:
     """Photos of the subject, each in a different context."""
     prior_preservation: bool = True
     """Train with the class-specific prior-preservation loss (turn off to see language drift)."""
-    base_steps: int = 200
+    base_steps: int = 150
     """Fine-tuning steps of the 32x32 base stage."""
-    sr_steps: int = 150
+    sr_steps: int = 80
     """Fine-tuning steps of the 32->64 super-resolution stage (0: keep the pretrained SR)."""
-    num_class_images: int = 64
+    num_class_images: int = 32
     """Class images the pretrained model generates for prior preservation."""
-    images_per_prompt: int = 4
+    images_per_prompt: int = 3
     """Samples per prompt, before and after."""
-    sampling_steps: int = 20
+    sampling_steps: int = 12
     """Denoising steps of every sample."""
     model: str = "pocket"
     """The model to personalise (the built-in pocket cascade)."""

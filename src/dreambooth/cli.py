@@ -57,11 +57,18 @@ def cmd_pocket_train_scorer(args: argparse.Namespace) -> None:
 def cmd_pocket_quality(args: argparse.Namespace) -> None:
     from dreambooth.files import write_json
     from dreambooth.generate import load_model
-    from dreambooth.pocket.quality import base_accuracy, super_resolution_agreement
+    from dreambooth.pocket.quality import (
+        base_accuracy,
+        super_resolution_agreement,
+        super_resolution_reads_input,
+    )
     from dreambooth.pocket.scorers import PocketScorer
 
     model = load_model(args.model, device="cpu")
-    report = {"base": base_accuracy(model, PocketScorer.load()), "super_resolution": super_resolution_agreement(model)}
+    report = {
+        "base": base_accuracy(model, PocketScorer.load()), "super_resolution": super_resolution_agreement(model),
+        "super_resolution_reads_input": super_resolution_reads_input(model),
+    }
     print(report)
     if args.out:
         write_json(args.out, report)

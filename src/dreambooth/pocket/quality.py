@@ -6,7 +6,8 @@
   them) and super-resolved with their captions; the result is compared with the true render
   against plain bilinear upsampling, by PSNR and by the correlation of fine detail (the high-pass
   residual left after a sigma = 1 px blur, which is what 32x32 cannot carry). A generative SR
-  stage invents plausible detail, so it can lose on PSNR while winning on detail.
+  stage invents plausible detail, so it can lose on PSNR while winning on detail. And whether it
+  reads its input at all: its one-step clean estimate at t = 900, with the input and without.
 """
 
 from __future__ import annotations
@@ -57,6 +58,34 @@ def super_resolution_agreement(model: LoadedModel, *, n: int = 64, steps: int = 
     return {
         "psnr_sr": _psnr(super_resolved, truth), "psnr_bilinear": _psnr(bilinear, truth),
         "detail_corr_sr": _detail_correlation(super_resolved, truth), "detail_corr_bilinear": _detail_correlation(bilinear, truth),
+    }
+
+
+@torch.no_grad()
+def super_resolution_reads_input(model: LoadedModel, *, n: int = 32, t: int = 900, noise_level: int = 250, seed: int = 2) -> dict[str, float]:
+    """PSNR of the SR stage's one-step clean estimate at timestep `t` against the true render.
+
+    At high `t` the noisy target holds almost nothing, so the estimate is as good as the stage's
+    use of its low-res input: a stage that reads it should at least match bilinear upsampling;
+    with the input zeroed, the gap shows how much it relies on it.
+    """
+    sr = model.pipelines[1]
+    renders, captions, _ = sample_dataset(n, seed + 10_000, p_drop=0.0)
+    truth = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1
+    bilinear = upscale(downsample(truth, model.pipelines[0].unet.config.sample_size), truth.shape[-1])
+    generator = torch.Generator().manual_seed(seed)
+    levels, steps = torch.full((n,), noise_level), torch.full((n,), t)
+    condition = sr.image_noising_scheduler.add_noise(bilinear, torch.randn(bilinear.shape, generator=generator), levels)
+    noisy = sr.scheduler.add_noise(truth, torch.randn(truth.shape, generator=generator), steps)
+    text, _ = sr.encode_prompt(captions, do_classifier_free_guidance=False, device="cpu", clean_caption=False)
+
+    def estimate(low: torch.Tensor) -> torch.Tensor:
+        output = sr.unet(torch.cat([noisy, low], 1), steps, encoder_hidden_states=text, class_labels=levels).sample[:, :3]
+        return sr.scheduler.step(output, t, noisy).pred_original_sample.clamp(-1, 1)
+
+    return {
+        f"psnr_estimate_t{t}": _psnr(estimate(condition), truth), f"psnr_estimate_t{t}_input_zeroed": _psnr(estimate(torch.zeros_like(condition)), truth),
+        "psnr_bilinear": _psnr(bilinear.clamp(-1, 1), truth),
     }
 
 

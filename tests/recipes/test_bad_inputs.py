@@ -108,3 +108,15 @@ def test_fp16_on_cpu_is_refused_with_the_alternative(tiny_sd: Path, photos: Path
 def test_missing_class_noun_is_reported_with_the_flag(tiny_sd: Path, photos: Path, tmp_path: Path, capsys) -> None:
     assert main(["train", "--model", str(tiny_sd), "--instance-dir", str(photos), "--run-dir", str(tmp_path / "r")]) == 2
     assert "--class-noun" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--subject", "nosuch"], "ready ones: checker_cube"), (["--base-steps", "0"], "--base-steps must be >= 1"),
+     (["--num-photos", "12"], "--num-photos must be 1-8")],
+    ids=["subject", "steps", "photos"],
+)
+def test_bad_demo_flags_are_named(flags: list[str], message: str, tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--run-dir", str(tmp_path / "demo"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -72,6 +72,15 @@ class DemoConfig:
     seed: int = 0
     """Seed of photos, training and samples."""
 
+    def __post_init__(self) -> None:
+        for flag, value, low in [("--base-steps", self.base_steps, 1), ("--sr-steps", self.sr_steps, 0),
+                                 ("--num-class-images", self.num_class_images, 1), ("--images-per-prompt", self.images_per_prompt, 1),
+                                 ("--sampling-steps", self.sampling_steps, 1)]:
+            if value < low:
+                raise ValueError(f"{flag} must be >= {low}, got {value}")
+        if not 1 <= self.num_photos <= 8:
+            raise ValueError(f"--num-photos must be 1-8 (each photo takes one of the 10 contexts; the rest are the new ones), got {self.num_photos}")
+
 
 @dataclass(frozen=True)
 class DemoFlags:

@@ -71,13 +71,13 @@ def super_resolution_reads_input(model: LoadedModel, *, n: int = 32, t: int = 90
     """
     sr = model.pipelines[1]
     renders, captions, _ = sample_dataset(n, seed + 10_000, p_drop=0.0)
-    truth = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1
+    truth = (torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1).to(sr.device)
     bilinear = upscale(downsample(truth, model.pipelines[0].unet.config.sample_size), truth.shape[-1])
     generator = torch.Generator().manual_seed(seed)
-    levels, steps = torch.full((n,), noise_level), torch.full((n,), t)
-    condition = sr.image_noising_scheduler.add_noise(bilinear, torch.randn(bilinear.shape, generator=generator), levels)
-    noisy = sr.scheduler.add_noise(truth, torch.randn(truth.shape, generator=generator), steps)
-    text, _ = sr.encode_prompt(captions, do_classifier_free_guidance=False, device="cpu", clean_caption=False)
+    levels, steps = torch.full((n,), noise_level, device=sr.device), torch.full((n,), t, device=sr.device)
+    condition = sr.image_noising_scheduler.add_noise(bilinear, torch.randn(bilinear.shape, generator=generator).to(sr.device), levels)
+    noisy = sr.scheduler.add_noise(truth, torch.randn(truth.shape, generator=generator).to(sr.device), steps)
+    text, _ = sr.encode_prompt(captions, do_classifier_free_guidance=False, device=sr.device, clean_caption=False)
 
     def estimate(low: torch.Tensor) -> torch.Tensor:
         output = sr.unet(torch.cat([noisy, low], 1), steps, encoder_hidden_states=text, class_labels=levels).sample[:, :3]

@@ -31,6 +31,7 @@ from dreambooth.pocket.model import PocketArchitecture, build_cascade
 from dreambooth.pocket.settings import PretrainConfig
 from dreambooth.pocket.world import sample_dataset
 from dreambooth.training.loop import StagePlan, train_stage
+from dreambooth.training.state import latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,11 @@ def pretrain(cfg: PretrainConfig, export_to: Path | None = None, arch: PocketArc
     layout = RunLayout(cfg.run_dir)
     init = cfg.run_dir / "init"
     if not (init / CASCADE_STAGE_DIRS["sr"] / "model_index.json").is_file():
+        if any(latest_checkpoint(layout.checkpoints(name)) for name in CASCADE_STAGE_DIRS):
+            # A rebuilt tokenizer may number tokens differently (a rebuild here renumbered 310 of
+            # 8,192), which would silently scramble the prompts of the checkpointed text encoder.
+            raise FileNotFoundError(f"{init} is missing but {cfg.run_dir} holds checkpoints trained with its tokenizer: "
+                                    "restore init/ from a backup, or start over with a new --run-dir")
         build_cascade(init, arch, cfg.seed)
     base, sr = load_if(str(init / CASCADE_STAGE_DIRS["base"]), str(init / CASCADE_STAGE_DIRS["sr"]), noise_level_range=cfg.sr_noise_levels)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)

@@ -47,7 +47,7 @@ def test_pretrained_sr_stage_reads_its_low_res_input(pocket) -> None:
 
 def test_a_short_dreambooth_run_learns_the_subject(tmp_path: Path) -> None:
     """The demo's steps, fewer samples: measured fidelity 0.11 -> 0.79, recognised 0% -> 75%. With
-    80 base and 40 SR steps it was recognised in 12% (80 and 80: below 30% too)."""
+    80 base and 40 SR steps it was recognised in 12% (and 80 + 80 steps failed this test too)."""
     result = run_demo(DemoConfig(run_dir=tmp_path, base_steps=150, sr_steps=80, num_class_images=16, images_per_prompt=2, sampling_steps=12))
     before, after = result["scores"]["pretrained"], result["scores"]["fine-tuned"]
     assert after["subject_fidelity"] > before["subject_fidelity"] + 0.1

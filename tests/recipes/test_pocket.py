@@ -37,17 +37,18 @@ def test_pretrained_base_draws_the_prompted_context_and_more_often_the_prompted_
 
 
 def test_pretrained_sr_stage_reads_its_low_res_input(pocket) -> None:
-    """Near pure noise the SR stage's clean estimate comes from its input: 21.1 dB with it, 9.7 dB
-    with it zeroed, bilinear upsampling alone 22.3 dB (`dreambooth pocket quality`, 32 images). The
-    previous SR stage (16 GroupNorm groups, README) reached 17.6 dB and fails the second assert."""
+    """Near pure noise the SR stage's clean estimate comes from its input: 21.7 dB with it, 9.6 dB
+    with it zeroed, bilinear upsampling alone 22.3 dB (`dreambooth pocket quality`, 32 images). An
+    earlier SR stage (16 GroupNorm groups, README) reached 17.6 dB and fails the second assert."""
     scores = super_resolution_reads_input(pocket, n=16)
     assert scores["psnr_estimate_t900"] > scores["psnr_estimate_t900_input_zeroed"] + 3
     assert scores["psnr_estimate_t900"] > scores["psnr_bilinear"] - 2.5
 
 
 def test_a_short_dreambooth_run_learns_the_subject(tmp_path: Path) -> None:
-    """The demo's steps, fewer samples: measured fidelity 0.11 -> 0.79, recognised 0% -> 75%. With
-    80 base and 40 SR steps it was recognised in 12% (and 80 + 80 steps failed this test too)."""
+    """The demo's steps, fewer class images and samples (the demo itself measured fidelity 0.09 ->
+    0.75, recognised 0% -> 71%). With 80 base and 40 SR steps an earlier SR stage left the subject
+    recognised in 12% (and 80 + 80 steps failed this test too)."""
     result = run_demo(DemoConfig(run_dir=tmp_path, base_steps=150, sr_steps=80, num_class_images=16, images_per_prompt=2, sampling_steps=12))
     before, after = result["scores"]["pretrained"], result["scores"]["fine-tuned"]
     assert after["subject_fidelity"] > before["subject_fidelity"] + 0.1

@@ -17,7 +17,7 @@ class PretrainConfig:
     """Rendered training scenes (each with one caption, attributes dropped at random)."""
     base_steps: int = 4500
     """Optimizer steps of the 32x32 base stage (and its text encoder)."""
-    sr_steps: int = 1600
+    sr_steps: int = 2800
     """Optimizer steps of the 32->64 super-resolution stage."""
     sr_noise_levels: tuple[int, int] = (0, 500)
     """Augmentation levels of the SR stage's low-res input in training (sampling uses 250): levels near

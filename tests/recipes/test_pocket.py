@@ -38,11 +38,12 @@ def test_pretrained_base_draws_the_prompted_context_and_more_often_the_prompted_
 
 def test_pretrained_sr_stage_reads_its_low_res_input(pocket) -> None:
     """Near pure noise the SR stage's clean estimate comes from its input: 21.7 dB with it, 9.6 dB
-    with it zeroed, bilinear upsampling alone 22.3 dB (`dreambooth pocket quality`, 32 images). An
-    earlier SR stage (16 GroupNorm groups, README) reached 17.6 dB and fails the second assert."""
+    with it zeroed, bilinear upsampling alone 22.3 dB (`dreambooth pocket quality`, 32 images; on
+    these 16: 21.5, 10.7 and 21.1 dB). An earlier SR stage (16 GroupNorm groups, README) reached
+    17.6 dB and fails the second assert."""
     scores = super_resolution_reads_input(pocket, n=16)
     assert scores["psnr_estimate_t900"] > scores["psnr_estimate_t900_input_zeroed"] + 3
-    assert scores["psnr_estimate_t900"] > scores["psnr_bilinear"] - 2.5
+    assert scores["psnr_estimate_t900"] > scores["psnr_bilinear"] - 1.0
 
 
 def test_a_short_dreambooth_run_learns_the_subject(tmp_path: Path) -> None:

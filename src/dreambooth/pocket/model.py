@@ -57,10 +57,12 @@ class PocketArchitecture:
     sr_channels: tuple[int, ...] = (16, 32, 64, 128)
     head_dim: int = 32
     base_norm_groups: int = 16
+    """GroupNorm groups of the base: 2 channels per group at its 32-channel top level (what the
+    committed base was pretrained with; 4 is the untested lever named in the README)."""
     sr_norm_groups: int = 4
-    """GroupNorm groups; 4 keeps 4 channels per group in the SR stage's 16-channel top level. With 16
-    (1 channel per group, i.e. instance norm, as the base has it) every norm erases each channel's
-    per-image mean, which is the colour an SR stage must copy from its input (see the README)."""
+    """GroupNorm groups of the SR stage: 4 channels per group at its 16-channel top level. With 16
+    (1 channel per group, i.e. instance norm) every norm erases each channel's per-image mean,
+    which is the colour an SR stage must copy from its input (see the README)."""
     english_words: int = 20000
 
 
@@ -94,7 +96,7 @@ def build_text_encoder(arch: PocketArchitecture, vocab_size: int) -> T5EncoderMo
     )
 
 
-def _unet(channels: tuple[int, ...], resolution: int, in_channels: int, attention_levels: int, arch: PocketArchitecture, **extra) -> UNet2DConditionModel:
+def _unet(channels: tuple[int, ...], resolution: int, in_channels: int, attention_levels: int, norm_groups: int, arch: PocketArchitecture, **extra) -> UNet2DConditionModel:
     plain = len(channels) - attention_levels
     down = ("ResnetDownsampleBlock2D",) * plain + ("SimpleCrossAttnDownBlock2D",) * attention_levels
     up = ("SimpleCrossAttnUpBlock2D",) * attention_levels + ("ResnetUpsampleBlock2D",) * plain
@@ -103,7 +105,7 @@ def _unet(channels: tuple[int, ...], resolution: int, in_channels: int, attentio
         down_block_types=down, up_block_types=up, mid_block_type="UNetMidBlock2DSimpleCrossAttn",
         cross_attention_dim=channels[-1], encoder_hid_dim=arch.text_width, encoder_hid_dim_type="text_proj",
         addition_embed_type="text", addition_embed_type_num_heads=4, attention_head_dim=arch.head_dim,
-        resnet_time_scale_shift="scale_shift", act_fn="gelu", **extra,
+        resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=norm_groups, **extra,
     )
 
 
@@ -117,11 +119,11 @@ def build_cascade(out_dir: Path, arch: PocketArchitecture = PocketArchitecture()
     torch.manual_seed(seed)
     base = IFPipeline(
         tokenizer=tokenizer, text_encoder=build_text_encoder(arch, len(tokenizer)),
-        unet=_unet(arch.base_channels, arch.base_resolution, 3, 2, arch, norm_num_groups=arch.base_norm_groups), scheduler=_scheduler("v_prediction"), **NO_SAFETY,
+        unet=_unet(arch.base_channels, arch.base_resolution, 3, 2, arch.base_norm_groups, arch), scheduler=_scheduler("v_prediction"), **NO_SAFETY,
     )
     sr = IFSuperResolutionPipeline(
         tokenizer=tokenizer, text_encoder=build_text_encoder(arch, len(tokenizer)),
-        unet=_unet(arch.sr_channels, arch.sr_resolution, 6, 1, arch, class_embed_type="timestep", norm_num_groups=arch.sr_norm_groups),
+        unet=_unet(arch.sr_channels, arch.sr_resolution, 6, 1, arch.sr_norm_groups, arch, class_embed_type="timestep"),
         scheduler=_scheduler("v_prediction"), image_noising_scheduler=_scheduler(), **NO_SAFETY,
     )
     base.save_pretrained(out_dir / CASCADE_STAGE_DIRS["base"])

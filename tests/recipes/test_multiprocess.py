@@ -34,7 +34,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_sd: Path, photo
     # and two processes): compare on average. Without gradient averaging, `apart` would be ~`moved`.
     assert moved > 1e-4 and apart < 0.01 * moved, (moved, apart)
     logs = lambda run: [json.loads(l)["loss/total"] for l in (tmp_path / run / "logs" / "base.jsonl").read_text().splitlines()]  # noqa: E731,E741
-    assert logs("one") == pytest.approx(logs("two"), abs=1e-5)
+    # The same float noise reaches the loss: CI measured a 1.9e-5 gap (1e-5 relative) by step 3,
+    # while each step moves it by 0.1-0.3.
+    assert logs("one") == pytest.approx(logs("two"), rel=1e-4)
 
 
 def _run(command: list[str], env: dict[str, str]) -> None:

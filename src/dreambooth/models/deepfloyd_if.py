@@ -44,21 +44,22 @@ def _encode_t5(text_encoder: nn.Module, tokens: dict[str, Tensor]) -> Tensor:
 
 
 def _epsilon(output: Tensor, channels: int) -> Tensor:
-    # IF UNets predict [epsilon, variance] along channels; the denoising loss is on epsilon.
+    # IF UNets output [prediction (epsilon, or v for the pocket model), variance] along channels;
+    # the denoising loss is on the prediction.
     return output[:, :channels]
 
 
-@dataclass
-class IFBaseStage:
-    """The text-to-image base stage of a pixel cascade."""
+@dataclass(kw_only=True)
+class _IFStage:
+    """What both stages of a cascade share: a pipeline, its T5 text encoder, pixels as x0."""
 
-    pipeline: IFPipeline
+    pipeline: IFPipeline | IFSuperResolutionPipeline
     unet: nn.Module
     text_encoder: nn.Module
     noise_scheduler: DDPMScheduler
-    name: str = "base"
+    name: str
+    default_guidance: float
     lora_targets: LoraTargets = LORA_TARGETS
-    default_guidance: float = 7.0
 
     @property
     def tokenizer(self):
@@ -71,53 +72,41 @@ class IFBaseStage:
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {}
 
-    def encode_images(self, pixels: Tensor) -> Encoded:
-        return {"pixels": pixels.float()}
-
     def sample_x0(self, encoded: Encoded, rng: RowRandom) -> Tensor:
         return encoded["pixels"]
 
     def encode_text(self, tokens: dict[str, Tensor]) -> Tensor:
         return _encode_t5(self.text_encoder, tokens)
+
+
+@dataclass(kw_only=True)
+class IFBaseStage(_IFStage):
+    """The text-to-image base stage of a pixel cascade."""
+
+    pipeline: IFPipeline
+    name: str = "base"
+    default_guidance: float = 7.0
+
+    def encode_images(self, pixels: Tensor) -> Encoded:
+        return {"pixels": pixels.float()}
 
     def predict(self, noisy: Tensor, t: Tensor, text: Tensor, encoded: Encoded, rng: RowRandom) -> Tensor:
         return _epsilon(self.unet(noisy, t, encoder_hidden_states=text).sample, noisy.shape[1])
 
 
-@dataclass
-class IFSuperResStage:
+@dataclass(kw_only=True)
+class IFSuperResStage(_IFStage):
     """The super-resolution stage, conditioned on the noise-augmented low-res image and its level."""
 
     pipeline: IFSuperResolutionPipeline
-    unet: nn.Module
-    text_encoder: nn.Module
-    noise_scheduler: DDPMScheduler
     low_resolution: int
     noise_level_range: tuple[int, int] = (0, 1000)
     name: str = "sr"
-    lora_targets: LoraTargets = LORA_TARGETS
     default_guidance: float = 4.0
-
-    @property
-    def tokenizer(self):
-        return self.pipeline.tokenizer
-
-    @property
-    def resolution(self) -> int:
-        return self.pipeline.unet.config.sample_size
-
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        return {}
 
     def encode_images(self, pixels: Tensor) -> Encoded:
         # The low-res input is the real photo seen at the base stage's resolution.
         return {"pixels": pixels.float(), "lowres": downsample(pixels.float(), self.low_resolution)}
-
-    def sample_x0(self, encoded: Encoded, rng: RowRandom) -> Tensor:
-        return encoded["pixels"]
-
-    def encode_text(self, tokens: dict[str, Tensor]) -> Tensor:
-        return _encode_t5(self.text_encoder, tokens)
 
     def condition(self, lowres: Tensor, rng: RowRandom) -> tuple[Tensor, Tensor]:
         """Upscaled, noise-augmented low-res input [b, 3, H, W] and its augmentation level [b]."""
@@ -136,13 +125,16 @@ class IFSuperResStage:
 def load_if(source: str, sr_source: str | None = None, *, noise_level_range: tuple[int, int] = (0, 1000), revision: str | None = None, variant: str | None = None) -> list:
     """Load the stages of an IF cascade (fp32): the base from `source`, SR from `sr_source` if given."""
     base_pipe = IFPipeline.from_pretrained(source, revision=revision, variant=variant, dtype=torch.float32, **_NO_SAFETY)
-    stages: list = [IFBaseStage(base_pipe, base_pipe.unet, base_pipe.text_encoder, DDPMScheduler.from_config(base_pipe.scheduler.config))]
+    stages: list = [IFBaseStage(**_components(base_pipe))]
     if sr_source is not None:
         sr_pipe = IFSuperResolutionPipeline.from_pretrained(sr_source, variant=variant, dtype=torch.float32, **_NO_SAFETY)
         stages.append(
-            IFSuperResStage(
-                sr_pipe, sr_pipe.unet, sr_pipe.text_encoder, DDPMScheduler.from_config(sr_pipe.scheduler.config),
-                low_resolution=stages[0].resolution, noise_level_range=noise_level_range,
-            )
+            IFSuperResStage(**_components(sr_pipe), low_resolution=stages[0].resolution, noise_level_range=noise_level_range)
         )
     return stages
+
+
+def _components(pipeline: IFPipeline | IFSuperResolutionPipeline) -> dict:
+    # Training noises with DDPM from the pipeline's config, whatever scheduler sampling is given.
+    return dict(pipeline=pipeline, unet=pipeline.unet, text_encoder=pipeline.text_encoder,
+                noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config))

@@ -27,6 +27,7 @@ from dreambooth.generate import generate
 from dreambooth.grid import image_grid, upscale_for_viewing
 from dreambooth.identifier import check_identifier, choose_identifier
 from dreambooth.layout import RunLayout
+from dreambooth.models.builtin import unknown_class_noun
 from dreambooth.models.loading import ModelSource, load_stages, resolve_source
 from dreambooth.models.spec import Stage
 from dreambooth.prior import ClassImageSpec, ensure_class_images, model_fingerprint
@@ -112,6 +113,8 @@ def _make_accelerator(cfg: RunConfig) -> Accelerator:
 def _resolve_subject(cfg: RunConfig, stages: list[Stage], layout: RunLayout, resuming: bool) -> Subject:
     """The identifier: the resumed run's, the user's (checked), or chosen from the model's rare tokens."""
     class_noun = cfg.subject.class_noun
+    if (problem := unknown_class_noun(cfg.model.source, class_noun)) is not None:
+        logger.warning(problem)
     if resuming and layout.run_info.is_file():
         recorded = read_json(layout.run_info)["identifier"]
         if cfg.identifier.identifier not in (None, recorded):

@@ -86,6 +86,12 @@ def test_sks_warns_that_it_is_a_rifle(tiny_sd: Path, photos: Path, tmp_path: Pat
     assert "rifle" in caplog.text
 
 
+def test_a_class_the_pocket_model_never_saw_warns(photos: Path, tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert run(tmp_path, "pocket", photos) == 0  # FAST's --class-noun dog
+    assert "'dog'" in caplog.text and "only knows ball, cube" in caplog.text
+
+
 def test_unwritable_run_folder(tiny_sd: Path, photos: Path, tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder should go")

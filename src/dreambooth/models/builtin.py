@@ -6,6 +6,8 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from dreambooth.pocket.world import CLASSES as POCKET_CLASSES
+
 
 @dataclass(frozen=True)
 class BuiltinModel:
@@ -13,6 +15,8 @@ class BuiltinModel:
     """Its cascade folder (stage_1/, stage_2/) or pipeline folder."""
     embedders: str | None = None
     """'module:function' that builds evaluation embedders for the model's world (its own scorers)."""
+    class_nouns: tuple[str, ...] = ()
+    """The class nouns its pretraining taught it (empty: any noun)."""
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -20,6 +24,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "pocket": BuiltinModel(
         path=Path(__file__).resolve().parents[1] / "pocket" / "weights" / "cascade",
         embedders="dreambooth.pocket.embedders:load_embedders",
+        class_nouns=POCKET_CLASSES,
     ),
 }
 
@@ -31,3 +36,13 @@ def builtin_embedders(source: str, device: str):
         return None
     module, function = model.embedders.split(":")
     return getattr(importlib.import_module(module), function)(device=device)
+
+
+def unknown_class_noun(source: str, class_noun: str) -> str | None:
+    """Why built-in model `source` cannot serve `class_noun`, or None if it can (or is not built in)."""
+    model = BUILTIN_MODELS.get(source)
+    if model is None or not model.class_nouns or class_noun in model.class_nouns:
+        return None
+    return (f"--class-noun {class_noun!r}: the built-in {source!r} model only knows {', '.join(model.class_nouns)}, so its "
+            f"class images and prior for {class_noun!r} are meaningless. Use one of those nouns, or give a real model "
+            "(--model <hub id or folder>) for real photos.")

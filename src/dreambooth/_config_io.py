@@ -174,7 +174,13 @@ def _suggestion(key: str, cls: type, prefix: str) -> str:
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass (the string literal under each field), by field name."""
+    """Attribute docstrings of a dataclass (the string literal under each field), by field name;
+    a subclass inherits those of the fields it does not redeclare."""
+    inherited = {name: doc for base in reversed(cls.__mro__[1:-1]) for name, doc in _own_field_docs(base).items()}
+    return inherited | _own_field_docs(cls)
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):  # source unavailable (frozen app): no help text, still works

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dreambooth._config_args import add_config_arguments, overrides_from_args
 from dreambooth.config import RunConfig, load_config
-from dreambooth.pocket.settings import DemoFlags, PretrainFlags
+from dreambooth.pocket.settings import AblationFlags, DemoFlags, PretrainFlags
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -42,7 +42,7 @@ def cmd_pocket_ablation(args: argparse.Namespace) -> None:
     from dreambooth._config_io import from_dict
     from dreambooth.ablation import run_ablation
 
-    run_ablation(from_dict(DemoFlags, overrides_from_args(args)).demo, args.out, tuple(args.new_subject_seeds))
+    run_ablation(from_dict(AblationFlags, overrides_from_args(args)).demo, tuple(args.new_subject_seeds))
 
 
 def cmd_pocket_train_scorer(args: argparse.Namespace) -> None:
@@ -221,9 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ablation", help="the paper's prior-preservation ablation and SR finding, in miniature (resumable)",
         description="Personalise every ready subject and new ones, with and without prior preservation; average the scores.",
     )
-    ablation.add_argument("--out", type=Path, default=Path("runs/ablation"), help="default: runs/ablation")
     ablation.add_argument("--new-subject-seeds", type=int, nargs="*", default=[101, 202], help="seeds of new random subjects (default: 101 202)")
-    add_config_arguments(ablation, DemoFlags)
+    add_config_arguments(ablation, AblationFlags)
     ablation.set_defaults(func=cmd_pocket_ablation)
     return parser
 

@@ -34,7 +34,7 @@ from dreambooth.files import read_json, write_json
 from dreambooth.finetune import finetune
 from dreambooth.generate import generate_cascades, load_model
 from dreambooth.grid import image_grid, upscale_for_viewing
-from dreambooth.pocket.evaluate import format_table, score_model
+from dreambooth.pocket.evaluate import format_table, score_model, super_resolved_detail
 from dreambooth.pocket.scorers import PocketScorer
 from dreambooth.pocket.settings import DemoConfig
 from dreambooth.pocket.subjects import (
@@ -79,16 +79,24 @@ def run_demo(cfg: DemoConfig) -> dict:
         name: score_model(scorer, subject, photos, {p: by[p] for p in prompts}, by[class_prompt])
         for name, by in samples.items()
     }
+    sr_detail = super_resolved_detail(
+        scorer, subject, identifier, {"pretrained SR": pretrained.pipelines[1], "personalised SR": tuned.pipelines[1]},
+        steps=cfg.sampling_steps, seed=cfg.seed,
+    ) if cfg.sr_steps else None
     sheet = cfg.run_dir / "contact_sheet.png"
     contact_sheet(photos, prompts, class_prompt, samples["pretrained"], samples["fine-tuned"]).save(sheet)
     table = format_table(scores)
     result = {
         "subject": subject.name, "class_noun": subject.cls, "identifier": identifier, "prompts": prompts,
         "prior_preservation": cfg.prior_preservation, "scores": {k: v.as_dict() for k, v in scores.items()},
+        "sr_detail_on_renders": sr_detail,
         "seconds": round(time.time() - started, 1), "config": json.loads(json.dumps(asdict(cfg), default=str)),
     }
     write_json(cfg.run_dir / "metrics.json", result)
     print(f"\nsubject {subject.name!r} ({subject.cls}), identifier [V] = {identifier!r}, {result['seconds']} s\n{table}")
+    if sr_detail:
+        print("fine detail of the subject's true renders, downsampled and super-resolved: "
+              + ", ".join(f"{name} {value:.3f}" for name, value in sr_detail.items()))
     print(f"\ncontact sheet: {sheet}\nmetrics: {cfg.run_dir / 'metrics.json'}\nfine-tuned model: {layout.pipeline}")
     return result
 
@@ -126,7 +134,8 @@ def _run_config(cfg: DemoConfig, subject: Subject, photos_dir: Path) -> RunConfi
         prior=PriorConfig(enabled=cfg.prior_preservation, num_class_images=cfg.num_class_images, steps=cfg.sampling_steps, batch_size=32, guidance_scale=4.0),
         optim=OptimConfig(learning_rate=2e-4),
         train=TrainConfig(max_steps=cfg.base_steps, batch_size=4, seed=cfg.seed),
-        cascade=CascadeConfig(stages=("base", "sr") if cfg.sr_steps else ("base",), sr_max_steps=cfg.sr_steps or None),
+        cascade=CascadeConfig(stages=("base", "sr") if cfg.sr_steps else ("base",), sr_max_steps=cfg.sr_steps or None,
+                              sr_learning_rate=cfg.sr_learning_rate),
         validation=ValidationConfig(every_n_steps=0, num_images=2, steps=cfg.sampling_steps),
         checkpoint=CheckpointConfig(every_n_steps=100, keep_last=1),
         output=OutputConfig(run_dir=cfg.run_dir / "run", overwrite=True, logger="none"),

@@ -54,5 +54,8 @@ def test_a_short_dreambooth_run_learns_the_subject(tmp_path: Path) -> None:
     before, after = result["scores"]["pretrained"], result["scores"]["fine-tuned"]
     assert after["subject_fidelity"] > before["subject_fidelity"] + 0.1
     assert after["subject_recognised"] > before["subject_recognised"] + 0.3
+    sr_detail = result["sr_detail_on_renders"]  # true renders super-resolved: a true render scores 1.0
+    assert set(sr_detail) == {"pretrained SR", "personalised SR", "bilinear"}
+    assert 0.3 < sr_detail["bilinear"] < 0.6  # 32x32 cannot carry the glyph; scorer tests: 0.54 on ordinary views
     assert (tmp_path / "contact_sheet.png").is_file()
     assert json.loads((tmp_path / "metrics.json").read_text())["identifier"] == result["identifier"]

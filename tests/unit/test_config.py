@@ -109,6 +109,15 @@ def test_every_field_has_a_unique_flag_and_help() -> None:
         assert f"{section} options" in help_text
 
 
+def test_a_config_subclass_keeps_the_help_of_the_fields_it_inherits() -> None:
+    from dreambooth.pocket.settings import AblationConfig, DemoConfig
+
+    inherited, parent = field_docs(AblationConfig), field_docs(DemoConfig)
+    assert set(inherited) == {field.name for field in dataclasses.fields(AblationConfig)}
+    assert inherited["subject"] == parent["subject"]
+    assert inherited["sr_steps"] != parent["sr_steps"]  # redeclared with its own default and doc
+
+
 def test_argument_groups_accept_dotted_and_short_flags() -> None:
     import argparse
 

@@ -110,7 +110,7 @@ def _looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
 
 
-def load_stages(source: ModelSource, cfg: ModelConfig, noise_level_range: tuple[int, int] = (0, 1000)) -> list:
+def load_stages(source: ModelSource, cfg: ModelConfig, noise_level_range: tuple[int, int] = (0, 250)) -> list:
     """Load every stage of `source` in fp32 on CPU."""
     if source.family == "sd":
         from dreambooth.models.sd import load_sd

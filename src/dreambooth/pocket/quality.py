@@ -46,19 +46,25 @@ def super_resolution_agreement(model: LoadedModel, *, n: int = 64, steps: int = 
     renders, captions, _ = sample_dataset(n, seed + 10_000, p_drop=0.0)
     truth = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1  # [n, 3, 64, 64] in [-1, 1]
     lowres = downsample(truth, model.pipelines[0].unet.config.sample_size)   # what the base stage makes
-    sr = model.pipelines[1]
-    sr.set_progress_bar_config(disable=True)
-    outputs = []
-    for i in range(0, n, 32):
-        generators = [torch.Generator().manual_seed(seed + k) for k in range(i, min(i + 32, n))]
-        out = sr(image=lowres[i : i + 32], prompt=captions[i : i + 32], num_inference_steps=steps, guidance_scale=guidance,
-                 generator=generators, output_type="pt", clean_caption=False).images
-        outputs.append(out.clamp(-1, 1).cpu())
-    super_resolved, bilinear = torch.cat(outputs), upscale(lowres, truth.shape[-1]).clamp(-1, 1)
+    super_resolved = super_resolve(model.pipelines[1], lowres, captions, steps=steps, guidance=guidance, seed=seed)
+    bilinear = upscale(lowres, truth.shape[-1]).clamp(-1, 1)
     return {
         "psnr_sr": _psnr(super_resolved, truth), "psnr_bilinear": _psnr(bilinear, truth),
         "detail_corr_sr": _detail_correlation(super_resolved, truth), "detail_corr_bilinear": _detail_correlation(bilinear, truth),
     }
+
+
+@torch.no_grad()
+def super_resolve(sr, lowres: torch.Tensor, prompts: list[str], *, steps: int = 20, guidance: float = 4.0, seed: int = 0, batch_size: int = 32) -> torch.Tensor:
+    """Super-resolve low-res images [n, 3, h, w] in [-1, 1] with an IF SR pipeline; image k uses seed + k."""
+    sr.set_progress_bar_config(disable=True)
+    outputs = []
+    for i in range(0, len(prompts), batch_size):
+        generators = [torch.Generator().manual_seed(seed + k) for k in range(i, min(i + batch_size, len(prompts)))]
+        out = sr(image=lowres[i : i + batch_size].to(sr.device), prompt=prompts[i : i + batch_size], num_inference_steps=steps,
+                 guidance_scale=guidance, generator=generators, output_type="pt", clean_caption=False).images
+        outputs.append(out.clamp(-1, 1).cpu())
+    return torch.cat(outputs)
 
 
 @torch.no_grad()

@@ -61,6 +61,8 @@ class DemoConfig:
     """Fine-tuning steps of the 32x32 base stage."""
     sr_steps: int = 80
     """Fine-tuning steps of the 32->64 super-resolution stage (0: keep the pretrained SR)."""
+    sr_learning_rate: float = 2e-4
+    """Learning rate of the super-resolution stage (the base stage uses 2e-4)."""
     num_class_images: int = 32
     """Class images the pretrained model generates for prior preservation."""
     images_per_prompt: int = 3
@@ -80,6 +82,26 @@ class DemoConfig:
                 raise ValueError(f"{flag} must be >= {low}, got {value}")
         if not 1 <= self.num_photos <= 8:
             raise ValueError(f"--num-photos must be 1-8 (each photo takes one of the 10 contexts; the rest are the new ones), got {self.num_photos}")
+
+
+@dataclass(frozen=True)
+class AblationConfig(DemoConfig):
+    """The demo protocol, with the longer super-resolution fine-tuning the SR finding needs (README):
+    80 steps, the demo's budget, do not move the subject's fine detail measurably; 400 steps at 1e-3 do."""
+
+    run_dir: Path = Path("runs/ablation")
+    """Where each subject/setting's run goes (<run_dir>/<subject>/<setting>) and ablation.json."""
+    sr_steps: int = 400
+    """Fine-tuning steps of the 32->64 super-resolution stage."""
+    sr_learning_rate: float = 1e-3
+    """Learning rate of the super-resolution stage."""
+
+
+@dataclass(frozen=True)
+class AblationFlags:
+    """The config tree of `dreambooth pocket ablation`: one section."""
+
+    demo: AblationConfig = field(default_factory=AblationConfig)
 
 
 @dataclass(frozen=True)

@@ -195,8 +195,8 @@ class CascadeConfig:
     """Learning rate of the super-resolution stage; None: the base stage's."""
     noise_level_range: tuple[int, int] = (0, 250)
     """Augmentation levels of the low-res input drawn while fine-tuning SR; sampling conditions on one level (250 in IF).
-    Low, as the paper advises for personalised SR: on the pocket model, 400 steps with 0-1000 made the
-    subject's fine detail worse than the pretrained stage, with 0-250 better (README)."""
+    Low: on the pocket model, 400 steps with 0-1000 drew the subject's fine detail worse than the
+    pretrained stage, with 0-250 better (README)."""
 
     def __post_init__(self) -> None:
         _check(len(self.stages) >= 1 and set(self.stages) <= {"base", "sr"}, f"cascade.stages must be a subset of base, sr; got {self.stages}")

@@ -185,6 +185,12 @@ class TrainConfig:
         _check(self.ema_decay is None or 0 < self.ema_decay < 1, f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
 
 
+SR_NOISE_LEVELS: tuple[int, int] = (0, 250)
+"""Default augmentation levels of the low-res input while fine-tuning a super-resolution stage.
+Low: on the pocket model, 400 steps with IF's pretraining range 0-1000 drew the subject's fine
+detail worse than the pretrained stage, with 0-250 better (README)."""
+
+
 @dataclass(frozen=True)
 class CascadeConfig:
     stages: tuple[str, ...] = ("base", "sr")
@@ -193,10 +199,9 @@ class CascadeConfig:
     """Optimizer steps of the super-resolution stage; None: train.max_steps."""
     sr_learning_rate: float | None = None
     """Learning rate of the super-resolution stage; None: the base stage's."""
-    noise_level_range: tuple[int, int] = (0, 250)
-    """Augmentation levels of the low-res input drawn while fine-tuning SR; sampling conditions on one level (250 in IF).
-    Low: on the pocket model, 400 steps with 0-1000 drew the subject's fine detail worse than the
-    pretrained stage, with 0-250 better (README)."""
+    noise_level_range: tuple[int, int] = SR_NOISE_LEVELS
+    """Augmentation levels of the low-res input drawn while fine-tuning SR; sampling conditions on one
+    level (250 in IF). Low levels measured better fine detail than IF's 0-1000 (README)."""
 
     def __post_init__(self) -> None:
         _check(len(self.stages) >= 1 and set(self.stages) <= {"base", "sr"}, f"cascade.stages must be a subset of base, sr; got {self.stages}")

@@ -107,6 +107,22 @@ def generate_cascades(
     return images
 
 
+@torch.no_grad()
+def super_resolve(
+    sr, lowres: torch.Tensor, prompts: Sequence[str], *, steps: int = 20, guidance: float = 4.0, seed: int = 0, batch_size: int = 32,
+) -> torch.Tensor:
+    """Super-resolve low-res images [n, 3, h, w] in [-1, 1] with an IF super-resolution
+    pipeline, each with its prompt; image k uses seed + k. Returns [n, 3, H, W] in [-1, 1]."""
+    sr.set_progress_bar_config(disable=True)
+    outputs = []
+    for i in range(0, len(prompts), batch_size):
+        generators = [torch.Generator().manual_seed(seed + k) for k in range(i, min(i + batch_size, len(prompts)))]
+        out = sr(image=lowres[i : i + batch_size].to(sr.device), prompt=list(prompts[i : i + batch_size]), num_inference_steps=steps,
+                 guidance_scale=guidance, generator=generators, output_type="pt", clean_caption=False).images
+        outputs.append(out.clamp(-1, 1).cpu())
+    return torch.cat(outputs)
+
+
 def _sample_stage(pipeline, index: int, prompts, seeds, steps: int, scale: float, image, last: bool):
     """Stage `index` of a cascade: PIL images if it is the last stage, else the pipeline's tensors."""
     generators = [torch.Generator().manual_seed(int(s) + 1_000_003 * index) for s in seeds]

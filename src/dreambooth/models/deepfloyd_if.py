@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
 from torch import Tensor, nn
 
+from dreambooth.config import SR_NOISE_LEVELS
 from dreambooth.models.spec import Encoded, LoraTargets
 from dreambooth.seeding import RowRandom
 
@@ -100,7 +101,7 @@ class IFSuperResStage(_IFStage):
 
     pipeline: IFSuperResolutionPipeline
     low_resolution: int
-    noise_level_range: tuple[int, int] = (0, 250)
+    noise_level_range: tuple[int, int] = SR_NOISE_LEVELS
     name: str = "sr"
     default_guidance: float = 4.0
 
@@ -122,7 +123,7 @@ class IFSuperResStage(_IFStage):
         return _epsilon(self.unet(model_input, t, encoder_hidden_states=text, class_labels=level).sample, noisy.shape[1])
 
 
-def load_if(source: str, sr_source: str | None = None, *, noise_level_range: tuple[int, int] = (0, 250), revision: str | None = None, variant: str | None = None) -> list:
+def load_if(source: str, sr_source: str | None = None, *, noise_level_range: tuple[int, int] = SR_NOISE_LEVELS, revision: str | None = None, variant: str | None = None) -> list:
     """Load the stages of an IF cascade (fp32): the base from `source`, SR from `sr_source` if given."""
     base_pipe = IFPipeline.from_pretrained(source, revision=revision, variant=variant, dtype=torch.float32, **_NO_SAFETY)
     stages: list = [IFBaseStage(**_components(base_pipe))]

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from dreambooth.config import ModelConfig
+from dreambooth.config import SR_NOISE_LEVELS, ModelConfig
 from dreambooth.models.builtin import BUILTIN_MODELS
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
 
 
-def load_stages(source: ModelSource, cfg: ModelConfig, noise_level_range: tuple[int, int] = (0, 250)) -> list:
+def load_stages(source: ModelSource, cfg: ModelConfig, noise_level_range: tuple[int, int] = SR_NOISE_LEVELS) -> list:
     """Load every stage of `source` in fp32 on CPU."""
     if source.family == "sd":
         from dreambooth.models.sd import load_sd

@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from dreambooth.eval.metrics import mean_cross_cosine
+from dreambooth.generate import super_resolve
 from dreambooth.models.deepfloyd_if import downsample, upscale
-from dreambooth.pocket.quality import super_resolve
 from dreambooth.pocket.scorers import PocketScorer
 from dreambooth.pocket.subjects import Subject
 from dreambooth.pocket.world import CONTEXTS, N_VARIANTS, POSITIONS, VIEWS, render

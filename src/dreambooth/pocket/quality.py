@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dreambooth.generate import LoadedModel, generate
+from dreambooth.generate import LoadedModel, generate, super_resolve
 from dreambooth.models.deepfloyd_if import downsample, upscale
 from dreambooth.pocket._scorer_net import gaussian_blur
 from dreambooth.pocket.scorers import PocketScorer
@@ -52,19 +52,6 @@ def super_resolution_agreement(model: LoadedModel, *, n: int = 64, steps: int = 
         "psnr_sr": _psnr(super_resolved, truth), "psnr_bilinear": _psnr(bilinear, truth),
         "detail_corr_sr": _detail_correlation(super_resolved, truth), "detail_corr_bilinear": _detail_correlation(bilinear, truth),
     }
-
-
-@torch.no_grad()
-def super_resolve(sr, lowres: torch.Tensor, prompts: list[str], *, steps: int = 20, guidance: float = 4.0, seed: int = 0, batch_size: int = 32) -> torch.Tensor:
-    """Super-resolve low-res images [n, 3, h, w] in [-1, 1] with an IF SR pipeline; image k uses seed + k."""
-    sr.set_progress_bar_config(disable=True)
-    outputs = []
-    for i in range(0, len(prompts), batch_size):
-        generators = [torch.Generator().manual_seed(seed + k) for k in range(i, min(i + batch_size, len(prompts)))]
-        out = sr(image=lowres[i : i + batch_size].to(sr.device), prompt=prompts[i : i + batch_size], num_inference_steps=steps,
-                 guidance_scale=guidance, generator=generators, output_type="pt", clean_caption=False).images
-        outputs.append(out.clamp(-1, 1).cpu())
-    return torch.cat(outputs)
 
 
 @torch.no_grad()

@@ -23,13 +23,16 @@ RARE = ("xon", "qak", "vip", "zor", "tep", "rin", "mok", "dax", "wug", "fep", "l
 
 
 @cache
-def _clip_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
-    corpus = [" ".join(WORDS)] * 40 + [" ".join(RARE)] * 3
+def _clip_vocab(variant: int = 0) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    # variant 1 learns from the words in another order and repeats the rare ones more: the same
+    # words get other ids, as two real tokenizers trained on different data would give them.
+    words, rare_repeats = (WORDS, 3) if variant == 0 else (tuple(reversed(WORDS)) + ("zebra", "yacht", "quilt"), 5)
+    corpus = [" ".join(words)] * 40 + [" ".join(RARE)] * rare_repeats
     alphabet = [chr(c) for c in range(33, 127)]
     tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|startoftext|>", "<|endoftext|>"], initial_alphabet=alphabet,
+        vocab_size=320 + 40 * variant, special_tokens=["<|startoftext|>", "<|endoftext|>"], initial_alphabet=alphabet,
         end_of_word_suffix="</w>", min_frequency=1, show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
@@ -41,10 +44,14 @@ def _clip_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     return vocab, merges
 
 
-def tiny_clip_tokenizer() -> CLIPTokenizer:
-    """A CLIP BPE tokenizer over a few hundred tokens (transformers 5 ignores vocab_file=: pass vocab=)."""
-    vocab, merges = _clip_vocab()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+def tiny_clip_tokenizer(variant: int = 0, **kwargs) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over a few hundred tokens (transformers 5 ignores vocab_file=: pass vocab=).
+
+    `variant` 1 is a second vocabulary (other ids, other size), as SDXL's two tokenizers need to be
+    for a test to tell them apart.
+    """
+    vocab, merges = _clip_vocab(variant)
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77, **kwargs)
 
 
 def tiny_clip_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
@@ -77,6 +84,49 @@ def build_tiny_sd(path: Path, *, prediction_type: str = "epsilon", seed: int = 0
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def build_tiny_sdxl(path: Path, *, seed: int = 0) -> Path:
+    """Save a tiny SDXL pipeline (64x64 pixels, 4x8x8 latents) in diffusers format.
+
+    What matters of the real one: two CLIP text encoders with different vocabularies (the second
+    with a text projection, whose pooled output SDXL adds to the time embedding), cross-attention
+    on both encoders' penultimate states side by side, the `text_time` addition embedding of the
+    six micro-conditioning ids, and a VAE that asks to be upcast (`force_upcast`).
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(0), tiny_clip_tokenizer(1, pad_token="!")
+    text_encoder = tiny_clip_text_encoder(len(tokenizer), seed)
+    torch.manual_seed(seed + 1)
+    config_2 = CLIPTextConfig(
+        vocab_size=len(tokenizer_2), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32, hidden_act="gelu",
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(config_2)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+        use_linear_projection=True,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8, sample_size=64, scaling_factor=0.13025, force_upcast=True,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=scheduler, add_watermarker=False,
     )
     pipe.save_pretrained(path)
     return path

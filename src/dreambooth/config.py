@@ -40,6 +40,8 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) of `source`."""
     variant: str | None = None
     """Weights variant to load, e.g. 'fp16'."""
+    vae: str | None = None
+    """A VAE to use instead of the model's (folder, hub id or single file), e.g. an fp16-safe SDXL VAE; latent models only."""
 
     def __post_init__(self) -> None:
         _check(bool(self.source.strip()), "model.source must not be empty")
@@ -128,7 +130,9 @@ class OptimConfig:
     learning_rate: float | None = None
     """Peak learning rate; None: 5e-6 for full fine-tuning, 1e-4 for LoRA."""
     text_encoder_learning_rate: float | None = None
-    """Learning rate of the text encoder when it trains; None: same as learning_rate."""
+    """Learning rate of the text encoder(s) when they train; None: same as learning_rate."""
+    text_encoder_2_learning_rate: float | None = None
+    """Learning rate of SDXL's second text encoder (OpenCLIP bigG) when it trains; None: text_encoder_learning_rate."""
     weight_decay: float = 1e-2
     """AdamW decoupled weight decay."""
     adam_beta1: float = 0.9
@@ -139,6 +143,8 @@ class OptimConfig:
     """AdamW epsilon."""
     use_8bit_adam: bool = False
     """8-bit AdamW from bitsandbytes: 1/4 of the optimizer memory."""
+    use_adafactor: bool = False
+    """Adafactor (factored second moments, no first moment): the least optimizer memory, for full fine-tuning."""
     lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
     """Learning-rate schedule after warm-up."""
     lr_warmup_steps: int = 0
@@ -147,11 +153,12 @@ class OptimConfig:
     """Clip the gradient norm to this; 0 disables clipping."""
 
     def __post_init__(self) -> None:
-        for name in ("learning_rate", "text_encoder_learning_rate"):
+        for name in ("learning_rate", "text_encoder_learning_rate", "text_encoder_2_learning_rate"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"optim.{name} must be > 0, got {value}")
         _check(self.lr_warmup_steps >= 0, f"optim.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         _check(self.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        _check(not (self.use_8bit_adam and self.use_adafactor), "optim.use_8bit_adam and optim.use_adafactor contradict each other: pick one")
 
 
 @dataclass(frozen=True)
@@ -167,9 +174,12 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% slower."""
     train_text_encoder: bool = False
-    """Fine-tune the text encoder too (the paper fine-tunes all layers)."""
+    """Fine-tune the text encoder(s) too (the paper fine-tunes all layers)."""
+    text_encoders: tuple[str, ...] | None = None
+    """Which text encoders --train-text-encoder trains, by component name; None: all the family's (SDXL: text_encoder text_encoder_2)."""
     cache_latents: bool = True
-    """Encode the photos (and, with a frozen text encoder, the prompts) once instead of every step."""
+    """Encode the photos (and, with frozen text encoders, the prompts) once instead of every step; frozen
+    text encoders then leave the GPU while training."""
     caption_dropout: float = 0.0
     """Probability of training on the empty prompt (for classifier-free guidance when pretraining)."""
     ema_decay: float | None = None
@@ -284,7 +294,7 @@ class OutputConfig:
     save_pipeline: bool = True
     """Write the full fine-tuned pipeline (LoRA merged in for LoRA runs) to <run_dir>/pipeline."""
     save_single_file: bool = False
-    """Also write <run_dir>/model.safetensors in the original Stable Diffusion layout (fp16) for A1111/ComfyUI."""
+    """Also write <run_dir>/model.safetensors in the original SD/SDXL layout (fp16) for A1111/ComfyUI (`dreambooth export` does the same later)."""
     logger: Literal["auto", "tensorboard", "none"] = "auto"
     """Metrics logger; auto: TensorBoard when installed."""
 
@@ -348,8 +358,11 @@ def validate(cfg: RunConfig) -> None:
 
     if not cfg.prior.enabled and cfg.prior.class_dir is not None:
         logger.warning("prior.class_dir is set but prior preservation is off: it is ignored")
-    if not cfg.train.train_text_encoder and cfg.optim.text_encoder_learning_rate is not None:
-        logger.warning("optim.text_encoder_learning_rate is set but train.train_text_encoder is off: it is ignored")
+    for name in ("text_encoder_learning_rate", "text_encoder_2_learning_rate"):
+        if not cfg.train.train_text_encoder and getattr(cfg.optim, name) is not None:
+            logger.warning("optim.%s is set but train.train_text_encoder is off: it is ignored", name)
+    if not cfg.train.train_text_encoder and cfg.train.text_encoders is not None:
+        logger.warning("train.text_encoders is set but train.train_text_encoder is off: it is ignored")
     if cfg.lora.rank is None and cfg.lora.alpha is not None:
         logger.warning("lora.alpha is set but lora.rank is not (full fine-tuning): it is ignored")
 

@@ -6,6 +6,7 @@ Diffusion, base and super-resolution for a cascade) is fine-tuned by the same lo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -28,8 +29,8 @@ from dreambooth.grid import image_grid, upscale_for_viewing
 from dreambooth.identifier import check_identifier, choose_identifier
 from dreambooth.layout import RunLayout
 from dreambooth.models.builtin import unknown_class_noun
-from dreambooth.models.loading import ModelSource, load_stages, resolve_source
-from dreambooth.models.spec import Stage
+from dreambooth.models.loading import FAMILIES, load_stages, option_problems, resolve_source
+from dreambooth.models.spec import Family, ModelSource, Stage, is_text_encoder
 from dreambooth.prior import ClassImageSpec, ensure_class_images, model_fingerprint
 from dreambooth.run_folder import open_run_folder
 from dreambooth.training.loop import DTYPES, StagePlan, train_stage
@@ -57,8 +58,9 @@ def finetune(cfg: RunConfig) -> RunLayout:
     validate(cfg)
     photos = load_images(cfg.subject.instance_dir, on_bad_file=cfg.subject.on_bad_file)
     source = resolve_source(cfg.model)
-    if cfg.output.save_single_file and source.family != "sd":
-        raise ValueError(f"--save-single-file writes Stable Diffusion checkpoints; {cfg.model.source!r} is a {source.family} model")
+    family = FAMILIES[source.family]
+    if problems := option_problems(cfg, family):
+        raise ValueError(f"options that do not fit {cfg.model.source!r} (a {family.name} model):\n  - " + "\n  - ".join(problems))
     accelerator = _make_accelerator(cfg)
     evaluating = cfg.eval.eval_every > 0 and accelerator.is_main_process
     embedders = load_eval_embedders(cfg.eval, cfg.model.source, str(accelerator.device)) if evaluating else None
@@ -68,25 +70,25 @@ def finetune(cfg: RunConfig) -> RunLayout:
         accelerator.init_trackers("dreambooth")
 
     stages = load_stages(source, cfg.model, cfg.cascade.noise_level_range)
-    trained = [s for s in stages if not source.is_cascade or s.name in cfg.cascade.stages]
+    trained = [s for s in stages if not family.cascade or s.name in cfg.cascade.stages]
     subject = _resolve_subject(cfg, stages, layout, resuming)
-    _record_run(layout, cfg, source, subject, trained, status="training", main=accelerator.is_main_process)
+    info = _record_run(layout, cfg, source, subject, trained, status="training", main=accelerator.is_main_process)
     for stage in stages:
         stage.pipeline.to(accelerator.device)
     # Made before any stage trains, so that every stage's prior is the frozen model's.
     class_images = _class_images(cfg, stages[: stages.index(trained[-1]) + 1], subject, layout, accelerator) if cfg.prior.enabled else None
     for stage in trained:
         warn_small_images(photos, stage.resolution)
-        data = _training_set(cfg, stage, photos, subject, class_images)
+        data = _training_set(cfg, stage, photos, subject, class_images, family)
         evaluator = _evaluator(cfg, stages, stage, subject, photos, embedders) if evaluating else None
         validator = _validator(cfg, stages, stage, subject, layout, accelerator, evaluator)
-        train_stage(stage, data, _plan(cfg, stage), layout.stage(stage.name), accelerator, validator)
+        train_stage(stage, data, _plan(cfg, stage, family), layout.stage(stage.name), accelerator, validator)
         accelerator.free_memory()
 
     if accelerator.is_main_process:
         written = export_run(
-            stages, layout, cascade=source.is_cascade, save_pipeline=cfg.output.save_pipeline,
-            save_single_file=cfg.output.save_single_file,
+            stages, layout, family, save_pipeline=cfg.output.save_pipeline, save_single_file=cfg.output.save_single_file,
+            run_info=info,
         )
         _record_run(layout, cfg, source, subject, trained, status="done", main=True, outputs=written)
     accelerator.end_training()
@@ -123,10 +125,10 @@ def _resolve_subject(cfg: RunConfig, stages: list[Stage], layout: RunLayout, res
     if cfg.identifier.identifier is not None:
         text = cfg.identifier.identifier
         for stage in stages:
-            for message in check_identifier(stage.tokenizer, text, class_noun):
+            for message in check_identifier(list(stage.tokenizers), text, class_noun):
                 logger.warning("identifier: %s", message)
     else:
-        text = choose_identifier(stages[0].tokenizer, class_noun, num_tokens=cfg.identifier.num_tokens, seed=cfg.identifier.seed).text
+        text = choose_identifier(list(stages[0].tokenizers), class_noun, num_tokens=cfg.identifier.num_tokens, seed=cfg.identifier.seed).text
     logger.info("identifier [V] = %r: prompts read %r", text, cfg.subject.instance_prompt.format(identifier=text, class_noun=class_noun))
     print(f"identifier [V] = {text!r}  (prompt: {cfg.subject.instance_prompt.format(identifier=text, class_noun=class_noun)!r})")
     return Subject(text, class_noun)
@@ -140,7 +142,7 @@ def _class_images(cfg: RunConfig, cascade: list[Stage], subject: Subject, layout
     stage fine-tuned on the subject alone redraws every "a [class]" as the subject).
     """
     spec = ClassImageSpec(
-        model=model_fingerprint(*(s.unet for s in cascade)), prompt=subject.fill(cfg.subject.class_prompt),
+        model=model_fingerprint(*(s.denoiser for s in cascade)), prompt=subject.fill(cfg.subject.class_prompt),
         resolution=cascade[-1].resolution, sampler=cfg.prior.sampler, steps=cfg.prior.steps,
         guidance=(cfg.prior.guidance_scale or cascade[0].default_guidance, *(s.default_guidance for s in cascade[1:])),
     )
@@ -154,25 +156,36 @@ def _class_images(cfg: RunConfig, cascade: list[Stage], subject: Subject, layout
     return [Image.open(p).convert("RGB") for p in make()]  # complete now: only reads
 
 
-def _training_set(cfg: RunConfig, stage: Stage, photos: list[LoadedImage], subject: Subject, class_images: list[Image.Image] | None) -> TrainingSet:
+def _training_set(
+    cfg: RunConfig, stage: Stage, photos: list[LoadedImage], subject: Subject, class_images: list[Image.Image] | None, family: Family,
+) -> TrainingSet:
     captions = [subject.fill(p.caption if (p.caption and cfg.subject.use_captions) else cfg.subject.instance_prompt) for p in photos]
     instance = encode_examples(stage, [p.image for p in photos], captions, flip=cfg.subject.random_flip)
     classes = None
     if class_images is not None:
         classes = encode_examples(stage, class_images, [subject.fill(cfg.subject.class_prompt)] * len(class_images))
     text_cache = None
-    if not cfg.train.train_text_encoder and cfg.train.cache_latents:
+    if not _trained_text_encoders(cfg, family) and cfg.train.cache_latents:
         text_cache = encode_captions(stage, instance.captions + (classes.captions if classes else []))
     return TrainingSet(instance, classes, text_cache)
 
 
-def _plan(cfg: RunConfig, stage: Stage) -> StagePlan:
+def _trained_text_encoders(cfg: RunConfig, family: Family) -> tuple[str, ...]:
+    """Component names of the text encoders this run trains (none unless --train-text-encoder)."""
+    if not cfg.train.train_text_encoder:
+        return ()
+    return cfg.train.text_encoders if cfg.train.text_encoders is not None else family.text_encoders
+
+
+def _plan(cfg: RunConfig, stage: Stage, family: Family) -> StagePlan:
     sr = stage.name == "sr"
     lr = (cfg.cascade.sr_learning_rate or cfg.learning_rate) if sr else cfg.learning_rate
     train = dataclasses.replace(cfg.train, max_steps=cfg.cascade.sr_max_steps or cfg.train.max_steps) if sr else cfg.train
+    text_lr = cfg.optim.text_encoder_learning_rate or lr
+    rates = {"text_encoder_2": cfg.optim.text_encoder_2_learning_rate or text_lr}
     return StagePlan(
         train=train, optim=cfg.optim, lora=cfg.lora, checkpoint=cfg.checkpoint, learning_rate=lr,
-        text_encoder_learning_rate=cfg.optim.text_encoder_learning_rate or lr,
+        text_encoder_learning_rates={name: rates.get(name, text_lr) for name in _trained_text_encoders(cfg, family)},
         prior_weight=cfg.prior.loss_weight, validate_every=(cfg.validation.every_n_steps, cfg.eval.eval_every),
         best_metric=f"eval/{cfg.eval.best_metric}" if cfg.eval.eval_every else None, max_pres_increase=cfg.eval.max_pres_increase,
     )
@@ -181,7 +194,8 @@ def _plan(cfg: RunConfig, stage: Stage) -> StagePlan:
 def _validator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subject, layout: RunLayout, accelerator: Accelerator, evaluator):
     """Validation of `stage`: a grid of the validation prompts through the cascade up to it, and the
     paper's metrics when evaluation is on. Runs on the main process only."""
-    v, max_steps = cfg.validation, _plan(cfg, stage).train.max_steps
+    v = cfg.validation
+    max_steps = cfg.cascade.sr_max_steps or cfg.train.max_steps if stage.name == "sr" else cfg.train.max_steps
     prompts = [subject.fill(p) for p in v.validation_prompts]
     pipelines = [s.pipeline for s in stages[: stages.index(stage) + 1]]
 
@@ -189,21 +203,41 @@ def _validator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subje
         if not accelerator.is_main_process:
             return None
         done = step == max_steps
-        stage.unet.eval()
+        stage.denoiser.eval()
         if done or (v.every_n_steps and step % v.every_n_steps == 0):
-            images = generate(
-                pipelines, [p for p in prompts for _ in range(v.num_images)], [v.seed + k for _ in prompts for k in range(v.num_images)],
-                steps=v.steps, guidance=[v.guidance_scale or s.default_guidance for s in stages], autocast_dtype=DTYPES[cfg.train.mixed_precision],
-            )
+            with text_encoders_on(stages, accelerator.device):
+                images = generate(
+                    pipelines, [p for p in prompts for _ in range(v.num_images)], [v.seed + k for _ in prompts for k in range(v.num_images)],
+                    steps=v.steps, guidance=[v.guidance_scale or s.default_guidance for s in stages],
+                    autocast_dtype=DTYPES[cfg.train.mixed_precision],
+                )
             rows = [[upscale_for_viewing(im) for im in images[i * v.num_images : (i + 1) * v.num_images]] for i in range(len(prompts))]
             out = layout.samples(stage.name) / f"step-{step:06d}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             image_grid(rows, prompts).save(out)
-        scores = evaluator(step) if evaluator is not None and (done or step % cfg.eval.eval_every == 0) else None
-        stage.unet.train()
+        if evaluator is not None and (done or step % cfg.eval.eval_every == 0):
+            with text_encoders_on(stages, accelerator.device):
+                scores = evaluator(step)
+        else:
+            scores = None
+        stage.denoiser.train()
         return scores
 
     return validate
+
+
+@contextlib.contextmanager
+def text_encoders_on(stages: list[Stage], device):
+    """Bring text encoders that training left off the device (prompts cached) back for sampling, then return them."""
+    encoders = [m for s in stages for name, m in s.pipeline.components.items() if is_text_encoder(name) and isinstance(m, torch.nn.Module)]
+    homes = [next(m.parameters()).device for m in encoders]
+    for module in encoders:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in zip(encoders, homes):
+            module.to(home)
 
 
 def _evaluator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subject, photos: list[LoadedImage], embedders) -> TrainingEvaluator:
@@ -220,16 +254,20 @@ def _evaluator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subje
     return evaluator
 
 
-def _record_run(layout, cfg, source: ModelSource, subject: Subject, trained, *, status: str, main: bool, outputs=None) -> None:
-    if not main:
-        return
-    write_json(layout.run_info, {
+def _record_run(layout, cfg, source: ModelSource, subject: Subject, trained, *, status: str, main: bool, outputs=None) -> dict:
+    """Write run.json: what a later `generate`, `eval` or `export` needs to know about the run."""
+    info = {
         "identifier": subject.identifier,
         "class_noun": subject.class_noun,
         "instance_prompt": subject.fill(cfg.subject.instance_prompt),
         "model": {"source": cfg.model.source, "family": source.family, "base": source.base, "sr": source.sr},
         "stages": [s.name for s in trained],
+        "resolution": {s.name: s.resolution for s in trained},
+        "steps": {s.name: (cfg.cascade.sr_max_steps or cfg.train.max_steps) if s.name == "sr" else cfg.train.max_steps for s in trained},
         "method": "lora" if cfg.lora.rank is not None else "full",
         "status": status,
         "outputs": outputs or {},
-    })
+    }
+    if main:
+        write_json(layout.run_info, info)
+    return info

@@ -30,7 +30,7 @@ def test_both_stages_fine_tune_and_reload_in_stock_if_pipelines(tiny_cascade: Pa
     assert not list((run / "class_images").glob("*.png"))
     frozen = load_if(str(tiny_cascade / "stage_1"), str(tiny_cascade / "stage_2"))
     manifest = read_json(run / "class_images" / "sr" / "manifest.json")
-    assert manifest["spec"]["model"] == model_fingerprint(*(s.unet for s in frozen))  # not the fine-tuned base's
+    assert manifest["spec"]["model"] == model_fingerprint(*(s.denoiser for s in frozen))  # not the fine-tuned base's
     base = IFPipeline.from_pretrained(run / "pipeline" / "stage_1", safety_checker=None, watermarker=None, feature_extractor=None)
     sr = IFSuperResolutionPipeline.from_pretrained(run / "pipeline" / "stage_2", safety_checker=None, watermarker=None, feature_extractor=None)
     low = base("a cube", num_inference_steps=2, output_type="pt", clean_caption=False).images
@@ -76,10 +76,10 @@ def test_super_resolution_trains_on_the_inputs_it_samples_with(tiny_cascade: Pat
     _, sr = load_if(str(tiny_cascade / "stage_1"), str(tiny_cascade / "stage_2"), noise_level_range=(level, level + 1))
     images = [Image.open(p).convert("RGB") for p in sorted(photos.glob("*.png"))]
     data = TrainingSet(encode_examples(sr, images, ["a xon cube"] * len(images)))
-    batch = sample_batch(data, sr.tokenizer, step=0, micro=0, accumulation=1, rank=0, world=1, batch_size=4, seed=0)
+    batch = sample_batch(data, sr.tokenize, step=0, micro=0, accumulation=1, rank=0, world=1, batch_size=4, seed=0)
 
     training_calls: list = []
-    _record_unet_inputs(sr.unet, training_calls)
+    _record_unet_inputs(sr.denoiser, training_calls)
     with torch.no_grad():
         compute_loss(sr, batch, prior_weight=0.0)
     (train,) = training_calls

@@ -20,6 +20,8 @@ from dreambooth.identifier import (
     default_id_range,
 )
 
+from tiny_models import tiny_clip_tokenizer
+
 COMMON = ["dog", "cat", "the", "blue", "red", "on", "beach", "in", "of", "and", "with", "photo", "green",
           "cube", "toy", "bag", "teddy", "bear", "sks"]  # fmt: skip
 RARE = ["zyk", "qoz", "vup", "jix", "wuq", "gux", "quv", "yix"]  # all Zipf 0.0
@@ -234,3 +236,146 @@ def test_check_warns_about_unknown_words() -> None:
 def test_check_rejects_an_empty_identifier(clip: CLIPTokenizer) -> None:
     with pytest.raises(ValueError, match="empty"):
         check_identifier(clip, "  ", "dog")
+
+
+# Several text encoders (SDXL, SD3, FLUX): one identifier must be one rare token in every tokenizer.
+
+
+def sdxl_tokenizers() -> list[CLIPTokenizer]:
+    """Fresh copies of the tiny SDXL's tokenizer and tokenizer_2: two vocabularies, other ids and sizes."""
+    return [tiny_clip_tokenizer(0), tiny_clip_tokenizer(1, pad_token="!")]
+
+
+@pytest.fixture(scope="module")
+def sdxl() -> list[CLIPTokenizer]:
+    return sdxl_tokenizers()
+
+
+@pytest.fixture(scope="module", params=["sdxl", "sdxl_reversed", "clip_t5", "t5_clip_byte_level"])
+def tokenizers(request: pytest.FixtureRequest, clip: CLIPTokenizer) -> list[PreTrainedTokenizerBase]:
+    builders = {
+        "sdxl": sdxl_tokenizers,
+        "sdxl_reversed": lambda: sdxl_tokenizers()[::-1],
+        "clip_t5": lambda: [clip, build_t5_tokenizer()],  # FLUX: CLIP + T5
+        "t5_clip_byte_level": lambda: [build_t5_tokenizer(), clip, build_byte_level_bpe_tokenizer()],
+    }
+    return builders[request.param]()
+
+
+def split_message(word: str, tokenizers: list[PreTrainedTokenizerBase]) -> str:
+    """The start of check_identifier's message for `word` split unevenly by two tokenizers."""
+    first, second = (tokenizer.tokenize(word) for tokenizer in tokenizers)
+    counts = [f"{len(pieces)} token{'s' if len(pieces) > 1 else ''}" for pieces in (first, second)]
+    return f"'{word}' is {counts[0]} {first} in tokenizer 1 but {counts[1]} {second} in tokenizer 2:"
+
+
+def test_single_tokenizer_choices_are_unchanged(sdxl: list[CLIPTokenizer]) -> None:
+    # Golden values from choose_identifier before it took several tokenizers.
+    tokenizer = sdxl[0]
+    assert [choose_identifier(tokenizer, "dog", seed=seed).text for seed in range(6)] == [
+        "fep", "mok", "lom", "tep", "lom", "tep"
+    ]  # fmt: skip
+    assert [choose_identifier(tokenizer, "dog", seed=seed, num_tokens=3).text for seed in range(3)] == [
+        "fep xon qak", "mok wug ure", "lom zor wug"
+    ]  # fmt: skip
+    identifier = choose_identifier(tokenizer, "dog", num_tokens=2)
+    assert (identifier.token_ids, identifier.id_range, identifier.pool_size) == ((226, 240), (50, 317), 16)
+    assert identifier.token_ids_per_tokenizer == (identifier.token_ids,)
+
+
+def test_a_list_of_one_tokenizer_is_that_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    for seed in range(3):
+        assert choose_identifier([tokenizer], "dog", seed=seed) == choose_identifier(
+            tokenizer, "dog", seed=seed
+        )
+    words = "zyk blue sks xyzzy zyk1"
+    assert check_identifier((tokenizer,), words, "dog") == check_identifier(tokenizer, words, "dog")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 3])
+def test_identifier_is_one_token_in_every_tokenizer(
+    tokenizers: list[PreTrainedTokenizerBase], num_tokens: int
+) -> None:
+    for seed in range(4):
+        identifier = choose_identifier(tokenizers, "dog", num_tokens=num_tokens, seed=seed)
+        assert len(identifier.token_ids_per_tokenizer) == len(tokenizers)
+        assert identifier.token_ids_per_tokenizer[0] == identifier.token_ids
+        low, high = identifier.id_range
+        assert all(low <= token_id <= high for token_id in identifier.token_ids)  # rare in the first
+        for tokenizer, token_ids in zip(tokenizers, identifier.token_ids_per_tokenizer, strict=True):
+            # "a [V] dog" is "a dog" with exactly the identifier's k tokens inserted, in each tokenizer.
+            reference, prompt = ids_of(tokenizer, "a dog"), ids_of(tokenizer, f"a {identifier.text} dog")
+            position = prompt.index(token_ids[0])
+            assert prompt[position : position + num_tokens] == list(token_ids)
+            assert prompt[:position] + prompt[position + num_tokens :] == reference
+        assert check_identifier(tokenizers, identifier.text, "dog") == []
+
+
+def test_same_seed_and_tokenizers_choose_the_same_identifier() -> None:
+    for seed in range(4):
+        first = choose_identifier(sdxl_tokenizers(), "dog", num_tokens=2, seed=seed)
+        assert choose_identifier(sdxl_tokenizers(), "dog", num_tokens=2, seed=seed) == first
+        assert first.seed == seed
+    texts = {choose_identifier(sdxl_tokenizers(), "dog", seed=seed).text for seed in range(8)}
+    assert len(texts) > 1
+
+
+def test_a_word_whole_in_the_first_tokenizer_only_is_never_chosen(sdxl: list[CLIPTokenizer]) -> None:
+    tokenizer, tokenizer_2 = sdxl
+    # "ilt" (from "quilt") is a whole word in tokenizer_2's vocabulary only.
+    assert len(tokenizer.tokenize("ilt")) > 1
+    only = tokenizer_2.convert_tokens_to_ids("ilt</w>")
+    assert choose_identifier(tokenizer_2, "dog", id_range=(only, only)).text == "ilt"
+    message = (
+        f"Found 1 identifier candidates in token ids {only}-{only} of tokenizer 1 .*; 0 of them are also "
+        r"one whole token in 'a \[V\] dog' in every other tokenizer \(tokenizer 2 keeps 0\); need 1: .*"
+        "your own identifier"
+    )
+    with pytest.raises(ValueError, match=message):
+        choose_identifier([tokenizer_2, tokenizer], "dog", id_range=(only, only))
+    alone = choose_identifier(tokenizer_2, "dog")
+    for seed in range(8):
+        both = choose_identifier([tokenizer_2, tokenizer], "dog", seed=seed)
+        assert both.pool_size == alone.pool_size - 1
+        assert both.text != "ilt"
+
+
+def test_check_warns_when_tokenizers_split_a_word_differently(sdxl: list[CLIPTokenizer]) -> None:
+    tokenizer, tokenizer_2 = sdxl
+    assert check_identifier(tokenizer_2, "ilt", "dog") == []
+    assert "'ilt' becomes 3 tokens" in check_identifier(tokenizer, "ilt", "dog")[0]
+    # Together: one message that shows both splits, not one per tokenizer.
+    (problem,) = check_identifier(sdxl, "ilt", "dog")
+    assert problem.startswith(split_message("ilt", sdxl))
+    assert "one token in every tokenizer" in problem
+    (problem,) = check_identifier(sdxl[::-1], "ilt", "dog")
+    assert problem.startswith(split_message("ilt", sdxl[::-1]))
+    # "zebra" is one token in tokenizer_2 only, and a common word in any tokenizer: said once.
+    split, common = check_identifier(sdxl, "zebra", "dog")
+    assert split.startswith(split_message("zebra", sdxl))
+    assert "common English word" in common
+    # Tokenizers that split a word alike are named together.
+    (problem,) = check_identifier([tokenizer, tokenizer_2, tokenizer_2], "ilt", "dog")
+    assert "but 1 token ['ilt</w>'] in tokenizers 2 and 3:" in problem
+
+
+def test_check_reports_a_problem_shared_by_tokenizers_once(
+    sdxl: list[CLIPTokenizer], clip: CLIPTokenizer
+) -> None:
+    (problem,) = check_identifier(sdxl, "xyzzy", "dog")
+    assert problem.startswith("In tokenizers 1 and 2, 'xyzzy' becomes 5 tokens")
+    words = "zyk blue sks xyzzy zyk1"
+    alone = check_identifier(clip, words, "dog")
+    thrice = check_identifier([clip, clip, clip], words, "dog")
+    assert len(thrice) == len(set(thrice)) == len(alone) == 5
+    assert [p.removeprefix("In tokenizers 1, 2 and 3, ") for p in thrice] == alone
+    word_level = [build_word_level_tokenizer(COMMON + RARE), build_word_level_tokenizer(RARE + COMMON)]
+    (problem,) = check_identifier(word_level, "plok", "dog")
+    assert problem.startswith("In tokenizers 1 and 2, 'plok' is not in the vocabulary")
+
+
+def test_no_tokenizers_is_an_error() -> None:
+    with pytest.raises(ValueError, match="No tokenizers given"):
+        choose_identifier([], "dog")
+    with pytest.raises(ValueError, match="No tokenizers given"):
+        check_identifier([], "zyk", "dog")

@@ -16,7 +16,7 @@ from dreambooth.prior import MANIFEST, ClassImageSpec, ensure_class_images, mode
 @pytest.fixture
 def setup(tiny_sd: Path, monkeypatch: pytest.MonkeyPatch):
     stage = load_sd(str(tiny_sd))[0]
-    spec = ClassImageSpec(model_fingerprint(stage.unet), "a dog", stage.resolution, "dpm++", 2, (7.5,))
+    spec = ClassImageSpec(model_fingerprint(stage.denoiser), "a dog", stage.resolution, "dpm++", 2, (7.5,))
     generated: list[int] = []
     real_generate = prior.generate
 
@@ -68,7 +68,7 @@ def test_images_of_unknown_origin_are_not_used_silently(setup, tmp_path: Path) -
 
 
 def test_fingerprint_changes_with_the_weights(tiny_sd: Path) -> None:
-    unet = load_sd(str(tiny_sd))[0].unet
+    unet = load_sd(str(tiny_sd))[0].denoiser
     before = model_fingerprint(unet)
     with __import__("torch").no_grad():
         next(unet.parameters()).add_(1.0)

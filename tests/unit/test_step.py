@@ -10,7 +10,7 @@ from PIL import Image
 
 from dreambooth.data.training_set import TrainingSet, encode_captions, encode_examples, sample_batch
 from dreambooth.models.sd import load_sd
-from dreambooth.models.spec import training_target
+from dreambooth.models.ddpm import training_target
 from dreambooth.seeding import RowRandom
 from dreambooth.training.step import compute_loss
 
@@ -24,13 +24,13 @@ def _data(stage, photos: Path, with_classes: bool = True) -> TrainingSet:
 
 def _batch(data, stage, **kwargs):
     defaults = dict(step=0, micro=0, accumulation=1, rank=0, world=1, batch_size=2, seed=0)
-    return sample_batch(data, stage.tokenizer, **{**defaults, **kwargs})
+    return sample_batch(data, stage.tokenize, **{**defaults, **kwargs})
 
 
 def test_loss_falls_when_overfitting_one_batch(tiny_sd: Path, photos: Path) -> None:
     stage = load_sd(str(tiny_sd))[0]
     batch = _batch(_data(stage, photos), stage)
-    optimizer = torch.optim.AdamW(stage.unet.parameters(), lr=2e-3)
+    optimizer = torch.optim.AdamW(stage.denoiser.parameters(), lr=2e-3)
     losses = []
     for _ in range(40):
         loss, _ = compute_loss(stage, batch, prior_weight=1.0)
@@ -55,7 +55,7 @@ def test_prior_term_is_weighted_and_split_by_rows(tiny_sd: Path, photos: Path) -
 def test_target_follows_the_schedulers_parameterisation(fixture: str, request, photos: Path, monkeypatch) -> None:
     """A denoiser that outputs the true target gets zero loss: epsilon for SD 1.x, v for SD 2.x."""
     stage = load_sd(str(request.getfixturevalue(fixture)))[0]
-    kind = stage.noise_scheduler.config.prediction_type
+    kind = stage.objective.prediction_type
     assert kind == ("epsilon" if fixture == "tiny_sd" else "v_prediction")
     batch = _batch(_data(stage, photos, with_classes=False), stage)
 
@@ -63,7 +63,7 @@ def test_target_follows_the_schedulers_parameterisation(fixture: str, request, p
         replay = RowRandom(batch.seeds)  # the step's own draws, in the step's order
         x0 = stage.sample_x0(encoded, replay)
         noise = replay.randn(tuple(x0.shape[1:]))
-        alpha_bar = stage.noise_scheduler.alphas_cumprod[t][:, None, None, None]
+        alpha_bar = stage.objective.scheduler.alphas_cumprod[t][:, None, None, None]
         assert torch.allclose(noisy, alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise, atol=1e-5)
         return noise if kind == "epsilon" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
 
@@ -75,9 +75,9 @@ def test_target_follows_the_schedulers_parameterisation(fixture: str, request, p
 
 def test_unknown_parameterisation_is_refused(tiny_sd: Path) -> None:
     stage = load_sd(str(tiny_sd))[0]
-    stage.noise_scheduler.register_to_config(prediction_type="flow")
+    stage.objective.scheduler.register_to_config(prediction_type="flow")
     with pytest.raises(ValueError, match="unsupported prediction_type 'flow'"):
-        training_target(stage.noise_scheduler, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        training_target(stage.objective.scheduler, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
 
 
 def test_batches_are_the_same_however_the_global_batch_is_split(tiny_sd: Path, photos: Path) -> None:

@@ -165,6 +165,23 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
 
 
+def center_crop_framing(size_wh: tuple[int, int], size: int, *, flipped: bool = False) -> tuple[int, int, int, int]:
+    """Where `resize_center_crop` took its square, as SDXL's micro-conditioning describes a crop.
+
+    Returns:
+        (original height, original width, crop top, crop left): the crop's top-left corner in the
+        image resized so that its shorter side is `size`, as SDXL's training scripts measure it;
+        mirrored horizontally when the crop is flipped.
+    """
+    width, height = size_wh
+    scale = size / min(width, height)
+    resized_w, resized_h = round(width * scale), round(height * scale)
+    top, left = round((resized_h - size) / 2), round((resized_w - size) / 2)
+    if flipped:
+        left = resized_w - size - left
+    return height, width, top, left
+
+
 def warn_small_images(images: Sequence[LoadedImage], size: int) -> None:
     """Log a warning naming the images whose shorter side is below the training resolution.
 

@@ -8,6 +8,7 @@ processes yields the same rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -15,8 +16,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from dreambooth.data.images import resize_center_crop, to_tensor
-from dreambooth.models.spec import Encoded, Stage, tokenize
+from dreambooth.data.images import center_crop_framing, resize_center_crop, to_tensor
+from dreambooth.models.spec import Encoded, Stage, TextConditioning, Tokens
 from dreambooth.seeding import derive_seed
 
 
@@ -36,8 +37,8 @@ class Examples:
 class TrainingSet:
     instance: Examples
     classes: Examples | None = None
-    text_cache: dict[str, Tensor] | None = None
-    """Caption -> text embedding [seq, d], when the text encoder is frozen."""
+    text_cache: dict[str, TextConditioning] | None = None
+    """Caption -> its (unbatched) text conditioning, when the text encoders are frozen."""
 
 
 @dataclass
@@ -48,9 +49,9 @@ class Batch:
     seeds: list[int]
     n_instance: int
     n_class: int
-    text: Tensor | None = None
-    """Cached text embeddings [b, seq, d]; None when the text encoder runs (see `tokens`)."""
-    tokens: dict[str, Tensor] | None = None
+    text: TextConditioning | None = None
+    """Cached text conditioning of the rows; None when the text encoders run (see `tokens`)."""
+    tokens: Tokens | None = None
 
     def to(self, device: torch.device) -> Batch:
         move = lambda d: {k: v.to(device) for k, v in d.items()} if d is not None else None  # noqa: E731
@@ -60,30 +61,37 @@ class Batch:
 
 @torch.no_grad()
 def encode_examples(stage: Stage, images: list[Image.Image], captions: list[str], *, flip: bool = False, chunk: int = 16) -> Examples:
-    """Resize/crop images to the stage's resolution and encode them (both orientations if `flip`)."""
-    pixels = to_tensor([resize_center_crop(image, stage.resolution) for image in images])  # [n, 3, r, r]
-    if flip:  # a random flip is a uniform draw over both orientations
-        pixels, captions = torch.cat([pixels, pixels.flip(-1)]), captions + captions
-    parts = [stage.encode_images(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)]
-    encoded = {key: torch.cat([p[key].cpu() for p in parts]) for key in parts[0]}
-    return Examples(encoded, list(captions))
+    """Resize/crop images to the stage's resolution and encode them (both orientations if `flip`).
+
+    Each image's framing (original size, crop) is encoded with it, for families that condition on it.
+    """
+    views = [(image, False) for image in images] + ([(image, True) for image in images] if flip else [])
+    parts = []
+    for i in range(0, len(views), chunk):  # a random flip is a uniform draw over both orientations
+        part = views[i : i + chunk]
+        pixels = to_tensor([resize_center_crop(image, stage.resolution) for image, _ in part])  # [n, 3, r, r]
+        pixels = torch.stack([p.flip(-1) if flipped else p for p, (_, flipped) in zip(pixels, part)])
+        framing = torch.tensor([center_crop_framing(image.size, stage.resolution, flipped=flipped) for image, flipped in part])
+        parts.append({key: value.cpu() for key, value in stage.encode_images(pixels, framing).items()})
+    encoded = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    return Examples(encoded, list(captions) + (list(captions) if flip else []))
 
 
 @torch.no_grad()
-def encode_captions(stage: Stage, captions: list[str], chunk: int = 64) -> dict[str, Tensor]:
-    """Text embeddings of each distinct caption (plus the empty one, for caption dropout)."""
+def encode_captions(stage: Stage, captions: list[str], chunk: int = 64) -> dict[str, TextConditioning]:
+    """Text conditioning of each distinct caption (plus the empty one, for caption dropout)."""
     unique = sorted(set(captions) | {""})
-    cache: dict[str, Tensor] = {}
+    cache: dict[str, TextConditioning] = {}
     for i in range(0, len(unique), chunk):
         part = unique[i : i + chunk]
-        embeddings = stage.encode_text(tokenize(stage.tokenizer, part)).float().cpu()
-        cache.update(zip(part, embeddings))
+        conditioning = stage.encode_text(stage.tokenize(part)).to("cpu", torch.float32)
+        cache.update(zip(part, conditioning.unbind()))
     return cache
 
 
 def sample_batch(
-    data: TrainingSet, tokenizer, *, step: int, micro: int, accumulation: int, rank: int, world: int,
-    batch_size: int, seed: int, caption_dropout: float = 0.0,
+    data: TrainingSet, tokenize: Callable[[list[str]], Tokens], *, step: int, micro: int, accumulation: int, rank: int,
+    world: int, batch_size: int, seed: int, caption_dropout: float = 0.0,
 ) -> Batch:
     """This process's share of the global batch of (step, micro-step)."""
     global_size = batch_size * world
@@ -101,8 +109,8 @@ def sample_batch(
     encoded = {key: torch.cat([part[key] for part in encoded_parts]) for key in encoded_parts[0]}
     n_class = batch_size if data.classes is not None else 0
     if data.text_cache is not None:
-        return Batch(encoded, seeds, batch_size, n_class, text=torch.stack([data.text_cache[c] for c in captions]))
-    return Batch(encoded, seeds, batch_size, n_class, tokens=tokenize(tokenizer, captions))
+        return Batch(encoded, seeds, batch_size, n_class, text=TextConditioning.stack([data.text_cache[c] for c in captions]))
+    return Batch(encoded, seeds, batch_size, n_class, tokens=tokenize(captions))
 
 
 def _pick(n: int, position: int, seed: int, kind: str) -> int:

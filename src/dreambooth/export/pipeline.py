@@ -1,52 +1,63 @@
-"""Writing a fine-tuned model: LoRA weights for `load_lora_weights`, and full diffusers pipelines."""
+"""Writing a fine-tuned model at the end of training: LoRA weights, full pipelines, single files.
+
+`dreambooth export` writes the same formats later from a run folder (export/command.py); both
+call the same format functions.
+"""
 
 from __future__ import annotations
 
 import logging
 
 import torch
-from diffusers import StableDiffusionPipeline
 
+from dreambooth.export.formats import KOHYA_FAMILIES
+from dreambooth.export.metadata import export_metadata
 from dreambooth.export.single_file import export_lora_kohya, export_single_file
 from dreambooth.layout import RunLayout
-from dreambooth.models.lora import has_lora, merge_lora, save_lora
-from dreambooth.models.spec import Stage
+from dreambooth.models.lora import LORA_FILE, lora_modules, merge_lora, save_lora
+from dreambooth.models.spec import Family, Stage
 
 logger = logging.getLogger(__name__)
 
 
-def export_run(stages: list[Stage], layout: RunLayout, *, cascade: bool, save_pipeline: bool, save_single_file: bool = False) -> dict[str, str]:
+def export_run(
+    stages: list[Stage], layout: RunLayout, family: Family, *, save_pipeline: bool, save_single_file: bool = False,
+    run_info: dict | None = None,
+) -> dict[str, str]:
     """Save every stage's LoRA adapters, then (if asked) each stage's full fp32 pipeline.
 
     LoRA adapters are merged into the base weights for the full pipeline, so it loads with
     `from_pretrained` alone. Untrained stages of a cascade are saved too: the pipeline folder is
-    a complete model. Stable Diffusion LoRAs are also written in kohya's format, and with
-    `save_single_file` the model as one checkpoint, for the common UIs. Returns what was written.
+    a complete model. LoRAs of families the UIs load are also written in kohya's layout, and
+    with `save_single_file` the model as one checkpoint; `run_info` (run.json) becomes their
+    header metadata. Returns what was written.
     """
-    written: dict[str, str] = {}
+    cascade, written = family.cascade, {}
+    lora_metadata = export_metadata(run_info, lora=True) if run_info else None
     for stage in stages:
-        if has_lora(stage.unet) or has_lora(stage.text_encoder):
+        if lora_modules(stage):
             out = layout.lora(stage.name, cascade)
             written[f"lora/{stage.name}"] = str(save_lora(stage, out))
-            if isinstance(stage.pipeline, StableDiffusionPipeline):
-                kohya = export_lora_kohya(out / "pytorch_lora_weights.safetensors", out / "lora_kohya.safetensors", base=stage.pipeline)
+            if family.name in KOHYA_FAMILIES:
+                kohya = export_lora_kohya(out / LORA_FILE, out / "lora_kohya.safetensors", base=stage.pipeline, metadata=lora_metadata)
                 written[f"lora-kohya/{stage.name}"] = str(kohya)
     for stage in stages:
         if save_pipeline or save_single_file:
             merge_lora(stage)
-            _to_fp32_cpu(stage.pipeline)
+            to_fp32_cpu(stage.pipeline)
         if save_pipeline:
             out = layout.pipeline_stage(stage.name, cascade)
             stage.pipeline.save_pretrained(out, safe_serialization=True)
             written[f"pipeline/{stage.name}"] = str(out)
         if save_single_file:
-            written["single-file"] = str(export_single_file(stage.pipeline, layout.single_file))
+            metadata = export_metadata(run_info) if run_info else None
+            written["single-file"] = str(export_single_file(stage.pipeline, layout.single_file, torch.float16, metadata=metadata))
     for name, path in written.items():
         logger.info("wrote %s: %s", name, path)
     return written
 
 
-def _to_fp32_cpu(pipeline) -> None:
+def to_fp32_cpu(pipeline) -> None:
     """Bring mixed-precision frozen parts back to fp32 on CPU for saving."""
     pipeline.to("cpu")
     for component in pipeline.components.values():

@@ -10,21 +10,22 @@ instead, so their model meets different inputs at sampling time.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
+from diffusers import IFPipeline, IFSuperResolutionPipeline
 from torch import Tensor, nn
 
-from dreambooth.config import SR_NOISE_LEVELS
-from dreambooth.models.spec import Encoded, LoraTargets
+from dreambooth.config import SR_NOISE_LEVELS, ModelConfig
+from dreambooth.models.ddpm import DDPMObjective
+from dreambooth.models.spec import Encoded, Family, Framing, ModelSource, TextConditioning, Tokens, tokenize
 from dreambooth.seeding import RowRandom
 
-LORA_TARGETS = LoraTargets(
-    unet=("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"),
-    text_encoder=("q", "k", "v", "o"),
-)
+LORA_TARGETS = {
+    "unet": ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"),
+    "text_encoder": ("q", "k", "v", "o"),
+}
 _NO_SAFETY = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
 
 
@@ -38,10 +39,10 @@ def upscale(lowres: Tensor, size: int) -> Tensor:
     return F.interpolate(lowres, (size, size), mode="bilinear", align_corners=True)
 
 
-def _encode_t5(text_encoder: nn.Module, tokens: dict[str, Tensor]) -> Tensor:
+def _encode_t5(text_encoder: nn.Module, tokens: Tokens) -> TextConditioning:
     # IFPipeline.encode_prompt passes the attention mask and takes the last hidden state.
     device = next(text_encoder.parameters()).device
-    return text_encoder(tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))[0]
+    return TextConditioning(text_encoder(tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))[0])
 
 
 def _epsilon(output: Tensor, channels: int) -> Tensor:
@@ -55,16 +56,17 @@ class _IFStage:
     """What both stages of a cascade share: a pipeline, its T5 text encoder, pixels as x0."""
 
     pipeline: IFPipeline | IFSuperResolutionPipeline
-    unet: nn.Module
-    text_encoder: nn.Module
-    noise_scheduler: DDPMScheduler
+    denoiser: nn.Module
+    text_encoders: dict[str, nn.Module]
+    objective: DDPMObjective
     name: str
     default_guidance: float
-    lora_targets: LoraTargets = LORA_TARGETS
+    denoiser_name: str = "unet"
+    lora_targets: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(LORA_TARGETS))
 
     @property
-    def tokenizer(self):
-        return self.pipeline.tokenizer
+    def tokenizers(self) -> tuple:
+        return (self.pipeline.tokenizer,)
 
     @property
     def resolution(self) -> int:
@@ -73,11 +75,14 @@ class _IFStage:
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {}
 
+    def tokenize(self, prompts: list[str]) -> Tokens:
+        return tokenize(self.pipeline.tokenizer, prompts)
+
     def sample_x0(self, encoded: Encoded, rng: RowRandom) -> Tensor:
         return encoded["pixels"]
 
-    def encode_text(self, tokens: dict[str, Tensor]) -> Tensor:
-        return _encode_t5(self.text_encoder, tokens)
+    def encode_text(self, tokens: Tokens) -> TextConditioning:
+        return _encode_t5(self.text_encoders["text_encoder"], tokens)
 
 
 @dataclass(kw_only=True)
@@ -88,11 +93,11 @@ class IFBaseStage(_IFStage):
     name: str = "base"
     default_guidance: float = 7.0
 
-    def encode_images(self, pixels: Tensor) -> Encoded:
+    def encode_images(self, pixels: Tensor, framing: Framing) -> Encoded:
         return {"pixels": pixels.float()}
 
-    def predict(self, noisy: Tensor, t: Tensor, text: Tensor, encoded: Encoded, rng: RowRandom) -> Tensor:
-        return _epsilon(self.unet(noisy, t, encoder_hidden_states=text).sample, noisy.shape[1])
+    def predict(self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom) -> Tensor:
+        return _epsilon(self.denoiser(noisy, level, encoder_hidden_states=text.sequence).sample, noisy.shape[1])
 
 
 @dataclass(kw_only=True)
@@ -105,7 +110,7 @@ class IFSuperResStage(_IFStage):
     name: str = "sr"
     default_guidance: float = 4.0
 
-    def encode_images(self, pixels: Tensor) -> Encoded:
+    def encode_images(self, pixels: Tensor, framing: Framing) -> Encoded:
         # The low-res input is the real photo seen at the base stage's resolution.
         return {"pixels": pixels.float(), "lowres": downsample(pixels.float(), self.low_resolution)}
 
@@ -117,10 +122,11 @@ class IFSuperResStage(_IFStage):
         noise = rng.randn(tuple(upscaled.shape[1:])).to(upscaled)
         return self.pipeline.image_noising_scheduler.add_noise(upscaled, noise, level), level
 
-    def predict(self, noisy: Tensor, t: Tensor, text: Tensor, encoded: Encoded, rng: RowRandom) -> Tensor:
-        augmented, level = self.condition(encoded["lowres"], rng)
+    def predict(self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom) -> Tensor:
+        augmented, augmentation = self.condition(encoded["lowres"], rng)
         model_input = torch.cat([noisy, augmented.to(noisy)], dim=1)  # [b, 6, H, W], as the pipeline builds it
-        return _epsilon(self.unet(model_input, t, encoder_hidden_states=text, class_labels=level).sample, noisy.shape[1])
+        output = self.denoiser(model_input, level, encoder_hidden_states=text.sequence, class_labels=augmentation).sample
+        return _epsilon(output, noisy.shape[1])
 
 
 def load_if(source: str, sr_source: str | None = None, *, noise_level_range: tuple[int, int] = SR_NOISE_LEVELS, revision: str | None = None, variant: str | None = None) -> list:
@@ -137,5 +143,12 @@ def load_if(source: str, sr_source: str | None = None, *, noise_level_range: tup
 
 def _components(pipeline: IFPipeline | IFSuperResolutionPipeline) -> dict:
     # Training noises with DDPM from the pipeline's config, whatever scheduler sampling is given.
-    return dict(pipeline=pipeline, unet=pipeline.unet, text_encoder=pipeline.text_encoder,
-                noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config))
+    return dict(pipeline=pipeline, denoiser=pipeline.unet, text_encoders={"text_encoder": pipeline.text_encoder},
+                objective=DDPMObjective.from_config(pipeline.scheduler.config))
+
+
+def _load(source: ModelSource, cfg: ModelConfig, sr_noise_levels: tuple[int, int] = SR_NOISE_LEVELS) -> list:
+    return load_if(source.base, source.sr, noise_level_range=sr_noise_levels, revision=cfg.revision, variant=cfg.variant)
+
+
+FAMILY = Family(name="if", pipeline_classes=("IFPipeline",), load=_load, text_encoders=("text_encoder",), cascade=True)

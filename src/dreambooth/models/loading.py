@@ -1,39 +1,27 @@
 """From a model source (hub id, folder, single file, cascade, run folder) to trainable stages.
 
-A family is recognised from the pipeline class in `model_index.json`; each family module loads
-its own stages. Every source problem is reported before any weights are read.
+A family is recognised from the pipeline class in `model_index.json` (a single file: from its
+keys, or from its `--model-config` folder); each family module loads its own stages. Every
+source problem is reported before any weights are read. Adding a family adds one entry to
+`FAMILIES`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-from dreambooth.config import SR_NOISE_LEVELS, ModelConfig
+from dreambooth.config import SR_NOISE_LEVELS, ModelConfig, RunConfig
+from dreambooth.models import deepfloyd_if, sd, sdxl
+from dreambooth.models._latent import SINGLE_FILE_SUFFIXES
 from dreambooth.models.builtin import BUILTIN_MODELS
+from dreambooth.models.spec import Family, ModelSource
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": "sd",
-    "IFPipeline": "if",
-}
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A resolved model source: which family, and where each stage's pipeline lives."""
-
-    family: str
-    base: str
-    sr: str | None = None
-
-    @property
-    def is_cascade(self) -> bool:
-        return self.family == "if"
+FAMILIES: dict[str, Family] = {family.name: family for family in (sd.FAMILY, sdxl.FAMILY, deepfloyd_if.FAMILY)}
+PIPELINE_FAMILIES = {cls: family.name for family in FAMILIES.values() for cls in family.pipeline_classes}
 
 
 def resolve_source(cfg: ModelConfig) -> ModelSource:
@@ -47,7 +35,7 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     source = str(builtin.path) if builtin is not None else cfg.source
     path = Path(source).expanduser()
     if path.suffix in SINGLE_FILE_SUFFIXES:
-        return ModelSource("sd", _check_single_file(path, cfg))
+        return ModelSource(_single_file_family(_check_single_file(path, cfg), cfg), str(path))
     if path.is_dir():
         return _resolve_folder(path, cfg.sr_source)
     if path.exists():
@@ -92,7 +80,7 @@ def _family(class_name: str, source: str) -> str:
     return PIPELINE_FAMILIES[class_name]
 
 
-def _check_single_file(path: Path, cfg: ModelConfig) -> str:
+def _check_single_file(path: Path, cfg: ModelConfig) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"model checkpoint {str(path)!r} does not exist")
     if path.suffix == ".ckpt":
@@ -102,7 +90,33 @@ def _check_single_file(path: Path, cfg: ModelConfig) -> str:
                 "Prefer a .safetensors file; if you trust this file, pass --allow-pickle"
             )
         logger.warning("loading pickle checkpoint %s: only do this for files you trust", path)
-    return str(path)
+    return path
+
+
+def _single_file_family(path: Path, cfg: ModelConfig) -> str:
+    """The family of a single-file checkpoint: its --model-config folder's, else the one whose keys it has."""
+    if cfg.single_file_config is not None:
+        index = Path(cfg.single_file_config) / "model_index.json"
+        if not index.is_file():
+            raise ValueError(f"--model-config {cfg.single_file_config!r} is not a diffusers pipeline folder (no model_index.json)")
+        return _family(json.loads(index.read_text())["_class_name"], cfg.single_file_config)
+    if path.suffix != ".safetensors":
+        return "sd"  # a pickle's keys cannot be read without unpickling it; SD is what .ckpt files hold
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception as error:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"model checkpoint {str(path)!r} is not a readable .safetensors file ({error})") from error
+    singles = [f for f in FAMILIES.values() if f.single_file_marker is not None]
+    for family in singles:
+        if any(key.startswith(family.single_file_marker) for key in keys):
+            return family.name
+    raise ValueError(
+        f"{str(path)!r} is not a single-file checkpoint of a family this tool trains "
+        f"({', '.join(f.name for f in singles)}); pass --model-config DIR naming a diffusers folder of its architecture"
+    )
 
 
 def _looks_local(source: str) -> bool:
@@ -112,10 +126,22 @@ def _looks_local(source: str) -> bool:
 
 def load_stages(source: ModelSource, cfg: ModelConfig, noise_level_range: tuple[int, int] = SR_NOISE_LEVELS) -> list:
     """Load every stage of `source` in fp32 on CPU."""
-    if source.family == "sd":
-        from dreambooth.models.sd import load_sd
+    return FAMILIES[source.family].load(source, cfg, noise_level_range)
 
-        return load_sd(source.base, single_file_config=cfg.single_file_config, revision=cfg.revision, variant=cfg.variant)
-    from dreambooth.models.deepfloyd_if import load_if
 
-    return load_if(source.base, source.sr, noise_level_range=noise_level_range, revision=cfg.revision, variant=cfg.variant)
+def option_problems(cfg: RunConfig, family: Family) -> list[str]:
+    """Options set in `cfg` that `family` has no use for, each naming its flag; empty if none."""
+    problems = []
+    if cfg.train.text_encoders is not None and (unknown := set(cfg.train.text_encoders) - set(family.text_encoders)):
+        problems.append(f"--text-encoders {' '.join(sorted(unknown))}: a {family.name} model's trainable text encoders are "
+                        f"{' '.join(family.text_encoders)}")
+    if cfg.optim.text_encoder_2_learning_rate is not None and "text_encoder_2" not in family.text_encoders:
+        problems.append(f"--text-encoder-2-learning-rate is for models with a second text encoder (SDXL); a {family.name} model has one")
+    if cfg.model.vae is not None and not family.latent:
+        problems.append(f"--vae replaces the VAE of a latent model (SD, SDXL); a {family.name} model denoises pixels")
+    if cfg.model.sr_source is not None and not family.cascade:
+        problems.append(f"--sr-model names the super-resolution stage of a cascade (IF); a {family.name} model has one stage")
+    if cfg.output.save_single_file and family.single_file_marker is None:
+        problems.append(f"--save-single-file writes SD/SDXL checkpoints; a {family.name} model has no single-file layout "
+                        "(the diffusers pipeline folder is its format)")
+    return problems

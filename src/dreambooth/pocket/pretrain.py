@@ -20,8 +20,7 @@ from accelerate import Accelerator
 from PIL import Image
 
 from dreambooth.config import CheckpointConfig, LoraConfig, OptimConfig, TrainConfig
-from dreambooth.data.images import resize_center_crop, to_tensor
-from dreambooth.data.training_set import Examples, TrainingSet, encode_captions
+from dreambooth.data.training_set import TrainingSet, encode_captions, encode_examples
 from dreambooth.files import write_json
 from dreambooth.generate import generate
 from dreambooth.grid import image_grid, upscale_for_viewing
@@ -66,10 +65,10 @@ def pretrain(cfg: PretrainConfig, export_to: Path | None = None, arch: PocketArc
     images = [Image.fromarray(r) for r in renders]
     logger.info("rendered %d scenes in %.1f s", len(images), time.time() - started)
 
-    base_data = TrainingSet(_examples(base, images, captions))
+    base_data = TrainingSet(encode_examples(base, images, captions, chunk=1024))
     train_stage(base, base_data, _plan(cfg, cfg.base_steps, train_text_encoder=True), layout.stage("base"), accelerator, _previewer(layout, [base], "base"))
-    sr.text_encoder.load_state_dict(base.text_encoder.state_dict())             # one text encoder for the cascade
-    sr_examples = _examples(sr, images, captions)
+    sr.text_encoders["text_encoder"].load_state_dict(base.text_encoders["text_encoder"].state_dict())  # one text encoder for the cascade
+    sr_examples = encode_examples(sr, images, captions, chunk=1024)
     sr_data = TrainingSet(sr_examples, text_cache=encode_captions(sr, sr_examples.captions))
     train_stage(sr, sr_data, _plan(cfg, cfg.sr_steps, train_text_encoder=False), layout.stage("sr"), accelerator, _previewer(layout, [base, sr], "sr"))
 
@@ -83,15 +82,6 @@ def pretrain(cfg: PretrainConfig, export_to: Path | None = None, arch: PocketArc
     return out
 
 
-def _examples(stage, images: list[Image.Image], captions: list[str], chunk: int = 1024) -> Examples:
-    encoded: dict[str, list[torch.Tensor]] = {}
-    for i in range(0, len(images), chunk):
-        pixels = to_tensor([resize_center_crop(im, stage.resolution) for im in images[i : i + chunk]])
-        for key, value in stage.encode_images(pixels).items():
-            encoded.setdefault(key, []).append(value.cpu())
-    return Examples({k: torch.cat(v) for k, v in encoded.items()}, list(captions))
-
-
 def _plan(cfg: PretrainConfig, steps: int, *, train_text_encoder: bool) -> StagePlan:
     train = TrainConfig(
         max_steps=steps, batch_size=cfg.batch_size, mixed_precision=cfg.mixed_precision, train_text_encoder=train_text_encoder,
@@ -100,7 +90,8 @@ def _plan(cfg: PretrainConfig, steps: int, *, train_text_encoder: bool) -> Stage
     optim = OptimConfig(learning_rate=cfg.learning_rate, lr_scheduler="cosine", lr_warmup_steps=cfg.warmup_steps, weight_decay=0.0)
     return StagePlan(
         train=train, optim=optim, lora=LoraConfig(), checkpoint=CheckpointConfig(every_n_steps=250, keep_last=2),
-        learning_rate=cfg.learning_rate, text_encoder_learning_rate=cfg.learning_rate, prior_weight=0.0, validate_every=(1000,),
+        learning_rate=cfg.learning_rate, text_encoder_learning_rates={"text_encoder": cfg.learning_rate} if train_text_encoder else {},
+        prior_weight=0.0, validate_every=(1000,),
     )
 
 

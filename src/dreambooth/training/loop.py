@@ -24,7 +24,7 @@ from dreambooth.config import CheckpointConfig, LoraConfig, OptimConfig, TrainCo
 from dreambooth.data.training_set import TrainingSet, sample_batch
 from dreambooth.layout import StagePaths
 from dreambooth.models.lora import add_lora
-from dreambooth.models.spec import Stage, frozen_modules
+from dreambooth.models.spec import Stage, frozen_modules, is_text_encoder, trainable_modules, with_modules
 from dreambooth.training.optim import build_lr_schedule, build_optimizer
 from dreambooth.training.recorder import Recorder, step_metrics
 from dreambooth.training.state import (
@@ -51,7 +51,9 @@ class StagePlan:
     lora: LoraConfig
     checkpoint: CheckpointConfig
     learning_rate: float
-    text_encoder_learning_rate: float
+    """Learning rate of the denoiser."""
+    text_encoder_learning_rates: dict[str, float] = dataclasses.field(default_factory=dict)
+    """The text encoders that train, by component name, with their learning rates (empty: all frozen)."""
     prior_weight: float = 1.0
     validate_every: tuple[int, ...] = ()
     """Call the validation function at multiples of each (and at the end); 0s are ignored."""
@@ -81,29 +83,28 @@ def train_stage(
     """
     train, device = plan.train, accelerator.device
     modules = _make_trainable(stage, plan)                        # name -> module that trains
-    for module in frozen_modules(stage, train.train_text_encoder):  # stored in the autocast dtype
-        module.requires_grad_(False).to(device)
-        if DTYPES[accelerator.mixed_precision] != torch.float32:
-            module.to(dtype=DTYPES[accelerator.mixed_precision])
+    for name, module in frozen_modules(stage, plan.text_encoder_learning_rates).items():
+        # With the prompts cached, frozen text encoders leave the device (validation brings them back).
+        offload = data.text_cache is not None and is_text_encoder(name)
+        _store_frozen(module, torch.device("cpu") if offload else device, DTYPES[accelerator.mixed_precision])
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    optimizer = build_optimizer(_param_groups(modules, plan), plan.optim)
+    optimizer = build_optimizer(_param_groups(modules, plan, stage.denoiser_name), plan.optim)
     schedule = build_lr_schedule(optimizer, plan.optim, train.max_steps)
     prepared = accelerator.prepare(*modules.values(), optimizer)
     wrapped, optimizer = dict(zip(modules, prepared[:-1])), prepared[-1]
-    model = dataclasses.replace(stage, **wrapped)                 # forward passes go through the wrappers
+    model = with_modules(stage, wrapped)                          # forward passes go through the wrappers
     ema = EMAModel(params, decay=train.ema_decay) if train.ema_decay else None
 
     step = _resume(paths.checkpoints, modules, optimizer, schedule, ema)
     recorder = Recorder(paths.log, accelerator, resume_step=step)
     eval_recorder = Recorder(paths.eval_log, accelerator, resume_step=step)
     bar = tqdm(total=train.max_steps, initial=step, desc=f"train {stage.name}", disable=not accelerator.is_main_process)
-    num_timesteps = stage.noise_scheduler.config.num_train_timesteps
     with _StopOnSigint() as stop:
         while step < train.max_steps:
             micro_losses, micro_terms = [], []
             for micro in range(train.gradient_accumulation_steps):
                 batch = sample_batch(
-                    data, stage.tokenizer, step=step, micro=micro, accumulation=train.gradient_accumulation_steps,
+                    data, stage.tokenize, step=step, micro=micro, accumulation=train.gradient_accumulation_steps,
                     rank=accelerator.process_index, world=accelerator.num_processes, batch_size=train.batch_size,
                     seed=train.seed, caption_dropout=train.caption_dropout,
                 ).to(device)
@@ -127,7 +128,7 @@ def train_stage(
             terms = {key: torch.cat([t[key] for t in micro_terms]) for key in micro_terms[0]}
             terms = {key: accelerator.gather(value) if value.numel() else value for key, value in terms.items()}
             if accelerator.is_main_process:
-                metrics = step_metrics(float(loss), terms, num_timesteps, schedule.get_last_lr()[0])
+                metrics = step_metrics(float(loss), terms, schedule.get_last_lr()[0])
                 recorder.log(step, metrics)
                 bar.update()
                 bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
@@ -148,24 +149,31 @@ def train_stage(
 
 def _make_trainable(stage: Stage, plan: StagePlan) -> dict[str, torch.nn.Module]:
     """Full fine-tuning or LoRA adapters; gradient checkpointing when asked. Returns the modules that train."""
-    train_te = plan.train.train_text_encoder
+    modules = trainable_modules(stage, plan.text_encoder_learning_rates)
     if plan.lora.rank is not None:
-        add_lora(stage, plan.lora, text_encoder=train_te)
+        add_lora(stage, plan.lora, modules)
     else:
-        stage.unet.requires_grad_(True)
-        stage.text_encoder.requires_grad_(train_te)
-    modules = {"unet": stage.unet, **({"text_encoder": stage.text_encoder} if train_te else {})}
+        for module in modules.values():
+            module.requires_grad_(True)
     if plan.train.gradient_checkpointing:
-        stage.unet.enable_gradient_checkpointing()
-        if train_te:
-            stage.text_encoder.gradient_checkpointing_enable()
+        stage.denoiser.enable_gradient_checkpointing()
+        for name in plan.text_encoder_learning_rates:
+            stage.text_encoders[name].gradient_checkpointing_enable()
     for module in modules.values():
         module.train()
     return modules
 
 
-def _param_groups(modules: dict[str, torch.nn.Module], plan: StagePlan) -> list[dict]:
-    rates = {"unet": plan.learning_rate, "text_encoder": plan.text_encoder_learning_rate}
+def _store_frozen(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a frozen module to the device, in the autocast dtype unless it asks to be upcast (a VAE
+    whose config says `force_upcast`, e.g. SDXL's, which overflows in fp16)."""
+    module.requires_grad_(False).to(device)
+    if dtype != torch.float32 and not getattr(getattr(module, "config", None), "force_upcast", False):
+        module.to(dtype=dtype)
+
+
+def _param_groups(modules: dict[str, torch.nn.Module], plan: StagePlan, denoiser_name: str) -> list[dict]:
+    rates = {denoiser_name: plan.learning_rate, **plan.text_encoder_learning_rates}
     return [{"params": [p for p in m.parameters() if p.requires_grad], "lr": rates[name]} for name, m in modules.items()]
 
 

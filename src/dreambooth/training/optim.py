@@ -9,11 +9,19 @@ from dreambooth.config import OptimConfig
 
 
 def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW (a quarter of the optimizer memory).
+    """AdamW, bitsandbytes' 8-bit AdamW (a quarter of the optimizer memory), or Adafactor.
+
+    Adafactor (transformers') runs with the configured learning rate (`relative_step=False`),
+    no first moment and factored second moments: a few bytes per weight row and column.
 
     Raises:
         ValueError: if 8-bit Adam is asked for and bitsandbytes is not installed.
     """
+    if cfg.use_adafactor:
+        from transformers.optimization import Adafactor
+
+        return Adafactor(param_groups, lr=param_groups[0]["lr"], relative_step=False, scale_parameter=False,
+                         warmup_init=False, weight_decay=cfg.weight_decay)
     kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
     if not cfg.use_8bit_adam:
         return torch.optim.AdamW(param_groups, **kwargs)

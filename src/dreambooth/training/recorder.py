@@ -58,14 +58,14 @@ class Recorder:
         plt.close(fig)
 
 
-def step_metrics(loss: float, terms: dict[str, torch.Tensor], num_timesteps: int, lr: float) -> dict[str, float]:
-    """Scalars of one step: total and per-term losses, and the instance loss by timestep quartile."""
+def step_metrics(loss: float, terms: dict[str, torch.Tensor], lr: float) -> dict[str, float]:
+    """Scalars of one step: total and per-term losses, and the instance loss by noise-level quartile
+    (`loss/t0` the least noisy quarter of the range, `loss/t3` the noisiest)."""
     out = {"loss/total": loss, "lr": lr}
     for key in ("loss/instance", "loss/prior"):
         if terms[key].numel():
             out[key] = float(terms[key].mean())
-    t = terms["t/instance"].cpu()
-    quartile = (t * 4 // num_timesteps).clamp(max=3)
+    quartile = (terms["level/instance"].cpu() * 4).floor().clamp(max=3)
     for q in range(4):
         mask = quartile == q
         if mask.any():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tiny_models import build_tiny_sd
+from tiny_models import build_tiny_sd, build_tiny_sdxl
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +21,12 @@ def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Stable Diffusion pipeline folder with v-prediction (as SD 2.x 768)."""
     return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL pipeline folder (two text encoders of different vocabularies, 64x64 px)."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
 def write_photos(folder: Path, n: int = 4, size: tuple[int, int] = (40, 48), seed: int = 0) -> Path:

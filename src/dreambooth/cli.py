@@ -31,6 +31,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from dreambooth.export.command import ExportRequest, export
+
+    request = ExportRequest(args.run, args.format, out=args.out, merge=args.merge, dtype=args.dtype,
+                            checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"wrote {export(request)}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from dreambooth._config_io import from_dict
     from dreambooth.demo import run_demo
@@ -162,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda, cpu... (default: cuda if available)")
     gen.add_argument("--out", type=Path, default=Path("samples"), help="output folder (default: samples)")
     gen.set_defaults(func=cmd_generate)
+
+    exp = commands.add_parser(
+        "export", help="write a run's weights for diffusers, ComfyUI or AUTOMATIC1111/Forge",
+        description="Write a run's finished weights (or one of its checkpoints) in FORMAT: 'diffusers' (pipeline folder), "
+        "'lora-diffusers' (load_lora_weights), 'lora-kohya' (ComfyUI, AUTOMATIC1111/Forge), 'single-file' (one .safetensors "
+        "with text encoders and VAE, SD/SDXL).",
+    )
+    exp.add_argument("run", type=Path, help="run folder written by `dreambooth train`")
+    exp.add_argument("--format", required=True, choices=["diffusers", "lora-diffusers", "lora-kohya", "single-file"])
+    exp.add_argument("--out", type=Path, help="file or folder to write (default: <run>/exports/...)")
+    exp.add_argument("--merge", action="store_true", help="fold a LoRA run's adapters into the model (for diffusers / single-file)")
+    exp.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="weights dtype of full models (default: fp16)")
+    exp.add_argument("--checkpoint", metavar="NAME", help="export checkpoint NAME (step-000200, best) instead of the finished weights")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    exp.set_defaults(func=cmd_export)
 
     ev = commands.add_parser(
         "eval", help="score a model on DreamBench's prompts (DINO, CLIP-I, CLIP-T, PRES, DIV) with an HTML report",

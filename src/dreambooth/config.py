@@ -42,6 +42,8 @@ class ModelConfig:
     """Weights variant to load, e.g. 'fp16'."""
     vae: str | None = None
     """A VAE to use instead of the model's (folder, hub id or single file), e.g. an fp16-safe SDXL VAE; latent models only."""
+    quantize: Literal["none", "nf4", "int8", "fp8"] = "none"
+    """Quantise the frozen denoiser at load for LoRA training (bitsandbytes nf4/int8, torchao fp8): FLUX/SD3 on 24 GB."""
 
     def __post_init__(self) -> None:
         _check(bool(self.source.strip()), "model.source must not be empty")
@@ -220,6 +222,27 @@ class CascadeConfig:
 
 
 @dataclass(frozen=True)
+class FlowConfig:
+    """Rectified-flow training of flow-matching transformers (SD3, FLUX); DDPM families ignore it."""
+
+    density: Literal["logit_normal", "uniform", "mode"] = field(default="logit_normal", metadata={"flag": "flow-density"})
+    """How noise levels sigma are drawn (before the model's shift); logit-normal(0, 1) is SD3's (Esser et al. 2024)."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal density."""
+    logit_std: float = 1.0
+    """Standard deviation of the logit-normal density."""
+    mode_scale: float = 1.29
+    """Scale of the 'mode' density."""
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = field(default="none", metadata={"flag": "flow-weighting"})
+    """Per-sample loss weighting."""
+    guidance: float = field(default=1.0, metadata={"flag": "train-guidance"})
+    """Guidance value fed to a guidance-distilled model's guidance embedding while training (FLUX.1-dev)."""
+
+    def __post_init__(self) -> None:
+        _check(self.logit_std > 0, f"flow.logit_std must be > 0, got {self.logit_std}")
+
+
+@dataclass(frozen=True)
 class ValidationConfig:
     validation_prompts: tuple[str, ...] = (
         "a {identifier} {class_noun} on the beach",
@@ -311,6 +334,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -29,7 +29,13 @@ from dreambooth.grid import image_grid, upscale_for_viewing
 from dreambooth.identifier import check_identifier, choose_identifier
 from dreambooth.layout import RunLayout
 from dreambooth.models.builtin import unknown_class_noun
-from dreambooth.models.loading import FAMILIES, load_stages, option_problems, resolve_source
+from dreambooth.models.loading import (
+    FAMILIES,
+    load_stages,
+    option_problems,
+    resolve_source,
+    trained_text_encoders,
+)
 from dreambooth.models.spec import Family, ModelSource, Stage, is_text_encoder
 from dreambooth.prior import ClassImageSpec, ensure_class_images, model_fingerprint
 from dreambooth.run_folder import open_run_folder
@@ -69,7 +75,7 @@ def finetune(cfg: RunConfig) -> RunLayout:
     if accelerator.log_with:
         accelerator.init_trackers("dreambooth")
 
-    stages = load_stages(source, cfg.model, cfg.cascade.noise_level_range)
+    stages = load_stages(source, cfg)
     trained = [s for s in stages if not family.cascade or s.name in cfg.cascade.stages]
     subject = _resolve_subject(cfg, stages, layout, resuming)
     info = _record_run(layout, cfg, source, subject, trained, status="training", main=accelerator.is_main_process)
@@ -165,16 +171,9 @@ def _training_set(
     if class_images is not None:
         classes = encode_examples(stage, class_images, [subject.fill(cfg.subject.class_prompt)] * len(class_images))
     text_cache = None
-    if not _trained_text_encoders(cfg, family) and cfg.train.cache_latents:
+    if not trained_text_encoders(cfg, family) and cfg.train.cache_latents:
         text_cache = encode_captions(stage, instance.captions + (classes.captions if classes else []))
     return TrainingSet(instance, classes, text_cache)
-
-
-def _trained_text_encoders(cfg: RunConfig, family: Family) -> tuple[str, ...]:
-    """Component names of the text encoders this run trains (none unless --train-text-encoder)."""
-    if not cfg.train.train_text_encoder:
-        return ()
-    return cfg.train.text_encoders if cfg.train.text_encoders is not None else family.text_encoders
 
 
 def _plan(cfg: RunConfig, stage: Stage, family: Family) -> StagePlan:
@@ -185,7 +184,7 @@ def _plan(cfg: RunConfig, stage: Stage, family: Family) -> StagePlan:
     rates = {"text_encoder_2": cfg.optim.text_encoder_2_learning_rate or text_lr}
     return StagePlan(
         train=train, optim=cfg.optim, lora=cfg.lora, checkpoint=cfg.checkpoint, learning_rate=lr,
-        text_encoder_learning_rates={name: rates.get(name, text_lr) for name in _trained_text_encoders(cfg, family)},
+        text_encoder_learning_rates={name: rates.get(name, text_lr) for name in trained_text_encoders(cfg, family)},
         prior_weight=cfg.prior.loss_weight, validate_every=(cfg.validation.every_n_steps, cfg.eval.eval_every),
         best_metric=f"eval/{cfg.eval.best_metric}" if cfg.eval.eval_every else None, max_pres_increase=cfg.eval.max_pres_increase,
     )

@@ -153,7 +153,7 @@ class LoadedModel:
 
 def load_model(model: str, *, lora: str | None = None, device: str | None = None) -> LoadedModel:
     """Load a run folder, diffusers/cascade folder, hub id or 'pocket' for sampling."""
-    from dreambooth.config import ModelConfig
+    from dreambooth.config import ModelConfig, RunConfig
     from dreambooth.files import read_json
     from dreambooth.layout import CASCADE_STAGE_DIRS
     from dreambooth.models.loading import load_stages, resolve_source
@@ -161,7 +161,7 @@ def load_model(model: str, *, lora: str | None = None, device: str | None = None
     run_info = Path(model) / "run.json"
     subject = read_json(run_info) if run_info.is_file() else {}
     source = resolve_source(ModelConfig(source=model))
-    stages = load_stages(source, ModelConfig(source=model))
+    stages = load_stages(source, RunConfig(model=ModelConfig(source=model)))
     pipelines = [stage.pipeline for stage in stages]
     if lora is not None:
         lora_path = Path(lora)

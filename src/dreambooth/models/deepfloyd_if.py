@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers import IFPipeline, IFSuperResolutionPipeline
 from torch import Tensor, nn
 
-from dreambooth.config import SR_NOISE_LEVELS, ModelConfig
+from dreambooth.config import SR_NOISE_LEVELS, RunConfig
 from dreambooth.models.ddpm import DDPMObjective
 from dreambooth.models.spec import Encoded, Family, Framing, ModelSource, TextConditioning, Tokens, tokenize
 from dreambooth.seeding import RowRandom
@@ -147,8 +147,9 @@ def _components(pipeline: IFPipeline | IFSuperResolutionPipeline) -> dict:
                 objective=DDPMObjective.from_config(pipeline.scheduler.config))
 
 
-def _load(source: ModelSource, cfg: ModelConfig, sr_noise_levels: tuple[int, int] = SR_NOISE_LEVELS) -> list:
-    return load_if(source.base, source.sr, noise_level_range=sr_noise_levels, revision=cfg.revision, variant=cfg.variant)
+def _load(source: ModelSource, cfg: RunConfig) -> list:
+    levels = cfg.cascade.noise_level_range
+    return load_if(source.base, source.sr, noise_level_range=levels, revision=cfg.model.revision, variant=cfg.model.variant)
 
 
 FAMILY = Family(name="if", pipeline_classes=("IFPipeline",), load=_load, text_encoders=("text_encoder",), cascade=True)

@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from dreambooth.config import SR_NOISE_LEVELS, ModelConfig, RunConfig
+from dreambooth.config import ModelConfig, RunConfig
 from dreambooth.models import deepfloyd_if, sd, sdxl
 from dreambooth.models._latent import SINGLE_FILE_SUFFIXES
 from dreambooth.models.builtin import BUILTIN_MODELS
@@ -124,9 +124,16 @@ def _looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
 
 
-def load_stages(source: ModelSource, cfg: ModelConfig, noise_level_range: tuple[int, int] = SR_NOISE_LEVELS) -> list:
-    """Load every stage of `source` in fp32 on CPU."""
-    return FAMILIES[source.family].load(source, cfg, noise_level_range)
+def load_stages(source: ModelSource, cfg: RunConfig) -> list:
+    """Load every stage of `source` in fp32 on CPU (the family reads its settings from `cfg`)."""
+    return FAMILIES[source.family].load(source, cfg)
+
+
+def trained_text_encoders(cfg: RunConfig, family: Family) -> tuple[str, ...]:
+    """Component names of the text encoders a run trains (none unless --train-text-encoder)."""
+    if not cfg.train.train_text_encoder:
+        return ()
+    return cfg.train.text_encoders if cfg.train.text_encoders is not None else family.text_encoders
 
 
 def option_problems(cfg: RunConfig, family: Family) -> list[str]:

@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch import Tensor, nn
 
-from dreambooth.config import ModelConfig
+from dreambooth.config import RunConfig
 from dreambooth.models._latent import encode_latent_distribution, load_pipeline, load_vae, sample_latents
 from dreambooth.models.ddpm import DDPMObjective
 from dreambooth.models.spec import Encoded, Family, Framing, ModelSource, TextConditioning, Tokens, tokenize
@@ -88,8 +88,9 @@ def stage_from_pipeline(pipeline: StableDiffusionPipeline) -> SDStage:
     )
 
 
-def _load(source: ModelSource, cfg: ModelConfig, sr_noise_levels=None) -> list[SDStage]:
-    return load_sd(source.base, single_file_config=cfg.single_file_config, revision=cfg.revision, variant=cfg.variant, vae=cfg.vae)
+def _load(source: ModelSource, cfg: RunConfig) -> list[SDStage]:
+    model = cfg.model
+    return load_sd(source.base, single_file_config=model.single_file_config, revision=model.revision, variant=model.variant, vae=model.vae)
 
 
 FAMILY = Family(

@@ -15,7 +15,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from torch import Tensor, nn
 
-from dreambooth.config import ModelConfig
+from dreambooth.config import RunConfig
 from dreambooth.models._latent import encode_latent_distribution, load_pipeline, load_vae, sample_latents
 from dreambooth.models.ddpm import DDPMObjective
 from dreambooth.models.sd import CLIP_LORA_TARGETS, UNET_LORA_TARGETS
@@ -107,8 +107,9 @@ def stage_from_pipeline(pipeline: StableDiffusionXLPipeline) -> SDXLStage:
     )
 
 
-def _load(source: ModelSource, cfg: ModelConfig, sr_noise_levels=None) -> list[SDXLStage]:
-    return load_sdxl(source.base, single_file_config=cfg.single_file_config, revision=cfg.revision, variant=cfg.variant, vae=cfg.vae)
+def _load(source: ModelSource, cfg: RunConfig) -> list[SDXLStage]:
+    model = cfg.model
+    return load_sdxl(source.base, single_file_config=model.single_file_config, revision=model.revision, variant=model.variant, vae=model.vae)
 
 
 FAMILY = Family(

@@ -167,7 +167,7 @@ class Family:
     pipeline_classes: tuple[str, ...]
     """The `_class_name`s in `model_index.json` it trains."""
     load: Callable[..., list]
-    """(source: ModelSource, cfg: ModelConfig, sr_noise_levels) -> its stages, in cascade order, fp32 on CPU."""
+    """(source: ModelSource, cfg: RunConfig) -> its stages, in cascade order, fp32 on CPU."""
     text_encoders: tuple[str, ...]
     """Component names of the text encoders that may train (`--text-encoders` picks among them)."""
     cascade: bool = False

@@ -92,28 +92,34 @@ def build_tiny_sd(path: Path, *, prediction_type: str = "epsilon", seed: int = 0
 def build_tiny_sdxl(path: Path, *, seed: int = 0) -> Path:
     """Save a tiny SDXL pipeline (64x64 pixels, 4x8x8 latents) in diffusers format.
 
-    What matters of the real one: two CLIP text encoders with different vocabularies (the second
-    with a text projection, whose pooled output SDXL adds to the time embedding), cross-attention
+    What matters of the real one: two CLIP text encoders with different vocabularies and widths (the
+    second wider, with a text projection, whose pooled output SDXL adds to the time embedding;
+    diffusers' single-file loader tells the two apart by width), cross-attention
     on both encoders' penultimate states side by side, the `text_time` addition embedding of the
     six micro-conditioning ids, and a VAE that asks to be upcast (`force_upcast`).
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2 = tiny_clip_tokenizer(0), tiny_clip_tokenizer(1, pad_token="!")
     text_encoder = tiny_clip_text_encoder(len(tokenizer), seed)
     torch.manual_seed(seed + 1)
     config_2 = CLIPTextConfig(
-        vocab_size=len(tokenizer_2), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32, hidden_act="gelu",
+        vocab_size=len(tokenizer_2), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=24, hidden_act="gelu",
     )
     text_encoder_2 = CLIPTextModelWithProjection(config_2)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8, transformer_layers_per_block=(1, 2),
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+        cross_attention_dim=32 + 48, attention_head_dim=4, norm_num_groups=8, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8,
         use_linear_projection=True,
     )
     vae = AutoencoderKL(

@@ -76,7 +76,7 @@ def test_cached_text_equals_what_the_encoders_give_in_the_step(tiny_sdxl: Path, 
     with torch.no_grad():
         a, _ = compute_loss(stage, cached, prior_weight=1.0)
         b, _ = compute_loss(stage, live, prior_weight=1.0)
-    assert cached.text.sequence.shape == (2, 77, 64) and cached.text.pooled.shape == (2, 32)
+    assert cached.text.sequence.shape == (2, 77, 80) and cached.text.pooled.shape == (2, 24)
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
 
 

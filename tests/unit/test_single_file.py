@@ -254,7 +254,7 @@ def test_kohya_lora_gives_the_same_image(tiny_sd: Path, tmp_path: Path, header: 
         r, alpha = configs[part].r, configs[part].lora_alpha
         assert float(kohya[f"{name}.alpha"]) / r == pytest.approx(alpha / (r**0.5 if rslora else r))
     assert all(k.startswith(("lora_unet_", "lora_te_text_model_")) for k in kohya)
-    assert meta["ss_v2"] == "False" and meta["modelspec.architecture"] == "stable-diffusion-v1-lora"
+    assert meta["ss_v2"] == "False" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     images = {}
     for name, file in (("diffusers", diffusers_file), ("kohya", kohya_file)):
         fresh = _load(tiny_sd)

@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file
 from dreambooth._config_io import from_dict
 from dreambooth._config_io import load_file as load_config_file
 from dreambooth.config import ModelConfig, RunConfig
-from dreambooth.export.formats import FORMATS, LORA_FORMATS, families_of
+from dreambooth.export.formats import FORMATS, LORA_FORMATS, SINGLE_FILE_FAMILIES, families_of
 from dreambooth.export.lora_kohya import export_lora_kohya
 from dreambooth.export.metadata import export_metadata
 from dreambooth.export.pipeline import to_fp32_cpu
-from dreambooth.export.single_file import export_single_file
+from dreambooth.export.single_file import export_single_file, modelspec_architecture
 from dreambooth.files import read_json
 from dreambooth.layout import CASCADE_STAGE_DIRS, RunLayout
 from dreambooth.models.loading import FAMILIES, load_stages, resolve_source, trained_text_encoders
@@ -165,7 +165,9 @@ def _write(plan: _Plan, scratch: Path) -> Path:
                 stage.pipeline.load_lora_weights(str(lora_files[stage.name].parent), weight_name=LORA_FILE)
                 stage.pipeline.fuse_lora()
                 stage.pipeline.unload_lora_weights()
-    metadata = export_metadata(plan.info, lora=fmt in LORA_FORMATS)
+    family = plan.info["model"]["family"]
+    architecture = modelspec_architecture(stages[0].pipeline) if family in SINGLE_FILE_FAMILIES else None
+    metadata = export_metadata(plan.info, lora=fmt in LORA_FORMATS, architecture=architecture)
     if fmt == "lora-diffusers":
         return _copy_lora(lora_files, scratch / "lora", plan.cascade, metadata)
     if fmt == "lora-kohya":

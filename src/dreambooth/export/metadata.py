@@ -15,20 +15,22 @@ MODELSPEC_ARCHITECTURES = {
     "sdxl": "stable-diffusion-xl-v1-base",
     "if": "deepfloyd-if",
 }
-"""SAI ModelSpec `modelspec.architecture` of each family (SD 2.x's is refined from the model by the exporter)."""
+"""SAI ModelSpec `modelspec.architecture` of each family, where the model itself is not at hand."""
 
 
-def export_metadata(run_info: dict, *, lora: bool = False, title: str | None = None) -> dict[str, str]:
+def export_metadata(run_info: dict, *, lora: bool = False, architecture: str | None = None, title: str | None = None) -> dict[str, str]:
     """Header metadata of a file exported from a run (`run_info` is its run.json).
 
     Args:
         run_info: the run's run.json contents.
         lora: the file is a LoRA (its architecture gets the `/lora` suffix, as ModelSpec says).
+        architecture: the model's ModelSpec architecture if known (e.g. from `modelspec_architecture`
+            of the pipeline, which tells SD 2.x apart); default: the family's.
         title: `modelspec.title`; default: the identifier and class noun.
     """
     family = run_info["model"]["family"]
     resolution = max(run_info.get("resolution", {}).values(), default=None)
-    architecture = MODELSPEC_ARCHITECTURES.get(family, family) + ("/lora" if lora else "")
+    architecture = (architecture or MODELSPEC_ARCHITECTURES.get(family, family)) + ("/lora" if lora else "")
     trigger = f"{run_info['identifier']} {run_info['class_noun']}"
     metadata = {
         "modelspec.sai_model_spec": "1.0.0",

@@ -24,7 +24,7 @@ from dreambooth.eval.during_training import TrainingEvaluator, load_eval_embedde
 from dreambooth.eval.scoring import Subject as EvalSubject
 from dreambooth.export.pipeline import export_run
 from dreambooth.files import read_json, write_json
-from dreambooth.generate import generate
+from dreambooth.generate import generate, is_flow_matching
 from dreambooth.grid import image_grid, upscale_for_viewing
 from dreambooth.identifier import check_identifier, choose_identifier
 from dreambooth.layout import RunLayout
@@ -149,7 +149,7 @@ def _class_images(cfg: RunConfig, cascade: list[Stage], subject: Subject, layout
     """
     spec = ClassImageSpec(
         model=model_fingerprint(*(s.denoiser for s in cascade)), prompt=subject.fill(cfg.subject.class_prompt),
-        resolution=cascade[-1].resolution, sampler=cfg.prior.sampler, steps=cfg.prior.steps,
+        resolution=cascade[-1].resolution, sampler=_class_sampler(cfg, cascade), steps=cfg.prior.steps,
         guidance=(cfg.prior.guidance_scale or cascade[0].default_guidance, *(s.default_guidance for s in cascade[1:])),
     )
     root = cfg.prior.class_dir or layout.class_images
@@ -160,6 +160,12 @@ def _class_images(cfg: RunConfig, cascade: list[Stage], subject: Subject, layout
         make()
     accelerator.wait_for_everyone()
     return [Image.open(p).convert("RGB") for p in make()]  # complete now: only reads
+
+
+def _class_sampler(cfg: RunConfig, cascade: list[Stage]) -> str:
+    """The sampler class images are made with, as the manifest records it: a flow-matching model keeps its own."""
+    scheduler = cascade[0].pipeline.scheduler
+    return type(scheduler).__name__ if is_flow_matching(scheduler) else cfg.prior.sampler
 
 
 def _training_set(

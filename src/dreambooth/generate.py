@@ -34,11 +34,15 @@ SAMPLERS = {
 def using_sampler(pipelines: Sequence, name: str):
     """Swap each pipeline's scheduler for `name` (same noise schedule and parameterisation), then restore it.
 
+    Flow-matching pipelines (SD3, FLUX) keep their own sampler: the DDPM solvers do not apply to them.
+
     Restoring matters: a pipeline saved after sampling must keep the scheduler it came with.
     """
     originals = [p.scheduler for p in pipelines]
     try:
         for pipeline in pipelines:
+            if is_flow_matching(pipeline.scheduler):  # the DDPM samplers above do not apply to a flow model
+                continue
             config = dict(pipeline.scheduler.config)
             if name == "ddim" and "variance_type" not in config:
                 config["variance_type"] = "fixed_small"  # IFPipeline reads it even for DDIM
@@ -50,6 +54,11 @@ def using_sampler(pipelines: Sequence, name: str):
     finally:
         for pipeline, original in zip(pipelines, originals):
             pipeline.scheduler = original
+
+
+def is_flow_matching(scheduler) -> bool:
+    """Whether a pipeline samples a flow-matching model (SD3, FLUX): it keeps its own Euler sampler."""
+    return type(scheduler).__name__.startswith("FlowMatch")
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def ensure_class_images(pipelines: list, class_dir: Path, spec: ClassImageSpec, 
     missing = [i for i in range(count) if i not in have]
     if have and missing:
         logger.info("reusing %d class images in %s; generating %d more", len(have), class_dir, len(missing))
+    started = time.monotonic()
     for start in range(0, len(missing), batch_size * 4):  # write the manifest every few batches
         indices = missing[start : start + batch_size * 4]
         images = generate(
@@ -78,6 +80,9 @@ def ensure_class_images(pipelines: list, class_dir: Path, spec: ClassImageSpec, 
         for i, image in zip(indices, images):
             have[i] = _save_image(class_dir, i, image, seed + i, spec)
         write_json(class_dir / MANIFEST, {"spec": asdict(spec), "images": [have[i] for i in sorted(have)]})
+    if missing:
+        seconds = time.monotonic() - started
+        logger.info("generated %d class images in %.0f s (%.2f s each) into %s", len(missing), seconds, seconds / len(missing), class_dir)
     return [class_dir / have[i]["file"] for i in range(count)]
 
 

@@ -45,7 +45,7 @@ def test_metrics_are_logged_and_the_best_checkpoint_is_exported(tiny_sd: Path, p
 
 
 def test_a_checkpoint_whose_class_prior_collapsed_is_never_the_best(caplog) -> None:
-    plan = StagePlan(train=None, optim=None, lora=None, checkpoint=None, learning_rate=1, text_encoder_learning_rate=1,
+    plan = StagePlan(train=None, optim=None, lora=None, checkpoint=None, learning_rate=1,
                      best_metric="eval/dino", max_pres_increase=0.1)
     healthy = {"eval/dino": 0.6, "eval/pres": 0.35, "eval/pres_pretrained": 0.3}
     collapsed = {"eval/dino": 0.9, "eval/pres": 0.45, "eval/pres_pretrained": 0.3}

@@ -11,8 +11,9 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 
-from conftest import write_photos
 from dreambooth.cli import main
+
+from conftest import write_photos
 
 FAST = [
     "--class-noun", "dog", "--num-class-images", "2", "--class-steps", "2", "--class-batch-size", "2",
@@ -131,3 +132,17 @@ def test_an_unfinished_run_names_the_checkpoint_it_could_export(sd_full_run: Pat
     assert "--checkpoint step-000002" in capsys.readouterr().err
     assert _export(broken, "--format", "single-file", "--checkpoint", "step-000002") == 0
     assert (broken / "exports").is_dir()
+
+
+def test_a_flux_lora_exports_in_the_layout_comfyui_reads(tmp_path_factory, tmp_path: Path) -> None:
+    from tiny_transformers import build_tiny_flux
+
+    model = build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
+    run = _train(model, tmp_path / "flux", "--lora-rank", "2", "--learning-rate", "1e-3")
+    assert _export(run, "--format", "lora-kohya", "--out", str(tmp_path / "flux.safetensors")) == 0
+    with safe_open(str(tmp_path / "flux.safetensors"), "pt") as f:
+        keys, header = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in keys)
+    assert header["modelspec.architecture"] == "flux-1-dev/lora" and header["dreambooth.class_noun"] == "dog"
+    assert _export(run, "--format", "single-file", "--merge") == 2  # FLUX has no single-file layout here

@@ -125,3 +125,32 @@ def test_options_of_another_family_are_refused_by_name(tiny_sd: Path, tiny_sdxl:
     assert train(tiny_sdxl, photos, tmp_path / "c", "--sr-model", str(tiny_sd)) == 2
     assert "--sr-model" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()  # refused before anything was written
+
+
+def test_memory_levers_keep_the_sdxl_vae_in_fp32_and_accept_another_vae(tiny_sdxl: Path, tiny_cascade: Path, photos: Path,
+                                                                         tmp_path: Path, capsys) -> None:
+    """Frozen parts go to the autocast dtype except a VAE that asks to be upcast (SDXL's overflows in fp16);
+    --vae swaps in another VAE (e.g. an fp16-safe one) and is refused for pixel models."""
+    from dreambooth.training.loop import _store_frozen
+
+    (stage,) = load_sdxl(str(tiny_sdxl), vae=str(tiny_sdxl))
+    for name, module in {"vae": stage.vae, "text_encoder": stage.text_encoders["text_encoder"]}.items():
+        _store_frozen(module, torch.device("cpu"), torch.bfloat16)
+        expected = torch.float32 if name == "vae" else torch.bfloat16
+        assert next(module.parameters()).dtype == expected, name
+    assert train(tiny_cascade, photos, tmp_path / "if", "--vae", str(tiny_sdxl)) == 2
+    assert "--vae" in capsys.readouterr().err
+
+
+def test_a_single_file_sdxl_checkpoint_is_recognised_and_trains(tiny_sdxl: Path, photos: Path, tmp_path: Path) -> None:
+    """An SDXL .safetensors in the original layout is told from SD 1.x/2.x by its keys, and trains offline
+    with --model-config (the diffusers folder that supplies configs and tokenizers)."""
+    from dreambooth.config import ModelConfig
+    from dreambooth.export.single_file import export_single_file
+    from dreambooth.models.loading import resolve_source
+
+    single = export_single_file(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl), tmp_path / "sdxl.safetensors", torch.float32)
+    assert resolve_source(ModelConfig(source=str(single))).family == "sdxl"
+    run = tmp_path / "run"
+    assert train(single, photos, run, "--model-config", str(tiny_sdxl), "--max-steps", "1", "--lora-rank", "2") == 0
+    assert json.loads((run / "run.json").read_text())["model"]["family"] == "sdxl"

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from dreambooth.data.training_set import TrainingSet, encode_captions, encode_examples, sample_batch
-from dreambooth.models.sd import load_sd
 from dreambooth.models.ddpm import training_target
+from dreambooth.models.sd import load_sd
 from dreambooth.seeding import RowRandom
 from dreambooth.training.step import compute_loss
 

@@ -22,8 +22,7 @@ from safetensors.torch import load_file, save_file
 from dreambooth._config_io import from_dict
 from dreambooth._config_io import load_file as load_config_file
 from dreambooth.config import ModelConfig, RunConfig
-from dreambooth.export.formats import FORMATS, LORA_FORMATS, SINGLE_FILE_FAMILIES, families_of
-from dreambooth.export.lora_kohya import export_lora_kohya
+from dreambooth.export.formats import FORMATS, KOHYA_WRITERS, LORA_FORMATS, SINGLE_FILE_FAMILIES, families_of
 from dreambooth.export.metadata import export_metadata
 from dreambooth.export.pipeline import to_fp32_cpu
 from dreambooth.export.single_file import export_single_file, modelspec_architecture
@@ -172,7 +171,8 @@ def _write(plan: _Plan, scratch: Path) -> Path:
         return _copy_lora(lora_files, scratch / "lora", plan.cascade, metadata)
     if fmt == "lora-kohya":
         (stage,) = stages
-        return export_lora_kohya(lora_files[stage.name], scratch / "lora.safetensors", base=stage.pipeline, metadata=metadata)
+        write = KOHYA_WRITERS[family]
+        return write(lora_files[stage.name], scratch / "lora.safetensors", base=stage.pipeline, metadata=metadata)
     for stage in stages:
         to_fp32_cpu(stage.pipeline)
     if fmt == "single-file":
@@ -186,8 +186,9 @@ def _write(plan: _Plan, scratch: Path) -> Path:
 
 
 def _load_base(plan: _Plan) -> list[Stage]:
-    """The run's base model (its config's model), every stage, fp32 on CPU."""
-    return load_stages(resolve_source(plan.cfg.model), plan.cfg)
+    """The run's base model (its config's model, unquantised: exports hold full weights), fp32 on CPU."""
+    cfg = dataclasses.replace(plan.cfg, model=dataclasses.replace(plan.cfg.model, quantize="none"))
+    return load_stages(resolve_source(cfg.model), cfg)
 
 
 def _load_finished(plan: _Plan) -> list[Stage]:

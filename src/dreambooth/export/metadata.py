@@ -14,6 +14,8 @@ MODELSPEC_ARCHITECTURES = {
     "sd": "stable-diffusion-v1",
     "sdxl": "stable-diffusion-xl-v1-base",
     "if": "deepfloyd-if",
+    "sd3": "stable-diffusion-v3-medium",
+    "flux": "flux-1-dev",
 }
 """SAI ModelSpec `modelspec.architecture` of each family, where the model itself is not at hand."""
 

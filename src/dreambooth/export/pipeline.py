@@ -10,9 +10,9 @@ import logging
 
 import torch
 
-from dreambooth.export.formats import KOHYA_FAMILIES
+from dreambooth.export.formats import KOHYA_WRITERS
 from dreambooth.export.metadata import export_metadata
-from dreambooth.export.single_file import export_lora_kohya, export_single_file
+from dreambooth.export.single_file import export_single_file
 from dreambooth.layout import RunLayout
 from dreambooth.models.lora import LORA_FILE, lora_modules, merge_lora, save_lora
 from dreambooth.models.spec import Family, Stage
@@ -38,13 +38,13 @@ def export_run(
         if lora_modules(stage):
             out = layout.lora(stage.name, cascade)
             written[f"lora/{stage.name}"] = str(save_lora(stage, out))
-            if family.name in KOHYA_FAMILIES:
-                kohya = export_lora_kohya(out / LORA_FILE, out / "lora_kohya.safetensors", base=stage.pipeline, metadata=lora_metadata)
+            if (write_kohya := KOHYA_WRITERS.get(family.name)) is not None:
+                kohya = write_kohya(out / LORA_FILE, out / "lora_kohya.safetensors", base=stage.pipeline, metadata=lora_metadata)
                 written[f"lora-kohya/{stage.name}"] = str(kohya)
     for stage in stages:
         if save_pipeline or save_single_file:
+            to_fp32_cpu(stage.pipeline)  # first: adapters merge into fp32 weights, not a bf16 copy
             merge_lora(stage)
-            to_fp32_cpu(stage.pipeline)
         if save_pipeline:
             out = layout.pipeline_stage(stage.name, cascade)
             stage.pipeline.save_pretrained(out, safe_serialization=True)

@@ -13,14 +13,15 @@ import logging
 from pathlib import Path
 
 from dreambooth.config import ModelConfig, RunConfig
-from dreambooth.models import deepfloyd_if, sd, sdxl
+from dreambooth.models import deepfloyd_if, flux, sd, sd3, sdxl
 from dreambooth.models._latent import SINGLE_FILE_SUFFIXES
+from dreambooth.models._quantize import quantize_problems
 from dreambooth.models.builtin import BUILTIN_MODELS
 from dreambooth.models.spec import Family, ModelSource
 
 logger = logging.getLogger(__name__)
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (sd.FAMILY, sdxl.FAMILY, deepfloyd_if.FAMILY)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (sd.FAMILY, sdxl.FAMILY, deepfloyd_if.FAMILY, sd3.FAMILY, flux.FAMILY)}
 PIPELINE_FAMILIES = {cls: family.name for family in FAMILIES.values() for cls in family.pipeline_classes}
 
 
@@ -151,4 +152,19 @@ def option_problems(cfg: RunConfig, family: Family) -> list[str]:
     if cfg.output.save_single_file and family.single_file_marker is None:
         problems.append(f"--save-single-file writes SD/SDXL checkpoints; a {family.name} model has no single-file layout "
                         "(the diffusers pipeline folder is its format)")
+    if (mode := cfg.model.quantize) != "none":
+        if mode not in family.quantize:
+            problems.append(f"--quantize {mode}: a {family.name} model loads "
+                            + (f"with --quantize {' or '.join(family.quantize)}, or unquantised" if family.quantize else "unquantised only"))
+        if cfg.lora.rank is None:
+            problems.append(f"--quantize {mode} freezes the denoiser's weights: train LoRA adapters on it (--lora-rank N), "
+                            "or drop --quantize to fine-tune every weight")
+        if cfg.output.save_pipeline:
+            problems.append(f"--quantize {mode}: the merged pipeline folder cannot be written from a quantised denoiser; "
+                            "pass --no-save-pipeline (the LoRA in lora/ loads onto the full-precision model)")
+    if cfg.model.quantize in family.quantize:
+        problems += quantize_problems(cfg.model.quantize)  # the library and the GPU it needs here
+    if family.lora_only is not None and cfg.lora.rank is None:
+        problems.append(f"full fine-tuning of a {family.name} model is not offered ({family.lora_only}): "
+                        "pass --lora-rank N (16-32 suits one subject)")
     return problems

@@ -48,11 +48,14 @@ def save_lora(stage: Stage, out_dir: Path) -> Path:
     """Write the adapters as `pytorch_lora_weights.safetensors` (diffusers `load_lora_weights` format).
 
     The pipeline class's own `save_lora_weights` names each component's layers; the adapter
-    configs go into the file's metadata, so `load_lora_weights` scales by alpha/rank.
+    configs go into the file's metadata, so `load_lora_weights` scales by alpha/rank. UNet and
+    text-encoder layers are renamed to diffusers' layout; a transformer's keep peft's names, which
+    its loader reads (it would drop `to_q.lora.down`-style keys), as diffusers' SD3/FLUX scripts save them.
     """
     kwargs = {}
     for name, module in lora_modules(stage).items():
-        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        state = get_peft_model_state_dict(module)
+        kwargs[f"{name}_lora_layers"] = state if name == "transformer" else convert_state_dict_to_diffusers(state)
         kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
     type(stage.pipeline).save_lora_weights(out_dir, safe_serialization=True, **kwargs)
     return out_dir / LORA_FILE

@@ -176,6 +176,10 @@ class Family:
     """A key prefix only its original-layout single-file checkpoints have; None: it has no single file."""
     latent: bool = False
     """Denoises VAE latents (so `--vae` can replace the VAE)."""
+    quantize: tuple[str, ...] = ()
+    """The `--quantize` modes its loader implements for the frozen denoiser of a LoRA run (e.g. 'nf4', 'int8')."""
+    lora_only: str | None = None
+    """Why it trains LoRA adapters only (said when full fine-tuning is asked for, e.g. FLUX's 12B transformer); None: both."""
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int = 77) -> Tokens:

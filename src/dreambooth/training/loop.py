@@ -25,6 +25,7 @@ from dreambooth.data.training_set import TrainingSet, sample_batch
 from dreambooth.layout import StagePaths
 from dreambooth.models.lora import add_lora
 from dreambooth.models.spec import Stage, frozen_modules, is_text_encoder, trainable_modules, with_modules
+from dreambooth.seeding import derive_seed
 from dreambooth.training.optim import build_lr_schedule, build_optimizer
 from dreambooth.training.recorder import Recorder, step_metrics
 from dreambooth.training.state import (
@@ -82,7 +83,7 @@ def train_stage(
         TrainingInterrupted: on Ctrl-C, after saving a checkpoint.
     """
     train, device = plan.train, accelerator.device
-    modules = _make_trainable(stage, plan)                        # name -> module that trains
+    modules = _make_trainable(stage, plan, DTYPES[accelerator.mixed_precision])  # name -> module that trains
     for name, module in frozen_modules(stage, plan.text_encoder_learning_rates).items():
         # With the prompts cached, frozen text encoders leave the device (validation brings them back).
         offload = data.text_cache is not None and is_text_encoder(name)
@@ -147,11 +148,23 @@ def train_stage(
         logger.info("stage %s ends with its best checkpoint: step %d (%s)", stage.name, record["step"], record["scores"])
 
 
-def _make_trainable(stage: Stage, plan: StagePlan) -> dict[str, torch.nn.Module]:
-    """Full fine-tuning or LoRA adapters; gradient checkpointing when asked. Returns the modules that train."""
+def _make_trainable(stage: Stage, plan: StagePlan, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """Full fine-tuning or LoRA adapters; gradient checkpointing when asked. Returns the modules that train.
+
+    Under mixed precision a LoRA run stores the frozen base weights in the autocast dtype and
+    only the adapters in fp32 (their master copy); full fine-tuning keeps fp32 master weights.
+    """
     modules = trainable_modules(stage, plan.text_encoder_learning_rates)
     if plan.lora.rank is not None:
-        add_lora(stage, plan.lora, modules)
+        for module in modules.values():
+            if dtype != torch.float32 and getattr(module, "hf_quantizer", None) is None:  # quantised weights stay as they are
+                module.to(dtype=dtype)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):  # the adapters' random init follows the run's seed, nothing else
+            torch.manual_seed(derive_seed(plan.train.seed, "lora", stage.name))
+            add_lora(stage, plan.lora, modules)
+        for param in (p for m in modules.values() for p in m.parameters() if p.requires_grad):
+            param.data = param.data.float()
     else:
         for module in modules.values():
             module.requires_grad_(True)

@@ -42,6 +42,9 @@ class ModelConfig:
     """Weights variant to load, e.g. 'fp16'."""
     vae: str | None = None
     """A VAE to use instead of the model's (folder, hub id or single file), e.g. an fp16-safe SDXL VAE; latent models only."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={"flag": "weights-dtype"})
+    """Dtype the weights load in. auto: bf16 for a LoRA run under --mixed-precision bf16 (the frozen base;
+    adapters train in fp32), else fp32 (full fine-tuning keeps fp32 master weights)."""
     quantize: Literal["none", "nf4", "int8", "fp8"] = "none"
     """Quantise the frozen denoiser at load for LoRA training (bitsandbytes nf4/int8, torchao fp8): FLUX/SD3 on 24 GB."""
 
@@ -348,6 +351,13 @@ class RunConfig:
         if self.optim.learning_rate is not None:
             return self.optim.learning_rate
         return 1e-4 if self.lora.rank is not None else 5e-6
+
+    @property
+    def weights_dtype(self) -> str:
+        """The dtype weights load in ('fp32', 'bf16', 'fp16'): `model.dtype`, resolved when 'auto'."""
+        if self.model.dtype != "auto":
+            return self.model.dtype
+        return "bf16" if self.lora.rank is not None and self.train.mixed_precision == "bf16" else "fp32"
 
     @property
     def run_dir(self) -> Path:

@@ -186,14 +186,14 @@ def _write(plan: _Plan, scratch: Path) -> Path:
 
 
 def _load_base(plan: _Plan) -> list[Stage]:
-    """The run's base model (its config's model, unquantised: exports hold full weights), fp32 on CPU."""
-    cfg = dataclasses.replace(plan.cfg, model=dataclasses.replace(plan.cfg.model, quantize="none"))
+    """The run's base model (its config's model, unquantised and fp32: exports hold full weights), on CPU."""
+    cfg = dataclasses.replace(plan.cfg, model=dataclasses.replace(plan.cfg.model, quantize="none", dtype="fp32"))
     return load_stages(resolve_source(cfg.model), cfg)
 
 
 def _load_finished(plan: _Plan) -> list[Stage]:
     """A full fine-tune's saved pipeline."""
-    cfg = dataclasses.replace(plan.cfg, model=ModelConfig(source=str(plan.layout.pipeline)))
+    cfg = dataclasses.replace(plan.cfg, model=ModelConfig(source=str(plan.layout.pipeline), dtype="fp32"))
     return load_stages(resolve_source(cfg.model), cfg)
 
 

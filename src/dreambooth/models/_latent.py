@@ -53,7 +53,7 @@ def load_pipeline(cls, source: str, single_file_config: str | None, *, revision:
         raise ValueError(f"could not load single-file checkpoint {source!r} offline: {hint}. ({error})") from error
 
 
-def load_vae(source: str | None) -> dict:
+def load_vae(source: str | None, dtype: torch.dtype = torch.float32) -> dict:
     """`{"vae": AutoencoderKL}` from a folder, hub id or single file (e.g. an fp16-safe SDXL VAE), or {} for the model's own."""
     if source is None:
         return {}
@@ -61,8 +61,8 @@ def load_vae(source: str | None) -> dict:
 
     try:
         if Path(source).suffix in SINGLE_FILE_SUFFIXES:
-            return {"vae": AutoencoderKL.from_single_file(source, local_files_only=True, torch_dtype=torch.float32)}
+            return {"vae": AutoencoderKL.from_single_file(source, local_files_only=True, torch_dtype=dtype)}
         subfolder = "vae" if (Path(source) / "vae" / "config.json").is_file() else None
-        return {"vae": AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=torch.float32)}
+        return {"vae": AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)}
     except (OSError, ValueError) as error:
         raise ValueError(f"--vae {source!r} could not be loaded as a diffusers AutoencoderKL ({error})") from error

@@ -63,3 +63,21 @@ def quantization_config(method: str):
     if method == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=COMPUTE_DTYPE)
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_quantized_transformer(cls, source: str, single_file_config: str | None, method: str, *, revision, variant,
+                               dtype: torch.dtype):
+    """`cls` (a diffusers transformer class) loaded from a pipeline folder, hub id or single file with
+    its linear layers quantised by `method`; the rest of its weights in `dtype`.
+
+    Raises:
+        ValueError: this machine cannot quantise with `method` (names the flag and the fix).
+    """
+    from pathlib import Path
+
+    config = quantization_config(method)  # raises first if this machine cannot quantise
+    if Path(source).suffix in (".safetensors", ".ckpt"):
+        return cls.from_single_file(source, config=single_file_config, subfolder="transformer", quantization_config=config,
+                                    torch_dtype=dtype, local_files_only=True)
+    return cls.from_pretrained(source, subfolder="transformer", revision=revision, variant=variant,
+                               quantization_config=config, torch_dtype=dtype)

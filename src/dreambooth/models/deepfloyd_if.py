@@ -19,7 +19,16 @@ from torch import Tensor, nn
 
 from dreambooth.config import SR_NOISE_LEVELS, RunConfig
 from dreambooth.models.ddpm import DDPMObjective
-from dreambooth.models.spec import Encoded, Family, Framing, ModelSource, TextConditioning, Tokens, tokenize
+from dreambooth.models.spec import (
+    DTYPES,
+    Encoded,
+    Family,
+    Framing,
+    ModelSource,
+    TextConditioning,
+    Tokens,
+    tokenize,
+)
 from dreambooth.seeding import RowRandom
 
 LORA_TARGETS = {
@@ -129,12 +138,15 @@ class IFSuperResStage(_IFStage):
         return _epsilon(output, noisy.shape[1])
 
 
-def load_if(source: str, sr_source: str | None = None, *, noise_level_range: tuple[int, int] = SR_NOISE_LEVELS, revision: str | None = None, variant: str | None = None) -> list:
-    """Load the stages of an IF cascade (fp32): the base from `source`, SR from `sr_source` if given."""
-    base_pipe = IFPipeline.from_pretrained(source, revision=revision, variant=variant, dtype=torch.float32, **_NO_SAFETY)
+def load_if(
+    source: str, sr_source: str | None = None, *, noise_level_range: tuple[int, int] = SR_NOISE_LEVELS, revision: str | None = None,
+    variant: str | None = None, dtype: torch.dtype = torch.float32,
+) -> list:
+    """Load the stages of an IF cascade on CPU in `dtype`: the base from `source`, SR from `sr_source` if given."""
+    base_pipe = IFPipeline.from_pretrained(source, revision=revision, variant=variant, dtype=dtype, **_NO_SAFETY)
     stages: list = [IFBaseStage(**_components(base_pipe))]
     if sr_source is not None:
-        sr_pipe = IFSuperResolutionPipeline.from_pretrained(sr_source, variant=variant, dtype=torch.float32, **_NO_SAFETY)
+        sr_pipe = IFSuperResolutionPipeline.from_pretrained(sr_source, variant=variant, dtype=dtype, **_NO_SAFETY)
         stages.append(
             IFSuperResStage(**_components(sr_pipe), low_resolution=stages[0].resolution, noise_level_range=noise_level_range)
         )
@@ -149,7 +161,8 @@ def _components(pipeline: IFPipeline | IFSuperResolutionPipeline) -> dict:
 
 def _load(source: ModelSource, cfg: RunConfig) -> list:
     levels = cfg.cascade.noise_level_range
-    return load_if(source.base, source.sr, noise_level_range=levels, revision=cfg.model.revision, variant=cfg.model.variant)
+    return load_if(source.base, source.sr, noise_level_range=levels, revision=cfg.model.revision, variant=cfg.model.variant,
+                   dtype=DTYPES[cfg.weights_dtype])
 
 
 FAMILY = Family(name="if", pipeline_classes=("IFPipeline",), load=_load, text_encoders=("text_encoder",), cascade=True)

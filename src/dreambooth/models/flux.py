@@ -18,24 +18,31 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, FluxTransformer2DModel
 from torch import Tensor, nn
 
 from dreambooth.config import FlowConfig, RunConfig
 from dreambooth.models._latent import (
-    SINGLE_FILE_SUFFIXES,
     encode_latent_distribution,
     load_pipeline,
     load_vae,
     sample_latents,
 )
-from dreambooth.models._quantize import METHODS, quantization_config
+from dreambooth.models._quantize import METHODS, load_quantized_transformer
 from dreambooth.models.flow_matching import FlowMatchingObjective
 from dreambooth.models.sd import CLIP_LORA_TARGETS
-from dreambooth.models.spec import Encoded, Family, Framing, ModelSource, TextConditioning, Tokens, tokenize
+from dreambooth.models.spec import (
+    DTYPES,
+    Encoded,
+    Family,
+    Framing,
+    ModelSource,
+    TextConditioning,
+    Tokens,
+    tokenize,
+)
 from dreambooth.seeding import RowRandom
 
 logger = logging.getLogger(__name__)
@@ -172,10 +179,11 @@ def native_resolution(pipeline: FluxPipeline) -> int:
 def load_flux(
     source: str, *, single_file_config: str | None = None, revision: str | None = None, variant: str | None = None,
     vae: str | None = None, quantize: str = "none", flow: FlowConfig | None = None, resolution: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> list[FluxStage]:
     """Load a FLUX.1 pipeline (diffusers folder, hub id, or a single file with `single_file_config`).
 
-    Everything loads in fp32 on CPU, except that `quantize` ('nf4', 'int8', 'fp8') loads the
+    Everything loads in `dtype` on CPU, except that `quantize` ('nf4', 'int8', 'fp8') loads the
     transformer's linear layers quantised (onto the GPU), for LoRA training on top of them.
 
     Args:
@@ -193,9 +201,11 @@ def load_flux(
     flow = flow or FlowConfig()
     if resolution is not None and resolution % 16:
         raise ValueError(f"--resolution {resolution}: FLUX needs a multiple of 16 pixels (8x VAE, 2x2 packing)")
-    kwargs = dict(dtype=torch.float32, **load_vae(vae))
+    kwargs = dict(dtype=dtype, **load_vae(vae, dtype))
     if quantize != "none":
-        kwargs["transformer"] = _load_quantized_transformer(source, single_file_config, quantize, revision=revision, variant=variant)
+        kwargs["transformer"] = load_quantized_transformer(
+            FluxTransformer2DModel, source, single_file_config, quantize, revision=revision, variant=variant, dtype=dtype,
+        )
     pipeline = load_pipeline(FluxPipeline, source, single_file_config, revision=revision, variant=variant, **kwargs)
     stage = stage_from_pipeline(pipeline, flow, resolution)
     if not stage.guidance_embeds:
@@ -226,20 +236,6 @@ def stage_from_pipeline(pipeline: FluxPipeline, flow: FlowConfig | None = None, 
     )
 
 
-def _load_quantized_transformer(source: str, single_file_config: str | None, method: str, *, revision, variant) -> nn.Module:
-    from diffusers import FluxTransformer2DModel
-
-    config = quantization_config(method)  # raises first if this machine cannot quantise
-    if Path(source).suffix in SINGLE_FILE_SUFFIXES:
-        return FluxTransformer2DModel.from_single_file(
-            source, config=single_file_config, subfolder="transformer", quantization_config=config,
-            torch_dtype=torch.float32, local_files_only=True,
-        )
-    return FluxTransformer2DModel.from_pretrained(
-        source, subfolder="transformer", revision=revision, variant=variant, quantization_config=config, torch_dtype=torch.float32,
-    )
-
-
 def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -248,7 +244,7 @@ def _load(source: ModelSource, cfg: RunConfig) -> list[FluxStage]:
     model = cfg.model
     return load_flux(
         source.base, single_file_config=model.single_file_config, revision=model.revision, variant=model.variant,
-        vae=model.vae, quantize=model.quantize, flow=cfg.flow, resolution=cfg.subject.resolution,
+        vae=model.vae, quantize=model.quantize, flow=cfg.flow, resolution=cfg.subject.resolution, dtype=DTYPES[cfg.weights_dtype],
     )
 
 

@@ -15,25 +15,32 @@ The identifier is judged rare in T5's vocabulary, the tokenizer the paper's rare
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusion3Pipeline
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from torch import Tensor, nn
 
 from dreambooth.config import FlowConfig, RunConfig
 from dreambooth.models._latent import (
-    SINGLE_FILE_SUFFIXES,
     encode_latent_distribution,
     load_pipeline,
     load_vae,
     sample_latents,
 )
-from dreambooth.models._quantize import quantization_config
+from dreambooth.models._quantize import load_quantized_transformer
 from dreambooth.models.flow_matching import FlowMatchingObjective
 from dreambooth.models.sd import CLIP_LORA_TARGETS
-from dreambooth.models.spec import Encoded, Family, Framing, ModelSource, TextConditioning, Tokens, tokenize
+from dreambooth.models.spec import (
+    DTYPES,
+    Encoded,
+    Family,
+    Framing,
+    ModelSource,
+    TextConditioning,
+    Tokens,
+    tokenize,
+)
 from dreambooth.seeding import RowRandom
 
 T5_MAX_LENGTH = 256
@@ -143,10 +150,11 @@ class SD3Stage:
 def load_sd3(
     source: str, *, single_file_config: str | None = None, revision: str | None = None, variant: str | None = None,
     vae: str | None = None, quantize: str = "none", flow: FlowConfig | None = None, resolution: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> list[SD3Stage]:
     """Load an SD3 / SD3.5 pipeline (diffusers folder, hub id, or a single file with `single_file_config`).
 
-    Everything loads in fp32 on CPU, except that `quantize` ('nf4', 'int8') loads the transformer's
+    Everything loads in `dtype` on CPU, except that `quantize` ('nf4', 'int8') loads the transformer's
     linear layers quantised by bitsandbytes (onto the GPU), for LoRA training on top of them.
 
     Args:
@@ -162,9 +170,13 @@ def load_sd3(
     Raises:
         ValueError: a bad resolution, or a quantisation this machine cannot do (names the flag and the install).
     """
-    kwargs = dict(dtype=torch.float32, **load_vae(vae))
+    if quantize not in ("none", *QUANTIZE_MODES):
+        raise ValueError(f"--quantize {quantize} is not offered for SD3: use {' or '.join(QUANTIZE_MODES)}, or drop the flag")
+    kwargs = dict(dtype=dtype, **load_vae(vae, dtype))
     if quantize != "none":
-        kwargs["transformer"] = _load_quantized_transformer(source, single_file_config, quantize, revision=revision, variant=variant)
+        kwargs["transformer"] = load_quantized_transformer(
+            SD3Transformer2DModel, source, single_file_config, quantize, revision=revision, variant=variant, dtype=dtype,
+        )
     pipeline = load_pipeline(StableDiffusion3Pipeline, source, single_file_config, revision=revision, variant=variant, **kwargs)
     return [stage_from_pipeline(pipeline, flow, resolution)]
 
@@ -196,27 +208,11 @@ def stage_from_pipeline(pipeline: StableDiffusion3Pipeline, flow: FlowConfig | N
     )
 
 
-def _load_quantized_transformer(source: str, single_file_config: str | None, method: str, *, revision, variant) -> nn.Module:
-    from diffusers import SD3Transformer2DModel
-
-    if method not in QUANTIZE_MODES:
-        raise ValueError(f"--quantize {method} is not offered for SD3: use {' or '.join(QUANTIZE_MODES)}, or drop the flag")
-    config = quantization_config(method)  # raises first if this machine cannot quantise (no bitsandbytes, no CUDA GPU)
-    if Path(source).suffix in SINGLE_FILE_SUFFIXES:
-        return SD3Transformer2DModel.from_single_file(
-            source, config=single_file_config, subfolder="transformer", quantization_config=config,
-            torch_dtype=torch.float32, local_files_only=True,
-        )
-    return SD3Transformer2DModel.from_pretrained(
-        source, subfolder="transformer", revision=revision, variant=variant, quantization_config=config, torch_dtype=torch.float32,
-    )
-
-
 def _load(source: ModelSource, cfg: RunConfig) -> list[SD3Stage]:
     model = cfg.model
     return load_sd3(
         source.base, single_file_config=model.single_file_config, revision=model.revision, variant=model.variant, vae=model.vae,
-        quantize=model.quantize, flow=cfg.flow, resolution=cfg.subject.resolution,
+        quantize=model.quantize, flow=cfg.flow, resolution=cfg.subject.resolution, dtype=DTYPES[cfg.weights_dtype],
     )
 
 

@@ -19,7 +19,16 @@ from dreambooth.config import RunConfig
 from dreambooth.models._latent import encode_latent_distribution, load_pipeline, load_vae, sample_latents
 from dreambooth.models.ddpm import DDPMObjective
 from dreambooth.models.sd import CLIP_LORA_TARGETS, UNET_LORA_TARGETS
-from dreambooth.models.spec import Encoded, Family, Framing, ModelSource, TextConditioning, Tokens, tokenize
+from dreambooth.models.spec import (
+    DTYPES,
+    Encoded,
+    Family,
+    Framing,
+    ModelSource,
+    TextConditioning,
+    Tokens,
+    tokenize,
+)
 from dreambooth.seeding import RowRandom
 
 LORA_TARGETS = {"unet": UNET_LORA_TARGETS, "text_encoder": CLIP_LORA_TARGETS, "text_encoder_2": CLIP_LORA_TARGETS}
@@ -90,10 +99,10 @@ def time_ids(framing: Framing, resolution: int) -> Tensor:
 
 def load_sdxl(
     source: str, *, single_file_config: str | None = None, revision: str | None = None, variant: str | None = None,
-    vae: str | None = None,
+    vae: str | None = None, dtype: torch.dtype = torch.float32,
 ) -> list[SDXLStage]:
-    """Load an SDXL pipeline (diffusers folder, hub id or single file) in fp32."""
-    kwargs = dict(dtype=torch.float32, add_watermarker=False, **load_vae(vae))
+    """Load an SDXL pipeline (diffusers folder, hub id or single file), on CPU in `dtype`."""
+    kwargs = dict(dtype=dtype, add_watermarker=False, **load_vae(vae, dtype))
     pipeline = load_pipeline(StableDiffusionXLPipeline, source, single_file_config, revision=revision, variant=variant, **kwargs)
     return [stage_from_pipeline(pipeline)]
 
@@ -109,7 +118,8 @@ def stage_from_pipeline(pipeline: StableDiffusionXLPipeline) -> SDXLStage:
 
 def _load(source: ModelSource, cfg: RunConfig) -> list[SDXLStage]:
     model = cfg.model
-    return load_sdxl(source.base, single_file_config=model.single_file_config, revision=model.revision, variant=model.variant, vae=model.vae)
+    return load_sdxl(source.base, single_file_config=model.single_file_config, revision=model.revision, variant=model.variant,
+                     vae=model.vae, dtype=DTYPES[cfg.weights_dtype])
 
 
 FAMILY = Family(

@@ -20,6 +20,9 @@ from torch import Tensor, nn
 
 from dreambooth.seeding import RowRandom
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Weights dtypes by their config names (`RunConfig.weights_dtype`)."""
+
 Encoded = dict[str, Tensor]
 """Frozen per-image encodings computed once before training (latent moments, pixels, SDXL's time ids)."""
 

@@ -20,7 +20,7 @@ from dreambooth.data.images import load_images
 from dreambooth.eval.embedders import DEFAULT_CLIP, DEFAULT_DINO, EmbeddingCache
 from dreambooth.eval.prompts import DREAMBENCH_CLASSES
 from dreambooth.eval.report import write_report
-from dreambooth.eval.scoring import Subject, load_embedders, score_subject, summarise
+from dreambooth.eval.scoring import SubjectPhotos, load_paper_embedders, score_subject, summarise
 
 
 def main() -> None:
@@ -38,12 +38,12 @@ def main() -> None:
     folders = sorted(p for p in args.data.iterdir() if p.is_dir())
     if not folders:
         raise SystemExit(f"no subject folders in {args.data}")
-    embedders = load_embedders(args.device, args.dino, args.clip, args.lpips_weights)
+    embedders = load_paper_embedders(args.device, args.dino, args.clip, args.lpips_weights)
     cache, results = EmbeddingCache(), []
     start = time.perf_counter()
     for folder in folders:
         photos = load_images(folder)
-        subject = Subject(
+        subject = SubjectPhotos(
             folder.name,
             DREAMBENCH_CLASSES.get(folder.name, folder.name),
             [p.image for p in photos],

@@ -1,10 +1,14 @@
 """DreamBooth: personalise text-to-image diffusion models from a few photos of a subject.
 
 The public API, imported on first use (so that `import dreambooth` and the CLI's `--help` stay
-fast):
+fast). The recipe and the sampler live in modules of the same name, so they are imported from
+those modules (a lazy package attribute cannot shadow a submodule reliably):
 
-    from dreambooth import RunConfig, load_config, finetune, load_model, generate
-    layout = finetune(load_config("run.toml"))
+    from pathlib import Path
+    from dreambooth import load_config, load_model
+    from dreambooth.finetune import finetune
+    from dreambooth.generate import generate
+    layout = finetune(load_config(Path("run.toml")))
 """
 
 from __future__ import annotations
@@ -25,9 +29,7 @@ _EXPORTS = {
     "RunConfig": "dreambooth.config",
     "load_config": "dreambooth.config",
     "validate": "dreambooth.config",
-    "finetune": "dreambooth.finetune",
     "load_model": "dreambooth.generate",
-    "generate": "dreambooth.generate",
     "choose_identifier": "dreambooth.identifier",
     "check_identifier": "dreambooth.identifier",
     "load_images": "dreambooth.data.images",

@@ -101,26 +101,66 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class ConfigError(ValueError):
+    """Every problem found in a config tree (file, flags or Python), raised at once."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        text = self.problems[0] if len(self.problems) == 1 else "invalid configuration:\n  - " + "\n  - ".join(self.problems)
+        super().__init__(text)
+
+
+def raise_problems(rules: list[tuple[bool, str]]) -> None:
+    """Raise one ConfigError naming the message of every rule whose condition is False.
+
+    Raises:
+        ConfigError: if any rule is broken.
+    """
+    if problems := [message for ok, message in rules if not ok]:
+        raise ConfigError(problems)
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from nested `data`, checking every key and value type.
 
+    Every problem in every section (unknown keys, wrong types, failed `__post_init__` checks)
+    is collected and reported at once.
+
     Raises:
-        ValueError: naming the key that is unknown (with the closest known key) or of the wrong type.
+        ConfigError: listing each key that is unknown (with the closest known key), of the
+            wrong type, or has a value its section rejects.
     """
     if not isinstance(data, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a table of settings, got {data!r}")
+        raise ConfigError([f"{prefix.rstrip('.') or 'config'} must be a table of settings, got {data!r}"])
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    problems = [f"unknown config key {prefix + key!r}{_suggestion(key, cls, prefix)}" for key in data if key not in fields]
     kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise ValueError(f"unknown config key {prefix + key!r}{_suggestion(key, cls, prefix)}")
+    for key, f in fields.items():
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = coerce(value, hint, prefix + key)
-    return cls(**kwargs)
+        try:
+            if dataclasses.is_dataclass(hint) and (key in data or f.default_factory is hint):
+                kwargs[key] = from_dict(hint, data.get(key, {}), f"{prefix}{key}.")  # absent: its defaults, still checked
+            elif key in data:
+                kwargs[key] = coerce(data[key], hint, prefix + key)
+        except ValueError as error:
+            problems += getattr(error, "problems", [str(error)])
+    if not problems:
+        try:
+            return cls(**kwargs)
+        except ValueError as error:
+            problems += getattr(error, "problems", [str(error)])
+    raise ConfigError(problems)
+
+
+def load_tree(cls: type[T], path: Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Build the config tree `cls` of a command from its defaults, then a TOML/YAML file, then overrides (flags).
+
+    Raises:
+        FileNotFoundError: if `path` does not exist.
+        ConfigError: listing every unknown key, wrong type and rejected value.
+    """
+    return from_dict(cls, merge(load_file(path) if path is not None else {}, overrides or {}))
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:

@@ -7,10 +7,14 @@ fields always default to None, so a TOML file (which has no null) round-trips ex
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from dreambooth._config_io import raise_problems
 
 logger = logging.getLogger(__name__)
 
@@ -19,11 +23,13 @@ SCHEMA_VERSION = 1
 
 Precision = Literal["no", "fp16", "bf16"]
 Sampler = Literal["dpm++", "ddpm", "ddim", "euler_a"]
+"""Sampler names of `dreambooth.generate.SAMPLERS`."""
+LrSchedule = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
+DEFAULT_DINO = "facebook/dino-vits16"
+"""DINO ViT-S/16, the paper's DINO and PRES metrics."""
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+"""CLIP ViT-B/32, the paper's CLIP-I and CLIP-T metrics."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ class ModelConfig:
     """Quantise the frozen denoiser at load for LoRA training (bitsandbytes nf4/int8, torchao fp8): FLUX/SD3 on 24 GB."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.source.strip()), "model.source must not be empty")
+        raise_problems([(bool(self.source.strip()), "model.source must not be empty")])
 
 
 @dataclass(frozen=True)
@@ -72,8 +78,10 @@ class SubjectConfig:
     """What to do with a file in instance_dir that is not a readable image."""
 
     def __post_init__(self) -> None:
-        _check(self.resolution is None or self.resolution >= 8, f"subject.resolution must be >= 8, got {self.resolution}")
-        _check(self.class_noun is None or bool(self.class_noun.strip()), "subject.class_noun must not be empty")
+        raise_problems([
+            (self.resolution is None or self.resolution >= 8, f"subject.resolution must be >= 8, got {self.resolution}"),
+            (self.class_noun is None or bool(self.class_noun.strip()), "subject.class_noun must not be empty"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,7 @@ class IdentifierConfig:
     """Seed of the automatic identifier choice."""
 
     def __post_init__(self) -> None:
-        _check(1 <= self.num_tokens <= 3, f"identifier.num_tokens must be 1..3, got {self.num_tokens}")
+        raise_problems([(1 <= self.num_tokens <= 3, f"identifier.num_tokens must be 1..3, got {self.num_tokens}")])
 
 
 @dataclass(frozen=True)
@@ -111,9 +119,11 @@ class PriorConfig:
     """Base seed; image i uses seed + i, so any subset can be regenerated exactly."""
 
     def __post_init__(self) -> None:
-        _check(self.num_class_images >= 1, f"prior.num_class_images must be >= 1, got {self.num_class_images}")
-        _check(self.loss_weight >= 0, f"prior.loss_weight must be >= 0, got {self.loss_weight}")
-        _check(self.steps >= 1 and self.batch_size >= 1, "prior.steps and prior.batch_size must be >= 1")
+        raise_problems([
+            (self.num_class_images >= 1, f"prior.num_class_images must be >= 1, got {self.num_class_images}"),
+            (self.loss_weight >= 0, f"prior.loss_weight must be >= 0, got {self.loss_weight}"),
+            (self.steps >= 1 and self.batch_size >= 1, "prior.steps and prior.batch_size must be >= 1"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -126,8 +136,10 @@ class LoraConfig:
     """Dropout on the LoRA branch."""
 
     def __post_init__(self) -> None:
-        _check(self.rank is None or self.rank > 0, f"lora.rank must be > 0, got {self.rank}")
-        _check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        raise_problems([
+            (self.rank is None or self.rank > 0, f"lora.rank must be > 0, got {self.rank}"),
+            (0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -150,7 +162,7 @@ class OptimConfig:
     """8-bit AdamW from bitsandbytes: 1/4 of the optimizer memory."""
     use_adafactor: bool = False
     """Adafactor (factored second moments, no first moment): the least optimizer memory, for full fine-tuning."""
-    lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
+    lr_scheduler: LrSchedule = "constant"
     """Learning-rate schedule after warm-up."""
     lr_warmup_steps: int = 0
     """Linear warm-up steps."""
@@ -158,12 +170,13 @@ class OptimConfig:
     """Clip the gradient norm to this; 0 disables clipping."""
 
     def __post_init__(self) -> None:
-        for name in ("learning_rate", "text_encoder_learning_rate", "text_encoder_2_learning_rate"):
-            value = getattr(self, name)
-            _check(value is None or value > 0, f"optim.{name} must be > 0, got {value}")
-        _check(self.lr_warmup_steps >= 0, f"optim.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
-        _check(self.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm}")
-        _check(not (self.use_8bit_adam and self.use_adafactor), "optim.use_8bit_adam and optim.use_adafactor contradict each other: pick one")
+        rates = ("learning_rate", "text_encoder_learning_rate", "text_encoder_2_learning_rate")
+        raise_problems([
+            *((getattr(self, name) is None or getattr(self, name) > 0, f"optim.{name} must be > 0, got {getattr(self, name)}") for name in rates),
+            (self.lr_warmup_steps >= 0, f"optim.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}"),
+            (self.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm}"),
+            (not (self.use_8bit_adam and self.use_adafactor), "optim.use_8bit_adam and optim.use_adafactor contradict each other: pick one"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -183,8 +196,9 @@ class TrainConfig:
     text_encoders: tuple[str, ...] | None = None
     """Which text encoders --train-text-encoder trains, by component name; None: all the family's (SDXL: text_encoder text_encoder_2)."""
     cache_latents: bool = True
-    """Encode the photos (and, with frozen text encoders, the prompts) once instead of every step; frozen
-    text encoders then leave the GPU while training."""
+    """Encode the prompts once, before training, when the text encoders are frozen (so they leave the GPU
+    while training); off: encode them every step. Only the prompts: the photos (and class images) are
+    always encoded once, whatever this says."""
     caption_dropout: float = 0.0
     """Probability of training on the empty prompt (for classifier-free guidance when pretraining)."""
     ema_decay: float | None = None
@@ -193,17 +207,18 @@ class TrainConfig:
     """Seed of data order, noise and timesteps: a run is reproducible from it."""
 
     def __post_init__(self) -> None:
-        _check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
-        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
-        _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1")
-        _check(0 <= self.caption_dropout < 1, f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        _check(self.ema_decay is None or 0 < self.ema_decay < 1, f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+        raise_problems([
+            (self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}"),
+            (self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}"),
+            (self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
+            (0 <= self.caption_dropout < 1, f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}"),
+            (self.ema_decay is None or 0 < self.ema_decay < 1, f"train.ema_decay must be in (0, 1), got {self.ema_decay}"),
+        ])
 
 
 SR_NOISE_LEVELS: tuple[int, int] = (0, 250)
-"""Default augmentation levels of the low-res input while fine-tuning a super-resolution stage.
-Low: on the pocket model, 400 steps with IF's pretraining range 0-1000 drew the subject's fine
-detail worse than the pretrained stage, with 0-250 better (README)."""
+"""Default augmentation levels of the low-res input while fine-tuning a super-resolution stage: low,
+so the stage learns the subject's fine detail from inputs close to the photo (measured in docs/pocket.md)."""
 
 
 @dataclass(frozen=True)
@@ -216,12 +231,14 @@ class CascadeConfig:
     """Learning rate of the super-resolution stage; None: the base stage's."""
     noise_level_range: tuple[int, int] = SR_NOISE_LEVELS
     """Augmentation levels of the low-res input drawn while fine-tuning SR; sampling conditions on one
-    level (250 in IF). Low levels measured better fine detail than IF's 0-1000 (README)."""
+    level (250 in IF)."""
 
     def __post_init__(self) -> None:
-        _check(len(self.stages) >= 1 and set(self.stages) <= {"base", "sr"}, f"cascade.stages must be a subset of base, sr; got {self.stages}")
         low, high = self.noise_level_range
-        _check(0 <= low < high, f"cascade.noise_level_range must be 0 <= low < high, got {self.noise_level_range}")
+        raise_problems([
+            (len(self.stages) >= 1 and set(self.stages) <= {"base", "sr"}, f"cascade.stages must be a subset of base, sr; got {self.stages}"),
+            (0 <= low < high, f"cascade.noise_level_range must be 0 <= low < high, got {self.noise_level_range}"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -242,7 +259,7 @@ class FlowConfig:
     """Guidance value fed to a guidance-distilled model's guidance embedding while training (FLUX.1-dev)."""
 
     def __post_init__(self) -> None:
-        _check(self.logit_std > 0, f"flow.logit_std must be > 0, got {self.logit_std}")
+        raise_problems([(self.logit_std > 0, f"flow.logit_std must be > 0, got {self.logit_std}")])
 
 
 @dataclass(frozen=True)
@@ -265,8 +282,10 @@ class ValidationConfig:
     """Seed of validation samples: the same noise at every step, so grids are comparable."""
 
     def __post_init__(self) -> None:
-        _check(self.every_n_steps >= 0, "validation.every_n_steps must be >= 0")
-        _check(self.num_images >= 1 and self.steps >= 1, "validation.num_images and validation.steps must be >= 1")
+        raise_problems([
+            (self.every_n_steps >= 0, "validation.every_n_steps must be >= 0"),
+            (self.num_images >= 1 and self.steps >= 1, "validation.num_images and validation.steps must be >= 1"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -288,13 +307,16 @@ class EvalConfig:
     """Prior-collapse guard: a checkpoint whose PRES exceeds the pretrained model's by more is never the best."""
     embedders: Literal["auto", "paper"] = field(default="auto", metadata={"flag": "eval-embedders"})
     """'paper': DINO, CLIP and LPIPS; 'auto': the model's own scorers where it ships them (the pocket model), else the paper's."""
-    dino: str = field(default="facebook/dino-vits16", metadata={"flag": "eval-dino"})
+    dino: str = field(default=DEFAULT_DINO, metadata={"flag": "eval-dino"})
     """DINO ViT-S/16 hub id or local folder (the DINO and PRES metrics)."""
-    clip: str = field(default="openai/clip-vit-base-patch32", metadata={"flag": "eval-clip"})
+    clip: str = field(default=DEFAULT_CLIP, metadata={"flag": "eval-clip"})
     """CLIP hub id or local folder (CLIP-I and CLIP-T)."""
 
     def __post_init__(self) -> None:
-        _check(self.eval_every >= 0 and self.num_images >= 1, "eval.eval_every must be >= 0 and eval.num_images >= 1")
+        raise_problems([
+            (self.eval_every >= 0, f"eval.eval_every must be >= 0, got {self.eval_every}"),
+            (self.num_images >= 1, f"eval.num_images must be >= 1, got {self.num_images}"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -305,8 +327,10 @@ class CheckpointConfig:
     """How many checkpoints to keep per stage (older ones are deleted)."""
 
     def __post_init__(self) -> None:
-        _check(self.every_n_steps >= 0, "checkpoint.every_n_steps must be >= 0")
-        _check(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+        raise_problems([
+            (self.every_n_steps >= 0, "checkpoint.every_n_steps must be >= 0"),
+            (self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -367,15 +391,28 @@ class RunConfig:
         return Path("runs") / name
 
 
-def validate(cfg: RunConfig) -> None:
-    """Check the rules that span sections; raise one ValueError listing every problem.
+def validate(cfg: RunConfig, *, has_gpu: bool | None = None) -> None:
+    """Check the rules that span sections, and what the machine must offer; raise one ValueError listing every problem.
 
     Harmless leftovers (a setting that has no effect) only warn.
+
+    Args:
+        cfg: The run configuration.
+        has_gpu: Whether a CUDA device is available; None: ask torch.
 
     Raises:
         ValueError: if any rule is broken.
     """
     problems: list[str] = []
+    if cfg.train.mixed_precision == "fp16":
+        if has_gpu is None:
+            import torch
+
+            has_gpu = torch.cuda.is_available()
+        if not has_gpu:
+            problems.append("train.mixed_precision 'fp16' needs a GPU; on CPU use 'bf16' or 'no'")
+    if cfg.output.logger == "tensorboard" and not importlib.util.find_spec("tensorboard"):
+        problems.append("--logger tensorboard needs TensorBoard: pip install 'dreambooth[tensorboard]'")
     if cfg.subject.instance_dir is None:
         problems.append("subject.instance_dir is required (--instance-dir DIR: a folder of 3-5 photos)")
     if cfg.subject.class_noun is None:
@@ -401,6 +438,24 @@ def validate(cfg: RunConfig) -> None:
         logger.warning("lora.alpha is set but lora.rank is not (full fine-tuning): it is ignored")
 
 
+def resolve(cfg: RunConfig, identifier: str | None = None) -> RunConfig:
+    """`cfg` with every value left to a default that depends on other settings filled in, as the run uses it.
+
+    The learning rate (the method's default), the text encoders' rates when they train, the run
+    folder, and the identifier once it is chosen. Loading the result gives the same run.
+    """
+    rate = cfg.learning_rate
+    optim = dataclasses.replace(cfg.optim, learning_rate=rate)
+    if cfg.train.train_text_encoder:
+        text_rate = cfg.optim.text_encoder_learning_rate or rate
+        optim = dataclasses.replace(
+            optim, text_encoder_learning_rate=text_rate, text_encoder_2_learning_rate=cfg.optim.text_encoder_2_learning_rate or text_rate,
+        )
+    chosen = dataclasses.replace(cfg.identifier, identifier=identifier) if identifier is not None else cfg.identifier
+    output = dataclasses.replace(cfg.output, run_dir=cfg.run_dir)
+    return dataclasses.replace(cfg, optim=optim, identifier=chosen, output=output)
+
+
 def _template_problems(template: str) -> list[str]:
     try:
         template.format(identifier="V", class_noun="N")
@@ -409,7 +464,7 @@ def _template_problems(template: str) -> list[str]:
     return []
 
 
-def load_config(path: Path | None = None, overrides: dict | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
     """Build a RunConfig from defaults, then a TOML/YAML file, then overrides (e.g. CLI flags).
 
     Raises:
@@ -418,5 +473,5 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> RunC
     """
     from dreambooth._config_io import from_dict, load_file, merge, migrate
 
-    data = migrate(load_file(path), SCHEMA_VERSION) if path is not None else {}
+    data = migrate(load_file(Path(path)), SCHEMA_VERSION) if path is not None else {}
     return from_dict(RunConfig, merge(data, overrides or {}))

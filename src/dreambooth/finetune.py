@@ -20,11 +20,11 @@ from PIL import Image
 from dreambooth.config import RunConfig, validate
 from dreambooth.data.images import LoadedImage, load_images, warn_small_images
 from dreambooth.data.training_set import TrainingSet, encode_captions, encode_examples
-from dreambooth.eval.during_training import TrainingEvaluator, load_eval_embedders
-from dreambooth.eval.scoring import Subject as EvalSubject
+from dreambooth.eval.during_training import BestCheckpointPolicy, TrainingEvaluator, load_eval_embedders
+from dreambooth.eval.scoring import SubjectPhotos
 from dreambooth.export.pipeline import export_run
 from dreambooth.files import read_json, write_json
-from dreambooth.generate import generate, is_flow_matching
+from dreambooth.generate import expand_prompts, generate, is_flow_matching
 from dreambooth.grid import image_grid, upscale_for_viewing
 from dreambooth.identifier import check_identifier, choose_identifier
 from dreambooth.layout import RunLayout
@@ -38,7 +38,7 @@ from dreambooth.models.loading import (
 )
 from dreambooth.models.spec import Family, ModelSource, Stage, is_text_encoder
 from dreambooth.prior import ClassImageSpec, ensure_class_images, model_fingerprint
-from dreambooth.run_folder import open_run_folder
+from dreambooth.run_folder import open_run_folder, record_identifier
 from dreambooth.training.loop import DTYPES, StagePlan, train_stage
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,8 @@ def finetune(cfg: RunConfig) -> RunLayout:
     stages = load_stages(source, cfg)
     trained = [s for s in stages if not family.cascade or s.name in cfg.cascade.stages]
     subject = _resolve_subject(cfg, stages, layout, resuming)
+    if accelerator.is_main_process:
+        record_identifier(layout, cfg, subject.identifier)
     info = _record_run(layout, cfg, source, subject, trained, status="training", main=accelerator.is_main_process)
     for stage in stages:
         stage.pipeline.to(accelerator.device)
@@ -102,11 +104,7 @@ def finetune(cfg: RunConfig) -> RunLayout:
 
 
 def _make_accelerator(cfg: RunConfig) -> Accelerator:
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("train.mixed_precision 'fp16' needs a GPU; on CPU use 'bf16' or 'no'")
     use_tb = cfg.output.logger == "tensorboard" or (cfg.output.logger == "auto" and importlib.util.find_spec("tensorboard"))
-    if cfg.output.logger == "tensorboard" and not importlib.util.find_spec("tensorboard"):
-        raise ValueError("--logger tensorboard needs TensorBoard: pip install 'dreambooth[tensorboard]'")
     # accelerate keeps process-wide state; a previous run in this process (a test, a DreamBench
     # loop over subjects) must not impose its precision or accumulation on this one.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -192,7 +190,7 @@ def _plan(cfg: RunConfig, stage: Stage, family: Family) -> StagePlan:
         train=train, optim=cfg.optim, lora=cfg.lora, checkpoint=cfg.checkpoint, learning_rate=lr,
         text_encoder_learning_rates={name: rates.get(name, text_lr) for name in trained_text_encoders(cfg, family)},
         prior_weight=cfg.prior.loss_weight, validate_every=(cfg.validation.every_n_steps, cfg.eval.eval_every),
-        best_metric=f"eval/{cfg.eval.best_metric}" if cfg.eval.eval_every else None, max_pres_increase=cfg.eval.max_pres_increase,
+        keep_best=BestCheckpointPolicy(cfg.eval.best_metric, cfg.eval.max_pres_increase) if cfg.eval.eval_every else None,
     )
 
 
@@ -212,7 +210,7 @@ def _validator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subje
         if done or (v.every_n_steps and step % v.every_n_steps == 0):
             with text_encoders_on(stages, accelerator.device):
                 images = generate(
-                    pipelines, [p for p in prompts for _ in range(v.num_images)], [v.seed + k for _ in prompts for k in range(v.num_images)],
+                    pipelines, *expand_prompts(prompts, v.num_images, v.seed),
                     steps=v.steps, guidance=[v.guidance_scale or s.default_guidance for s in stages],
                     autocast_dtype=DTYPES[cfg.train.mixed_precision],
                 )
@@ -249,7 +247,7 @@ def _evaluator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subje
     """Scores the cascade up to `stage` during training; its baseline is sampled now, before the stage trains."""
     evaluator = TrainingEvaluator(
         pipelines=[s.pipeline for s in stages[: stages.index(stage) + 1]],
-        guidance=[s.default_guidance for s in stages], subject=EvalSubject(subject.identifier, subject.class_noun, [p.image for p in photos]),
+        guidance=[s.default_guidance for s in stages], subject=SubjectPhotos(subject.identifier, subject.class_noun, [p.image for p in photos]),
         identifier=subject.identifier, prompts=[subject.fill(p) for p in cfg.eval.eval_prompts], embedders=embedders,
         num_images=cfg.eval.num_images, steps=cfg.validation.steps, seed=cfg.validation.seed,
         autocast_dtype=DTYPES[cfg.train.mixed_precision],

@@ -22,7 +22,9 @@ from diffusers import (
 from PIL import Image
 from tqdm.auto import tqdm
 
-SAMPLERS = {
+from dreambooth.options import Sampling
+
+SAMPLERS = {  # the names of config.Sampler
     "dpm++": DPMSolverMultistepScheduler,
     "ddpm": DDPMScheduler,  # the ancestral sampler of the paper
     "ddim": DDIMScheduler,
@@ -199,21 +201,19 @@ def read_prompts(prompts: Sequence[str], prompts_file: Path | None) -> list[str]
     return out
 
 
-def generate_to_folder(
-    model: str, prompts: list[str], out: Path, *, lora: str | None = None, num_images: int = 4, seed: int = 0,
-    steps: int = 25, guidance: float | None = None, sampler: str = "dpm++", device: str | None = None,
-) -> Path:
-    """Sample `num_images` per prompt; write `<prompt index>-<k>.png`, `grid.png` and `prompts.txt`."""
+def generate_to_folder(model: str, prompts: list[str], out: Path, *, lora: str | None = None, sampling: Sampling = Sampling()) -> Path:
+    """Sample `sampling.num_images` per prompt; write `<prompt index>-<k>.png`, `grid.png` and `prompts.txt`."""
     from dreambooth.grid import image_grid, upscale_for_viewing
 
-    loaded = load_model(model, lora=lora, device=device)
+    num_images, seed, guidance = sampling.num_images, sampling.seed, sampling.guidance
+    loaded = load_model(model, lora=lora, device=sampling.device)
     if "identifier" in loaded.subject:
         name = loaded.subject["identifier"]
         prompts = [p.replace("[V]", name).replace("{identifier}", name) for p in prompts]
     scales = [guidance] * len(loaded.pipelines) if guidance is not None else loaded.guidance
     images = generate(
         loaded.pipelines, [p for p in prompts for _ in range(num_images)], [seed + k for _ in prompts for k in range(num_images)],
-        steps=steps, guidance=scales, sampler=sampler, progress="generate",
+        steps=sampling.steps, guidance=scales, sampler=sampling.sampler, progress="generate",
     )
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
@@ -222,3 +222,12 @@ def generate_to_folder(
     image_grid(rows, prompts).save(out / "grid.png")
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
     return out
+
+
+def expand_prompts(prompts: Sequence[str], num_images: int, seed: int) -> tuple[list[str], list[int]]:
+    """Each prompt `num_images` times, in order, with image k of every prompt seeded `seed + k`.
+
+    The same seeds for every prompt make before/after pairs (pretrained and fine-tuned) start
+    from the same noise. Returns (prompts, seeds), one entry per image, for :func:`generate`.
+    """
+    return [p for p in prompts for _ in range(num_images)], [seed + k for _ in prompts for k in range(num_images)]

@@ -1,4 +1,8 @@
-"""Opening a run folder: refuse to clobber, resume only on request, record the resolved config."""
+"""Opening a run folder: refuse to clobber, resume only on request, record the resolved config.
+
+`config.resolved.toml` holds every value the run uses (`config.resolve`): the learning rates
+resolved from the method's defaults, the run folder, and the identifier once it is chosen.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from dreambooth._config_io import from_dict, load_file, save_toml, to_dict
-from dreambooth.config import RunConfig
+from dreambooth.config import RunConfig, resolve
 from dreambooth.layout import RunLayout
 
 logger = logging.getLogger(__name__)
@@ -36,8 +40,13 @@ def open_run_folder(cfg: RunConfig) -> tuple[RunLayout, bool]:
     resuming = exists and cfg.output.resume
     if resuming and layout.config.is_file():
         _warn_config_changes(layout.config, cfg)
-    save_toml(cfg, layout.config)
+    save_toml(resolve(cfg), layout.config)
     return layout, resuming
+
+
+def record_identifier(layout: RunLayout, cfg: RunConfig, identifier: str) -> None:
+    """Rewrite the run's config.resolved.toml with the identifier the run uses (chosen or resumed)."""
+    save_toml(resolve(cfg, identifier), layout.config)
 
 
 def _describe(layout: RunLayout) -> str:
@@ -58,12 +67,14 @@ def _check_writable(root: Path) -> None:
 def _warn_config_changes(path: Path, cfg: RunConfig) -> None:
     """Name every setting that differs from the run being resumed; the new values win."""
     try:
-        old = to_dict(from_dict(RunConfig, load_file(path)))
+        old = to_dict(resolve(from_dict(RunConfig, load_file(path))))  # a run folder from before values were resolved
     except ValueError:
         logger.warning("could not read the previous config %s; using the new one", path)
         return
-    new = to_dict(dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, resume=False, overwrite=False)))
+    new = to_dict(resolve(dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, resume=False, overwrite=False))))
     old["output"] = {**old.get("output", {}), "resume": False, "overwrite": False}
+    if cfg.identifier.identifier is None:  # left to choose: the run keeps its own (finetune says so)
+        old.get("identifier", {}).pop("identifier", None)
     for section in sorted(set(old) | set(new)):
         before, after = old.get(section, {}), new.get(section, {})
         if not isinstance(before, dict):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dreambooth.cli import main
-from dreambooth.eval.dreambench import find_subjects, read_class_nouns
+from dreambooth.dreambench import find_subjects, read_class_nouns
 from dreambooth.eval.scoring import REAL_LABEL
 
 from conftest import write_photos

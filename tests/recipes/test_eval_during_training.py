@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from dreambooth.cli import main
-from dreambooth.training.loop import StagePlan, _is_new_best
+from dreambooth.eval.during_training import BestCheckpointPolicy
 
 from tiny_models import tiny_scorer_flags
 
@@ -45,12 +45,12 @@ def test_metrics_are_logged_and_the_best_checkpoint_is_exported(tiny_sd: Path, p
 
 
 def test_a_checkpoint_whose_class_prior_collapsed_is_never_the_best(caplog) -> None:
-    plan = StagePlan(train=None, optim=None, lora=None, checkpoint=None, learning_rate=1,
-                     best_metric="eval/dino", max_pres_increase=0.1)
+    keep_best = BestCheckpointPolicy("dino", max_pres_increase=0.1)
     healthy = {"eval/dino": 0.6, "eval/pres": 0.35, "eval/pres_pretrained": 0.3}
     collapsed = {"eval/dino": 0.9, "eval/pres": 0.45, "eval/pres_pretrained": 0.3}
-    assert _is_new_best(healthy, plan, None, step=10)
+    assert keep_best(healthy, None, step=10)
     with caplog.at_level(logging.WARNING):
-        assert not _is_new_best(collapsed, plan, {"scores": healthy}, step=20)
+        assert not keep_best(collapsed, healthy, step=20)
     assert "collapsing onto the subject" in caplog.text
-    assert not _is_new_best({**healthy, "eval/dino": 0.5}, plan, {"scores": healthy}, step=30)
+    assert not keep_best({**healthy, "eval/dino": 0.5}, healthy, step=30)
+    assert keep_best({**healthy, "eval/dino": 0.7}, healthy, step=40)

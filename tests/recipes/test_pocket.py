@@ -30,7 +30,7 @@ def test_committed_cascade_loads_in_stock_if_pipelines(pocket) -> None:
 def test_pretrained_base_draws_the_prompted_context_and_more_often_the_prompted_class(pocket) -> None:
     """All 60 (class, context) prompts, one seed each. The committed base measured 100% context
     and 43% class accuracy (`dreambooth pocket quality`, 120 samples; chance is 1/6): it knows
-    where, and only partly what (see the README). Asserted: what it reliably does."""
+    where, and only partly what (see docs/pocket.md). Asserted: what it reliably does."""
     scores = base_accuracy(pocket, PocketScorer.load(), images_per_prompt=1, steps=15)
     assert scores["context_accuracy"] >= 0.9
     assert scores["class_accuracy"] >= 2 / len(CLASSES)
@@ -39,7 +39,7 @@ def test_pretrained_base_draws_the_prompted_context_and_more_often_the_prompted_
 def test_pretrained_sr_stage_reads_its_low_res_input(pocket) -> None:
     """Near pure noise the SR stage's clean estimate comes from its input: 21.7 dB with it, 9.6 dB
     with it zeroed, bilinear upsampling alone 22.3 dB (`dreambooth pocket quality`, 32 images; on
-    these 16: 21.5, 10.7 and 21.1 dB). An earlier SR stage (16 GroupNorm groups, README) reached
+    these 16: 21.5, 10.7 and 21.1 dB). An earlier SR stage (16 GroupNorm groups, docs/pocket.md) reached
     17.6 dB and fails the second assert."""
     scores = super_resolution_reads_input(pocket, n=16)
     assert scores["psnr_estimate_t900"] > scores["psnr_estimate_t900_input_zeroed"] + 3

@@ -13,7 +13,8 @@ import torch
 from diffusers import IFPipeline, IFSuperResolutionPipeline
 
 from dreambooth.generate import generate
-from dreambooth.pocket.model import NO_SAFETY, PocketArchitecture
+from dreambooth.models.deepfloyd_if import NO_SAFETY
+from dreambooth.pocket.model import PocketArchitecture
 from dreambooth.pocket.pretrain import pretrain
 from dreambooth.pocket.settings import PretrainConfig
 

@@ -29,7 +29,7 @@ from dreambooth.eval.embedders import (
     resize_shorter_side,
     to_pixel_values,
 )
-from dreambooth.eval.scoring import Samples, Subject, load_embedders, score_subject
+from dreambooth.eval.scoring import Samples, SubjectPhotos, load_paper_embedders, score_subject
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
@@ -181,9 +181,9 @@ def test_cache_embeds_each_image_content_once(dino_dir: Path) -> None:
 
 
 def test_identical_images_score_one_end_to_end(dino_dir: Path, clip_dir: Path) -> None:
-    embedders = load_embedders("cpu", dino=str(dino_dir), clip=str(clip_dir))
+    embedders = load_paper_embedders("cpu", dino=str(dino_dir), clip=str(clip_dir))
     photo = _image(96, 80)
-    subject = Subject("toy", "toy", [photo, photo.copy()])
+    subject = SubjectPhotos("toy", "toy", [photo, photo.copy()])
     model = Samples(
         "DreamBooth", {"a qwv toy": [photo.copy()] * 2}, identifier="qwv", class_samples=[photo] * 2
     )

@@ -15,8 +15,19 @@ from PIL import Image
 
 from dreambooth.eval import diagnostics
 from dreambooth.eval.diagnostics import Thresholds
+from dreambooth.eval.evaluate import table_text
 from dreambooth.eval.report import write_report
-from dreambooth.eval.scoring import REAL_LABEL, EvalResult, Gallery, PromptScores, Scores, SubjectResult
+from dreambooth.eval.scoring import (
+    PAPER_COLUMNS,
+    REAL_LABEL,
+    Embedders,
+    EvalResult,
+    Gallery,
+    PromptScores,
+    Scores,
+    SubjectResult,
+)
+from dreambooth.pocket.embedders import COLUMNS as POCKET_COLUMNS
 
 CHROMIUM = shutil.which("chromium")
 
@@ -27,7 +38,7 @@ def _jpeg(colour: tuple[int, int, int]) -> bytes:
     return buffer.getvalue()
 
 
-def _result() -> EvalResult:
+def _result(columns: dict[str, str] | None = None, paper_embedders: bool = True) -> EvalResult:
     flag = diagnostics.check_overfitting(0.97, "00.jpg", Thresholds())
     prompts = (
         PromptScores("Pretrained", "a dog & <b>cat</b>", "a dog & <b>cat</b>", 2, 0.5, 0.6, 0.3, 0.4),
@@ -46,7 +57,8 @@ def _result() -> EvalResult:
         class_samples={"Pretrained": (_jpeg((90, 90, 90)),), "DreamBooth": ()},
     )  # fmt: skip
     subject = SubjectResult("dog/1", "dog", rows, prompts, gallery)
-    return EvalResult(rows, (subject,), {"DINO, PRES": "tiny-dino"}, Thresholds())
+    columns = columns or {key: f"{name} (tiny)" for key, name in PAPER_COLUMNS.items()}
+    return EvalResult(rows, (subject,), {"subject": "tiny-dino"}, Thresholds(), columns, paper_embedders)
 
 
 def test_writes_metrics_json_with_table_prompts_and_flags(tmp_path: Path) -> None:
@@ -69,6 +81,44 @@ def test_html_is_offline_and_every_image_resolves(tmp_path: Path) -> None:
     for explanation in diagnostics.EXPLANATIONS.values():
         assert explanation.replace("'", "&#x27;") in html
     assert html.index(REAL_LABEL) < html.index("DreamBooth (Imagen) (paper)")
+
+
+def test_other_scorers_columns_are_named_by_them_and_never_beside_the_papers_numbers(tmp_path: Path) -> None:
+    html = write_report(_result(POCKET_COLUMNS, paper_embedders=False), tmp_path).read_text()
+    headers = re.findall(r"<th>([^<]*)</th>", html)
+    assert "pocket fidelity ↑" in headers and "pocket image-text ↑" in headers and "PRES (pocket fidelity) ↓" in headers
+    assert not any(h.startswith(("DINO", "CLIP")) for h in headers)
+    assert "(paper)" not in html and "0.696" not in html and "not comparable" in html
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert data["columns"]["dino"] == "pocket fidelity" and data["paper_embedders"] is False
+
+
+def test_the_papers_numbers_stand_beside_values_computed_the_papers_way(tmp_path: Path) -> None:
+    html = write_report(_result(), tmp_path).read_text()
+    assert "<th>DINO (tiny) ↑</th>" in html and "DreamBooth (Imagen) (paper)" in html
+
+
+class _Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def test_column_names_say_which_model_produced_them() -> None:
+    paper = Embedders(_Named("facebook/dino-vits16"), _Named("openai/clip-vit-base-patch32"), _Named("lpips"), paper=True)
+    assert paper.column_names()["dino"] == "DINO (facebook/dino-vits16)"
+    assert paper.column_names()["clip_t"] == "CLIP-T (openai/clip-vit-base-patch32)"
+    other = Embedders(_Named("colour"), _Named("colour"), _Named("colour distance"))
+    assert other.column_names()["dino"] == "subject similarity (colour)" and other.column_names()["div"] == "DIV (colour distance)"
+    own = Embedders(_Named("x"), _Named("x"), _Named("x"), columns=POCKET_COLUMNS)
+    assert own.column_names() == POCKET_COLUMNS
+
+
+def test_table_text_names_the_scorer_of_every_column() -> None:
+    rows = _result().rows
+    text = table_text(rows, POCKET_COLUMNS)
+    assert "A: pocket fidelity ↑" in text and "D: PRES (pocket fidelity) ↓" in text and "DINO" not in text
+    assert "DreamBooth" in text and "0.700" in text
+    assert "scorer not recorded" in table_text(rows)  # the scorers are unknown: no metric name is claimed
 
 
 @pytest.mark.skipif(

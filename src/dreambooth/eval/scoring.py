@@ -3,7 +3,7 @@
 Callers (``dreambooth eval``, ``dreambench``, evaluation during training) generate images
 and hand them over per subject:
 
-    embedders = load_embedders(device="cuda")
+    embedders = load_paper_embedders(device="cuda")
     result = score_subject(subject, [finetuned], embedders, pretrained=pretrained)
     write_report(summarise([result], embedders), "eval/")
 
@@ -51,27 +51,51 @@ REAL_LABEL = "Real images (upper bound)"
 THUMBNAIL_SIZE = 256
 
 
+METRICS = ("dino", "clip_i", "clip_t", "pres", "div", "class_div")
+"""The table's columns, as fields of :class:`Scores`."""
+
+
 @dataclass(frozen=True)
 class Embedders:
     """The models behind the table's columns; any implementations of the protocols will do."""
 
     subject: ImageEmbedder
-    """DINO and PRES columns, and the overfitting flag."""
+    """Subject-fidelity (the paper's DINO) and PRES columns, and the overfitting flag."""
     image_text: ImageTextEmbedder
-    """CLIP-I and CLIP-T columns."""
+    """Image-image and image-text (the paper's CLIP-I and CLIP-T) columns."""
     perceptual: PerceptualDistance
     """DIV columns."""
+    paper: bool = False
+    """True for the paper's models (DINO, CLIP, LPIPS; :func:`load_paper_embedders`): only then are
+    the columns the paper's metrics, comparable with its published numbers."""
+    columns: Mapping[str, str] | None = None
+    """Column names by metric (:data:`METRICS`), naming what these models measure; None: the metric
+    and the model, e.g. "DINO (facebook/dino-vits16)" for the paper's, "subject similarity (x)" for others."""
 
     def names(self) -> dict[str, str]:
-        """Which model filled which columns, for the report."""
-        return {
-            "DINO, PRES": self.subject.name,
-            "CLIP-I, CLIP-T": self.image_text.name,
-            "DIV": self.perceptual.name,
-        }
+        """Which model filled which role, for the report."""
+        return {"subject": self.subject.name, "image-text": self.image_text.name, "perceptual": self.perceptual.name}
+
+    def column_names(self) -> dict[str, str]:
+        """The table's column names by metric: each says which scorer produced it."""
+        if self.columns is not None:
+            return {key: self.columns[key] for key in METRICS}
+        kinds = PAPER_COLUMNS if self.paper else _OTHER_COLUMNS
+        models = (self.subject, self.image_text, self.image_text, self.subject, self.perceptual, self.perceptual)
+        return {key: f"{kinds[key]} ({model.name})" for key, model in zip(METRICS, models)}
 
 
-def load_embedders(
+PAPER_COLUMNS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "pres": "PRES", "div": "DIV", "class_div": "DIV (class)"}
+"""The paper's metric names: for values computed with the paper's models only."""
+_OTHER_COLUMNS = {
+    "dino": "subject similarity", "clip_i": "image similarity", "clip_t": "image-text similarity",
+    "pres": "PRES", "div": "DIV", "class_div": "DIV (class)",
+}  # fmt: skip
+UNNAMED_COLUMNS = {key: f"{name} (scorer not recorded)" for key, name in _OTHER_COLUMNS.items()}
+"""Column names for values whose scorer is not known."""
+
+
+def load_paper_embedders(
     device: torch.device | str = "cpu",
     dino: str = DEFAULT_DINO,
     clip: str = DEFAULT_CLIP,
@@ -89,11 +113,11 @@ def load_embedders(
         FileNotFoundError: If a model or the LPIPS weights cannot be found; says what to pass.
     """
     perceptual = LpipsDistance(load_lpips(lpips_weights), device)  # local file: fails fastest
-    return Embedders(load_dino(dino, device), load_clip(clip, device), perceptual)
+    return Embedders(load_dino(dino, device), load_clip(clip, device), perceptual, paper=True)
 
 
 @dataclass(frozen=True)
-class Subject:
+class SubjectPhotos:
     """A subject's real photos."""
 
     name: str
@@ -196,7 +220,12 @@ class EvalResult:
     """Each row averaged over the subjects that have it."""
     subjects: tuple[SubjectResult, ...]
     embedders: dict[str, str]
+    """The scoring models by role."""
     thresholds: Thresholds
+    columns: dict[str, str] = field(default_factory=lambda: dict(UNNAMED_COLUMNS))
+    """Column names by metric (:meth:`Embedders.column_names`): each says which scorer produced it."""
+    paper_embedders: bool = False
+    """Scored with the paper's models: only then are the paper's published numbers shown beside these."""
 
 
 @dataclass(frozen=True)
@@ -219,7 +248,7 @@ def _thumbnails(images: Sequence[Image.Image], size: int) -> tuple[bytes, ...]:
     return tuple(_thumbnail(image, size) for image in images)
 
 
-def _gallery(subject: Subject, models: Sequence[Samples], size: int) -> Gallery:
+def _gallery(subject: SubjectPhotos, models: Sequence[Samples], size: int) -> Gallery:
     return Gallery(
         photos=_thumbnails(subject.photos, size),
         prompts={m.label: {p: _thumbnails(ims, size) for p, ims in m.by_prompt.items()} for m in models},
@@ -294,7 +323,7 @@ def _model_row(
 def _flag(
     data: _PromptData,
     reference: _PromptData | None,
-    subject: Subject,
+    subject: SubjectPhotos,
     photo_chroma: Tensor,
     identifier: str | None,
     thresholds: Thresholds,
@@ -312,7 +341,7 @@ def _flag(
 
 
 def score_subject(
-    subject: Subject,
+    subject: SubjectPhotos,
     models: Sequence[Samples],
     embedders: Embedders,
     *,
@@ -386,8 +415,10 @@ def summarise(
                 label,
                 **{
                     name: metrics.mean_of(getattr(row, name) for row in mine)
-                    for name in ("dino", "clip_i", "clip_t", "pres", "div", "class_div")
+                    for name in METRICS
                 },
             )
         )
-    return EvalResult(tuple(rows), tuple(results), embedders.names(), thresholds)
+    return EvalResult(
+        tuple(rows), tuple(results), embedders.names(), thresholds, embedders.column_names(), embedders.paper,
+    )

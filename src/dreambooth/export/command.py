@@ -14,7 +14,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,25 +30,12 @@ from dreambooth.layout import CASCADE_STAGE_DIRS, RunLayout
 from dreambooth.models.loading import FAMILIES, load_stages, resolve_source, trained_text_encoders
 from dreambooth.models.lora import LORA_FILE, add_lora, merge_lora, save_lora
 from dreambooth.models.spec import Stage, trainable_modules
+from dreambooth.options import ExportRequest
 from dreambooth.training.state import BEST_DIR, OPTIMIZER_FILE, TRAINABLE_FILE, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-@dataclass(frozen=True)
-class ExportRequest:
-    run: Path
-    format: str
-    out: Path | None = None
-    """Where to write; None: <run>/exports/<default name>."""
-    merge: bool = False
-    """Merge a LoRA run's adapters into the model (needed for `diffusers` and `single-file` of a LoRA run)."""
-    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
-    checkpoint: str | None = None
-    """A checkpoint folder name ('step-000200', 'best') instead of the run's finished weights."""
-    overwrite: bool = False
 
 
 def export(request: ExportRequest) -> Path:

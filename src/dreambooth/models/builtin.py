@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dreambooth.pocket.world import CLASSES as POCKET_CLASSES
+BUILTIN_FILE = "builtin.json"
+"""Beside a built-in model's weights: its class nouns and embedders entry point (data, so that the
+models package imports nothing from the packages that made the model)."""
 
 
 @dataclass(frozen=True)
@@ -19,13 +22,15 @@ class BuiltinModel:
     """The class nouns its pretraining taught it (empty: any noun)."""
 
 
+def load_builtin_model(path: Path) -> BuiltinModel:
+    """The built-in model whose weights are in `path`, described by its `builtin.json`."""
+    described = json.loads((path / BUILTIN_FILE).read_text(encoding="utf-8"))
+    return BuiltinModel(path=path, embedders=described.get("embedders"), class_nouns=tuple(described.get("class_nouns", ())))
+
+
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     # The pocket cascade pretrained by `dreambooth pocket pretrain` on the procedural world.
-    "pocket": BuiltinModel(
-        path=Path(__file__).resolve().parents[1] / "pocket" / "weights" / "cascade",
-        embedders="dreambooth.pocket.embedders:load_embedders",
-        class_nouns=POCKET_CLASSES,
-    ),
+    "pocket": load_builtin_model(Path(__file__).resolve().parents[1] / "pocket" / "weights" / "cascade"),
 }
 
 

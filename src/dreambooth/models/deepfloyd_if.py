@@ -35,7 +35,8 @@ LORA_TARGETS = {
     "unet": ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"),
     "text_encoder": ("q", "k", "v", "o"),
 }
-_NO_SAFETY = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+NO_SAFETY = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+"""IF pipeline components the tool neither trains nor needs (the safety checker and its feature extractor, the watermarker)."""
 
 
 def downsample(pixels: Tensor, size: int) -> Tensor:
@@ -143,10 +144,10 @@ def load_if(
     variant: str | None = None, dtype: torch.dtype = torch.float32,
 ) -> list:
     """Load the stages of an IF cascade on CPU in `dtype`: the base from `source`, SR from `sr_source` if given."""
-    base_pipe = IFPipeline.from_pretrained(source, revision=revision, variant=variant, dtype=dtype, **_NO_SAFETY)
+    base_pipe = IFPipeline.from_pretrained(source, revision=revision, variant=variant, dtype=dtype, **NO_SAFETY)
     stages: list = [IFBaseStage(**_components(base_pipe))]
     if sr_source is not None:
-        sr_pipe = IFSuperResolutionPipeline.from_pretrained(sr_source, variant=variant, dtype=dtype, **_NO_SAFETY)
+        sr_pipe = IFSuperResolutionPipeline.from_pretrained(sr_source, variant=variant, dtype=dtype, **NO_SAFETY)
         stages.append(
             IFSuperResStage(**_components(sr_pipe), low_resolution=stages[0].resolution, noise_level_range=noise_level_range)
         )

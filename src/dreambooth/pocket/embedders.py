@@ -1,15 +1,16 @@
 """The pocket world's scorers behind the evaluation's interfaces, so the paper's table can be
-filled for pocket models without DINO or CLIP weights (which no package ships).
+filled for pocket models without DINO or CLIP weights (which no package ships). The columns are
+named for these scorers (:data:`COLUMNS`): their values are not comparable with the paper's.
 
-- DINO / PRES column: the scorer's appearance embedding (identity of the object, ignoring the
-  context and placement), the role DINO plays in the paper.
-- CLIP-I / CLIP-T columns: a joint image-text space built from the world's rules. An image is
-  [appearance embedding, class probabilities, context probabilities]; a prompt is [0, one-hot of
-  the class it names, one-hot of the context it names], so image-text cosine rewards the prompted
-  class and context (and nothing else), and image-image cosine mixes identity and setting, as
-  CLIP-I does.
-- DIV columns: 1 - cosine of appearance embeddings (LPIPS needs its own weights; appearance
-  diversity is what collapses under language drift).
+- pocket fidelity and PRES (DINO's role in the paper): the scorer's appearance embedding
+  (identity of the object, ignoring the context and placement).
+- pocket image-image and image-text (CLIP-I's and CLIP-T's roles): a joint image-text space
+  built from the world's rules. An image is [appearance embedding, class probabilities, context
+  probabilities]; a prompt is [0, one-hot of the class it names, one-hot of the context it
+  names], so image-text cosine rewards the prompted class and context (and nothing else), and
+  image-image cosine mixes identity and setting, as CLIP-I does.
+- DIV (pocket appearance): 1 - cosine of appearance embeddings (LPIPS needs its own weights;
+  appearance diversity is what collapses under language drift).
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from dreambooth.eval.scoring import Embedders
 from dreambooth.pocket._scorer_net import EMBED_DIM
 from dreambooth.pocket.scorers import PocketScorer
 from dreambooth.pocket.world import CLASSES, CONTEXTS
+
+COLUMNS = {
+    "dino": "pocket fidelity", "clip_i": "pocket image-image", "clip_t": "pocket image-text",
+    "pres": "PRES (pocket fidelity)", "div": "DIV (pocket appearance)", "class_div": "DIV class (pocket appearance)",
+}  # fmt: skip
+"""The table's column names for values these scorers produce: not the paper's DINO, CLIP or LPIPS."""
 
 
 def prompt_one_hots(prompt: str) -> tuple[Tensor, Tensor]:
@@ -69,7 +76,7 @@ class PocketDistance:
         return 1 - embeddings @ embeddings.T
 
 
-def load_embedders(device: str = "cpu") -> Embedders:
+def load_pocket_embedders(device: str = "cpu") -> Embedders:
     """The pocket scorers as the evaluation's embedders (they run on CPU; `device` is accepted for the interface)."""
     scorer = PocketScorer.load()
-    return Embedders(subject=scorer, image_text=PocketImageText(scorer), perceptual=PocketDistance(scorer))
+    return Embedders(subject=scorer, image_text=PocketImageText(scorer), perceptual=PocketDistance(scorer), columns=COLUMNS)

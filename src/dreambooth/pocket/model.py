@@ -12,19 +12,14 @@ personalises it through the very code path that personalises real IF cascades.
   timestep embedding, `addition_embed_type="text"`), which carries whole-image properties such as
   the context. Outputs are 6 channels (epsilon + variance) as IF pipelines expect; the schedulers
   use fixed variance, so only the first half is trained and sampled.
-- Parameterisation: both stages predict v (IF predicts epsilon). With epsilon the loss weighs
-  an image's x0 error by its SNR, which vanishes at the high noise levels where the image's
-  layout is decided, so the conditioning that decides it earns almost no gradient: a first
-  pretraining with epsilon learned the object classes but ignored every context word (same
-  seed, any context: the same backdrop), and an epsilon SR stage after 1,000 steps barely read
-  its low-res input (loss with the right input 1-10% below that with another image's) and
-  sampled noisy, wrongly coloured objects. v weighs x0 errors by SNR + 1.
-- Normalisation: diffusers' default of 32 GroupNorm groups assumes hundreds of channels. At 16
-  channels, 16 groups make every norm an instance norm that erases each channel's per-image mean:
-  the SR stage then struggles to carry its input's colours through (after 1,400 steps its samples
-  disagreed with their own low-res input, MSE 0.043). With 4 groups (4 channels each), a fresh SR
-  stage was ahead of a 16-group one after the same 200 steps (one-step estimate at t = 900: 16.9
-  vs 13.0 dB). The base keeps the 16 groups it was pretrained with.
+- Parameterisation: both stages predict v (IF predicts epsilon): v weighs an image's x0 error by
+  SNR + 1, so the high noise levels where the layout and the context are decided keep their
+  gradient (epsilon weighs them by the SNR, which vanishes there).
+- Normalisation: GroupNorm groups sized for these narrow widths (diffusers' default of 32 groups
+  assumes hundreds of channels; one channel per group would erase each channel's per-image mean,
+  the colour an SR stage must copy from its input).
+
+How these choices were found, with the figures, is in docs/pocket.md.
 """
 
 from __future__ import annotations
@@ -38,11 +33,11 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from dreambooth.layout import CASCADE_STAGE_DIRS
+from dreambooth.models.deepfloyd_if import NO_SAFETY
 from dreambooth.pocket.world import sample_dataset
 
 VOCAB_SIZE = 8192
 MAX_LENGTH = 77  # IFPipeline pads prompts to 77 tokens
-NO_SAFETY = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
 
 
 @dataclass(frozen=True)
@@ -57,13 +52,12 @@ class PocketArchitecture:
     sr_channels: tuple[int, ...] = (16, 32, 64, 128)
     head_dim: int = 32
     base_norm_groups: int = 16
-    """GroupNorm groups of the base: 2 channels per group at its 32-channel top level (what the
-    committed base was pretrained with). Switching the trained base to 4 gained nothing in 300 steps;
-    a base pretrained with 4 from the start is untested (README)."""
+    """GroupNorm groups of the base: 2 channels per group at its 32-channel top level, as the committed
+    base was pretrained (docs/pocket.md has the measurements behind the group counts)."""
     sr_norm_groups: int = 4
-    """GroupNorm groups of the SR stage: 4 channels per group at its 16-channel top level. With 16
-    (1 channel per group, i.e. instance norm) every norm erases each channel's per-image mean,
-    which is the colour an SR stage must copy from its input (see the README)."""
+    """GroupNorm groups of the SR stage: 4 channels per group at its 16-channel top level, so no norm is an
+    instance norm, which would erase each channel's per-image mean: the colour an SR stage must copy
+    from its input (docs/pocket.md)."""
     english_words: int = 20000
 
 

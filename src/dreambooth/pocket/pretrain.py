@@ -8,7 +8,6 @@ guidance, EMA weights. Both stages checkpoint and resume like any run:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -19,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
+from dreambooth._config_io import to_dict
 from dreambooth.config import CheckpointConfig, LoraConfig, OptimConfig, TrainConfig
 from dreambooth.data.training_set import TrainingSet, encode_captions, encode_examples
 from dreambooth.files import write_json
@@ -66,17 +66,17 @@ def pretrain(cfg: PretrainConfig, export_to: Path | None = None, arch: PocketArc
     logger.info("rendered %d scenes in %.1f s", len(images), time.time() - started)
 
     base_data = TrainingSet(encode_examples(base, images, captions, chunk=1024))
-    train_stage(base, base_data, _plan(cfg, cfg.base_steps, train_text_encoder=True), layout.stage("base"), accelerator, _previewer(layout, [base], "base"))
+    train_stage(base, base_data, _plan(cfg, cfg.base_steps, train_text_encoder=True), layout.stage("base"), accelerator, _previewer(cfg, layout, [base], "base"))
     sr.text_encoders["text_encoder"].load_state_dict(base.text_encoders["text_encoder"].state_dict())  # one text encoder for the cascade
     sr_examples = encode_examples(sr, images, captions, chunk=1024)
     sr_data = TrainingSet(sr_examples, text_cache=encode_captions(sr, sr_examples.captions))
-    train_stage(sr, sr_data, _plan(cfg, cfg.sr_steps, train_text_encoder=False), layout.stage("sr"), accelerator, _previewer(layout, [base, sr], "sr"))
+    train_stage(sr, sr_data, _plan(cfg, cfg.sr_steps, train_text_encoder=False), layout.stage("sr"), accelerator, _previewer(cfg, layout, [base, sr], "sr"))
 
     out = cfg.run_dir / "cascade"
     for stage in (base, sr):
         stage.pipeline.to("cpu", torch.float16).save_pretrained(out / CASCADE_STAGE_DIRS[stage.name])
         stage.pipeline.to(torch.float32)
-    write_json(out / "pretraining.json", {"config": _plain(dataclasses.asdict(cfg)), "training_seconds": _training_seconds(layout)})
+    write_json(out / "pretraining.json", {"config": to_dict(cfg), "training_seconds": _training_seconds(layout)})
     if export_to is not None:
         shutil.copytree(out, export_to, dirs_exist_ok=True)
     return out
@@ -87,19 +87,19 @@ def _plan(cfg: PretrainConfig, steps: int, *, train_text_encoder: bool) -> Stage
         max_steps=steps, batch_size=cfg.batch_size, mixed_precision=cfg.mixed_precision, train_text_encoder=train_text_encoder,
         caption_dropout=cfg.caption_dropout, ema_decay=cfg.ema_decay, seed=cfg.seed,
     )
-    optim = OptimConfig(learning_rate=cfg.learning_rate, lr_scheduler="cosine", lr_warmup_steps=cfg.warmup_steps, weight_decay=0.0)
+    optim = OptimConfig(learning_rate=cfg.learning_rate, lr_scheduler=cfg.lr_scheduler, lr_warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay)
     return StagePlan(
-        train=train, optim=optim, lora=LoraConfig(), checkpoint=CheckpointConfig(every_n_steps=250, keep_last=2),
+        train=train, optim=optim, lora=LoraConfig(), checkpoint=CheckpointConfig(every_n_steps=cfg.checkpoint_every, keep_last=cfg.keep_checkpoints),
         learning_rate=cfg.learning_rate, text_encoder_learning_rates={"text_encoder": cfg.learning_rate} if train_text_encoder else {},
-        prior_weight=0.0, validate_every=(1000,),
+        prior_weight=0.0, validate_every=(cfg.preview_every,),
     )
 
 
-def _previewer(layout: RunLayout, stages: list, name: str):
+def _previewer(cfg: PretrainConfig, layout: RunLayout, stages: list, name: str):
     def preview(step: int) -> None:
         images = generate(
-            [s.pipeline for s in stages], list(PREVIEW_PROMPTS), list(range(len(PREVIEW_PROMPTS))), steps=25,
-            guidance=[4.0] * len(stages),
+            [s.pipeline for s in stages], list(PREVIEW_PROMPTS), list(range(len(PREVIEW_PROMPTS))), steps=cfg.preview_steps,
+            guidance=[cfg.preview_guidance] * len(stages),
         )
         out = layout.samples(name) / f"step-{step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,11 +115,3 @@ def _training_seconds(layout: RunLayout) -> dict[str, float | None]:
         lines = layout.stage(name).log.read_text().splitlines()
         seconds[name] = json.loads(lines[-1]).get("elapsed_s") if lines else None
     return seconds
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (Path, tuple)):
-        return str(value) if isinstance(value, Path) else list(value)
-    return value

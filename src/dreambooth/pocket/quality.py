@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dreambooth.generate import LoadedModel, generate, super_resolve
+from dreambooth.generate import LoadedModel, expand_prompts, generate, super_resolve
 from dreambooth.models.deepfloyd_if import downsample, upscale
 from dreambooth.pocket._scorer_net import gaussian_blur
 from dreambooth.pocket.scorers import PocketScorer
@@ -28,8 +28,7 @@ from dreambooth.pocket.world import CLASSES, CONTEXTS, sample_dataset
 def base_accuracy(model: LoadedModel, scorer: PocketScorer, *, images_per_prompt: int = 2, steps: int = 20, guidance: float = 4.0, seed: int = 0) -> dict[str, float]:
     """Class and context accuracy of base-stage samples over every (class, context) prompt."""
     pairs = list(itertools.product(CLASSES, CONTEXTS))
-    prompts = [f"a {cls} {CONTEXTS[context]}" for cls, context in pairs for _ in range(images_per_prompt)]
-    seeds = [seed + k for _ in pairs for k in range(images_per_prompt)]
+    prompts, seeds = expand_prompts([f"a {cls} {CONTEXTS[context]}" for cls, context in pairs], images_per_prompt, seed)
     images = generate(model.pipelines[:1], prompts, seeds, steps=steps, guidance=[guidance], batch_size=60, progress="base samples")
     predicted = scorer.classify(images)
     wanted = [pair for pair in pairs for _ in range(images_per_prompt)]

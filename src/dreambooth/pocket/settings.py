@@ -1,4 +1,4 @@
-"""Settings of the pocket commands, `dreambooth demo` and `dreambooth pocket pretrain`.
+"""Settings of the pocket commands: `dreambooth demo`, `dreambooth pocket pretrain|ablation|quality|train-scorer`.
 
 A light module: the CLI builds its flags from these dataclasses without importing torch."""
 
@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from dreambooth._config_io import raise_problems
+from dreambooth.config import LrSchedule
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,37 @@ class PretrainConfig:
     """fp32 is faster than bf16 autocast for UNets this small on CPU (FIELD-NOTES)."""
     seed: int = 0
     """Seed of the world's scenes, initialisation, noise and data order."""
+    lr_scheduler: LrSchedule = "cosine"
+    """Learning-rate schedule after warm-up."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    checkpoint_every: int = 250
+    """Write a resumable checkpoint every N steps (and at the end); 0: only at the end."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep per stage (older ones are deleted)."""
+    preview_every: int = 1000
+    """Save a grid of the preview prompts every N steps (and at the end); 0: only at the end."""
+    preview_steps: int = 25
+    """Denoising steps of the previews."""
+    preview_guidance: float = 4.0
+    """Classifier-free guidance of the previews (every stage)."""
+
+    def __post_init__(self) -> None:
+        low, high = self.sr_noise_levels
+        raise_problems([
+            *((value >= 1, f"pretrain.{name} must be >= 1, got {value}") for name, value in [
+                ("num_images", self.num_images), ("base_steps", self.base_steps), ("sr_steps", self.sr_steps),
+                ("batch_size", self.batch_size), ("keep_checkpoints", self.keep_checkpoints), ("preview_steps", self.preview_steps),
+            ]),
+            *((value >= 0, f"pretrain.{name} must be >= 0, got {value}") for name, value in [
+                ("warmup_steps", self.warmup_steps), ("weight_decay", self.weight_decay), ("checkpoint_every", self.checkpoint_every),
+                ("preview_every", self.preview_every), ("preview_guidance", self.preview_guidance),
+            ]),
+            (self.learning_rate > 0, f"pretrain.learning_rate must be > 0, got {self.learning_rate}"),
+            (0 <= self.caption_dropout < 1, f"pretrain.caption_dropout must be in [0, 1), got {self.caption_dropout}"),
+            (0 < self.ema_decay < 1, f"pretrain.ema_decay must be in (0, 1), got {self.ema_decay}"),
+            (0 <= low < high, f"pretrain.sr_noise_levels must be 0 <= low < high, got {self.sr_noise_levels}"),
+        ])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -86,7 +120,7 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class AblationConfig(DemoConfig):
-    """The demo protocol, with the longer super-resolution fine-tuning the SR finding needs (README):
+    """The demo protocol, with the longer super-resolution fine-tuning the SR finding needs (docs/pocket.md):
     80 steps, the demo's budget, do not move the subject's fine detail measurably; 400 steps at 1e-3 do."""
 
     run_dir: Path = Path("runs/ablation")
@@ -109,3 +143,43 @@ class DemoFlags:
     """The config tree of `dreambooth demo`: one section."""
 
     demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    model: str = "pocket"
+    """A pocket cascade (folder); 'pocket': the built-in one."""
+    out: Path | None = None
+    """Also write the figures to this JSON file."""
+
+
+@dataclass(frozen=True)
+class QualityFlags:
+    """The config tree of `dreambooth pocket quality`: one section."""
+
+    quality: QualityConfig = field(default_factory=QualityConfig)
+
+
+@dataclass(frozen=True)
+class ScorerTrainingConfig:
+    out: Path | None = None
+    """Where the weights go; None: the package's pocket/weights/scorer.safetensors."""
+    seed: int = 0
+    """Seed of the training scenes, initialisation and data order."""
+    steps: int = 1500
+    """Optimizer steps."""
+    threads: int = 1
+    """torch CPU threads; bitwise reproducible for a given count and CPU."""
+
+    def __post_init__(self) -> None:
+        raise_problems([
+            (self.steps >= 1, f"scorer.steps must be >= 1, got {self.steps}"),
+            (self.threads >= 1, f"scorer.threads must be >= 1, got {self.threads}"),
+        ])
+
+
+@dataclass(frozen=True)
+class ScorerTrainingFlags:
+    """The config tree of `dreambooth pocket train-scorer`: one section."""
+
+    scorer: ScorerTrainingConfig = field(default_factory=ScorerTrainingConfig)

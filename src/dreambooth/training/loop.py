@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+KeepBest = Callable[[dict[str, float], dict[str, float] | None, int], bool]
+"""(validation scores now, scores of the best weights so far or None, step) -> whether the weights now become the best."""
+
 
 @dataclass(frozen=True)
 class StagePlan:
@@ -58,10 +61,8 @@ class StagePlan:
     prior_weight: float = 1.0
     validate_every: tuple[int, ...] = ()
     """Call the validation function at multiples of each (and at the end); 0s are ignored."""
-    best_metric: str | None = None
-    """Validation score (e.g. 'eval/dino', higher is better) whose best checkpoint is exported."""
-    max_pres_increase: float = 0.1
-    """Prior-collapse guard: no checkpoint whose 'eval/pres' exceeds 'eval/pres_pretrained' by more is best."""
+    keep_best: KeepBest | None = None
+    """Decides which validated weights are the best so far; the best are exported. None: the last weights are."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -143,7 +144,7 @@ def train_stage(
     bar.close()
     if ema is not None:
         ema.copy_to(params)                                       # exports use the averaged weights
-    if plan.best_metric is not None and best_record(paths.checkpoints) is not None:
+    if plan.keep_best is not None and best_record(paths.checkpoints) is not None:
         record = load_best(paths.checkpoints, modules)
         logger.info("stage %s ends with its best checkpoint: step %d (%s)", stage.name, record["step"], record["scores"])
 
@@ -219,21 +220,10 @@ def _validate(validate, step: int, plan: StagePlan, paths: StagePaths, modules, 
     if scores:
         recorder.log(step, scores)
         recorder.plot(paths.eval_plot, "evaluation during training", keys=tuple(scores), log_scale=False)
-        if plan.best_metric is not None and _is_new_best(scores, plan, best_record(paths.checkpoints), step):
+        best = best_record(paths.checkpoints)
+        if plan.keep_best is not None and plan.keep_best(scores, best["scores"] if best else None, step):
             save_best(paths.checkpoints, step, {k: accelerator.unwrap_model(m) for k, m in modules.items()}, scores)
     accelerator.wait_for_everyone()
-
-
-def _is_new_best(scores: dict[str, float], plan: StagePlan, best: dict | None, step: int) -> bool:
-    pres, baseline = scores.get("eval/pres"), scores.get("eval/pres_pretrained")
-    if pres is not None and baseline is not None and pres > baseline + plan.max_pres_increase:
-        logger.warning(
-            "step %d: PRES %.3f is more than %.2f above the pretrained model's %.3f: the class prior is collapsing "
-            "onto the subject (language drift); this checkpoint cannot be the best", step, pres, plan.max_pres_increase, baseline,
-        )
-        return False
-    value = scores.get(plan.best_metric)
-    return value is not None and (best is None or value > best["scores"].get(plan.best_metric, float("-inf")))
 
 
 def _check_finite(loss: torch.Tensor, accelerator: Accelerator, step: int, checkpoints: Path) -> None:

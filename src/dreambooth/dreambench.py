@@ -51,6 +51,7 @@ from dreambooth.eval.evaluate import (
     Sampling,
     ScoringModels,
     evaluate,
+    load_scorers,
     plan_eval,
     run_eval_dir,
     samples_dir,
@@ -197,7 +198,7 @@ def run_dreambench(
     state = _process_state()
     sampling = replace(evaluation.sampling, device=evaluation.sampling.device or str(state.device))
     evaluation = replace(evaluation, sampling=sampling)
-    embedders = evaluation.models.load(sampling.device, model_source=config.model.source)
+    embedders = load_scorers(evaluation.models, sampling.device, model_source=config.model.source)
     cache = EmbeddingCache()
     mine = list(zip(chosen, configs))[state.process_index :: state.num_processes]
     for position, (subject, cfg) in enumerate(mine, 1):

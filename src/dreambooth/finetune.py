@@ -24,7 +24,7 @@ from dreambooth.eval.during_training import BestCheckpointPolicy, TrainingEvalua
 from dreambooth.eval.scoring import SubjectPhotos
 from dreambooth.export.pipeline import export_run
 from dreambooth.files import read_json, write_json
-from dreambooth.generate import expand_prompts, generate, is_flow_matching
+from dreambooth.generate import expand_prompts, generate, is_flow_matching, sampling_batch
 from dreambooth.grid import image_grid, upscale_for_viewing
 from dreambooth.identifier import check_identifier, choose_identifier
 from dreambooth.layout import RunLayout
@@ -36,7 +36,7 @@ from dreambooth.models.loading import (
     resolve_source,
     trained_text_encoders,
 )
-from dreambooth.models.spec import Family, ModelSource, Stage, is_text_encoder
+from dreambooth.models.spec import Family, ModelSource, Stage
 from dreambooth.prior import ClassImageSpec, ensure_class_images, model_fingerprint
 from dreambooth.run_folder import open_run_folder, record_identifier
 from dreambooth.training.loop import DTYPES, StagePlan, train_stage
@@ -208,18 +208,18 @@ def _validator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subje
         done = step == max_steps
         stage.denoiser.eval()
         if done or (v.every_n_steps and step % v.every_n_steps == 0):
-            with text_encoders_on(stages, accelerator.device):
+            with frozen_parts_on(stages, accelerator.device):
                 images = generate(
                     pipelines, *expand_prompts(prompts, v.num_images, v.seed),
                     steps=v.steps, guidance=[v.guidance_scale or s.default_guidance for s in stages],
-                    autocast_dtype=DTYPES[cfg.train.mixed_precision],
+                    autocast_dtype=DTYPES[cfg.train.mixed_precision], batch_size=sampling_batch(stages[-1].resolution),
                 )
             rows = [[upscale_for_viewing(im) for im in images[i * v.num_images : (i + 1) * v.num_images]] for i in range(len(prompts))]
             out = layout.samples(stage.name) / f"step-{step:06d}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             image_grid(rows, prompts).save(out)
         if evaluator is not None and (done or step % cfg.eval.eval_every == 0):
-            with text_encoders_on(stages, accelerator.device):
+            with frozen_parts_on(stages, accelerator.device):
                 scores = evaluator(step)
         else:
             scores = None
@@ -230,16 +230,20 @@ def _validator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subje
 
 
 @contextlib.contextmanager
-def text_encoders_on(stages: list[Stage], device):
-    """Bring text encoders that training left off the device (prompts cached) back for sampling, then return them."""
-    encoders = [m for s in stages for name, m in s.pipeline.components.items() if is_text_encoder(name) and isinstance(m, torch.nn.Module)]
-    homes = [next(m.parameters()).device for m in encoders]
-    for module in encoders:
+def frozen_parts_on(stages: list[Stage], device):
+    """Bring the parts that training left off the device (VAE, cached text encoders) back for sampling,
+    then return each where it was."""
+    modules = [  # a quantised denoiser stays where it was loaded: bitsandbytes' layers do not move back and forth
+        m for s in stages for m in s.pipeline.components.values()
+        if isinstance(m, torch.nn.Module) and getattr(m, "hf_quantizer", None) is None
+    ]
+    homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
+    for module in modules:
         module.to(device)
     try:
         yield
     finally:
-        for module, home in zip(encoders, homes):
+        for module, home in zip(modules, homes):
             module.to(home)
 
 

@@ -58,6 +58,15 @@ def using_sampler(pipelines: Sequence, name: str):
             pipeline.scheduler = original
 
 
+SAMPLE_PIXELS = 4 * 512 * 512
+"""Pixels sampled per batch during training: the decode of a batch must fit beside the model being trained."""
+
+
+def sampling_batch(resolution: int, limit: int = 8) -> int:
+    """Images per batch when sampling at `resolution` during training: 4 at 512 px, 1 at 1024 px, at most `limit`."""
+    return max(1, min(limit, SAMPLE_PIXELS // resolution**2))
+
+
 def is_flow_matching(scheduler) -> bool:
     """Whether a pipeline samples a flow-matching model (SD3, FLUX): it keeps its own Euler sampler."""
     return type(scheduler).__name__.startswith("FlowMatch")

@@ -59,12 +59,21 @@ class Batch:
         return Batch(move(self.encoded), self.seeds, self.n_instance, self.n_class, text, move(self.tokens))
 
 
+ENCODE_PIXELS = 16 * 256 * 256
+"""Pixels encoded per forward pass of `encode_images` by default: 16 images at 256 px, one at 1024 px
+(a VAE's activations at 1024 px are ~2.5 GiB per image in bf16)."""
+
+
 @torch.no_grad()
-def encode_examples(stage: Stage, images: list[Image.Image], captions: list[str], *, flip: bool = False, chunk: int = 16) -> Examples:
+def encode_examples(
+    stage: Stage, images: list[Image.Image], captions: list[str], *, flip: bool = False, chunk: int | None = None,
+) -> Examples:
     """Resize/crop images to the stage's resolution and encode them (both orientations if `flip`).
 
     Each image's framing (original size, crop) is encoded with it, for families that condition on it.
+    `chunk` images go through the encoder at once; None: as many as `ENCODE_PIXELS` allows.
     """
+    chunk = chunk or max(1, min(16, ENCODE_PIXELS // stage.resolution**2))
     views = [(image, False) for image in images] + ([(image, True) for image in images] if flip else [])
     parts = []
     for i in range(0, len(views), chunk):  # a random flip is a uniform draw over both orientations

@@ -86,8 +86,9 @@ def train_stage(
     train, device = plan.train, accelerator.device
     modules = _make_trainable(stage, plan, DTYPES[accelerator.mixed_precision])  # name -> module that trains
     for name, module in frozen_modules(stage, plan.text_encoder_learning_rates).items():
-        # With the prompts cached, frozen text encoders leave the device (validation brings them back).
-        offload = data.text_cache is not None and is_text_encoder(name)
+        # The step never runs a frozen part but a text encoder whose prompts are not cached (images
+        # were encoded before training): the others leave the device; validation brings them back.
+        offload = data.text_cache is not None or not is_text_encoder(name)
         _store_frozen(module, torch.device("cpu") if offload else device, DTYPES[accelerator.mixed_precision])
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = build_optimizer(_param_groups(modules, plan, stage.denoiser_name), plan.optim)

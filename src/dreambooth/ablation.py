@@ -24,11 +24,11 @@ COLUMNS = {
 """Column -> (which run, which model of its metrics)."""
 
 
-def run_ablation(base: AblationConfig, new_subject_seeds: tuple[int, ...] = (101, 202)) -> dict:
+def run_ablation(base: AblationConfig) -> dict:
     """Run every subject with and without prior preservation into `base.run_dir`; write and print the averaged table."""
     from dreambooth.demo import run_demo
 
-    subjects = [(name, None) for name in SUBJECTS] + [(f"seed{seed}", seed) for seed in new_subject_seeds]
+    subjects = [(name, None) for name in SUBJECTS] + [(f"seed{seed}", seed) for seed in base.new_subject_seeds]
     results: dict[str, dict[str, dict]] = {}
     for name, seed in subjects:
         for setting, prior in (("with prior", True), ("no prior", False)):

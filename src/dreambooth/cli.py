@@ -55,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_pocket_ablation(args: argparse.Namespace) -> None:
     from dreambooth.ablation import run_ablation
 
-    run_ablation(_options(AblationFlags, args).demo, tuple(args.new_subject_seeds))
+    run_ablation(_options(AblationFlags, args).demo)
 
 
 def cmd_pocket_train_scorer(args: argparse.Namespace) -> None:
@@ -186,12 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
         pocket, "train-scorer", ScorerTrainingFlags, cmd_pocket_train_scorer,
         help="retrain the pocket world's scorer network (deterministic, ~6 min on 1 CPU thread)",
     )
-    ablation = _command(
+    _command(
         pocket, "ablation", AblationFlags, cmd_pocket_ablation,
         help="the paper's prior-preservation ablation and SR finding, in miniature (resumable)",
         description="Personalise every ready subject and new ones, with and without prior preservation; average the scores.",
     )
-    ablation.add_argument("--new-subject-seeds", type=int, nargs="*", default=[101, 202], help="seeds of new random subjects (default: 101 202)")
 
     return parser
 

@@ -32,7 +32,7 @@ from dreambooth.config import (
 )
 from dreambooth.files import read_json, write_json
 from dreambooth.finetune import finetune
-from dreambooth.generate import generate_cascades, load_model
+from dreambooth.generate import expand_prompts, generate_cascades, load_model
 from dreambooth.grid import image_grid, upscale_for_viewing
 from dreambooth.pocket.evaluate import format_table, score_model, super_resolved_detail
 from dreambooth.pocket.scorers import PocketScorer
@@ -121,8 +121,7 @@ def _sample(cascades: dict[str, list], prompts: list[str], cfg: DemoConfig) -> d
     """Cascade name -> prompt -> its images (seeds seed, seed + 1, ...)."""
     n = cfg.images_per_prompt
     images = generate_cascades(
-        cascades, [p for p in prompts for _ in range(n)], [cfg.seed + k for _ in prompts for k in range(n)],
-        steps=cfg.sampling_steps, guidance=[4.0, 4.0], batch_size=32, progress="sample",
+        cascades, *expand_prompts(prompts, n, cfg.seed), steps=cfg.sampling_steps, guidance=[4.0, 4.0], batch_size=32, progress="sample",
     )
     return {name: {p: ims[i * n : (i + 1) * n] for i, p in enumerate(prompts)} for name, ims in images.items()}
 

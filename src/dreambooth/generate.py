@@ -221,8 +221,7 @@ def generate_to_folder(model: str, prompts: list[str], out: Path, *, lora: str |
         prompts = [p.replace("[V]", name).replace("{identifier}", name) for p in prompts]
     scales = [guidance] * len(loaded.pipelines) if guidance is not None else loaded.guidance
     images = generate(
-        loaded.pipelines, [p for p in prompts for _ in range(num_images)], [seed + k for _ in prompts for k in range(num_images)],
-        steps=sampling.steps, guidance=scales, sampler=sampling.sampler, progress="generate",
+        loaded.pipelines, *expand_prompts(prompts, num_images, seed), steps=sampling.steps, guidance=scales, sampler=sampling.sampler, progress="generate",
     )
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):

@@ -97,10 +97,10 @@ def _check(request: ExportRequest) -> _Plan:
         raise ValueError(f"--out {str(out)!r}: a single file must end in .safetensors, which the UIs list")
     if out.exists() and not request.overwrite:
         raise ValueError(f"{str(out)!r} already exists: pass --overwrite to replace it, or --out for another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
     checkpoints = _checkpoints(layout, info, request.checkpoint) if request.checkpoint else {}
     if not checkpoints:
         _check_finished(layout, info, lora)
+    out.parent.mkdir(parents=True, exist_ok=True)  # last: a refused request leaves the run folder as it was
     return _Plan(request, layout, info, cfg, out, checkpoints)
 
 

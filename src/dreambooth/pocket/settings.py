@@ -129,6 +129,8 @@ class AblationConfig(DemoConfig):
     """Fine-tuning steps of the 32->64 super-resolution stage."""
     sr_learning_rate: float = 1e-3
     """Learning rate of the super-resolution stage."""
+    new_subject_seeds: tuple[int, ...] = (101, 202)
+    """Seeds of new random subjects, personalised beside the ready ones."""
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ def test_an_unfinished_run_names_the_checkpoint_it_could_export(sd_full_run: Pat
     broken = tmp_path / "unfinished"
     import shutil
 
-    shutil.copytree(sd_full_run, broken, ignore=shutil.ignore_patterns("pipeline"))
+    shutil.copytree(sd_full_run, broken, ignore=shutil.ignore_patterns("pipeline", "exports"))
     (broken / "run.json").write_text(json.dumps({**info, "status": "training"}))
     assert _export(broken, "--format", "single-file") == 2
     assert "--checkpoint step-000002" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tiny_models import build_tiny_sd, build_tiny_sdxl
@@ -40,6 +41,21 @@ def write_photos(folder: Path, n: int = 4, size: tuple[int, int] = (40, 48), see
         pixels[y : y + 20, x : x + 20] = (200, 30, 30)
         Image.fromarray(pixels).save(folder / f"photo_{i}.png")
     return folder
+
+
+def overfit(stage, batch, modules, *, steps: int, lr: float) -> tuple[list[float], dict]:
+    """Train `modules` on one fixed batch with AdamW (prior weight 1): each step's loss, and the last step's terms."""
+    from dreambooth.training.step import compute_loss
+
+    optimizer = torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=lr)
+    losses, terms = [], {}
+    for _ in range(steps):
+        loss, terms = compute_loss(stage, batch, prior_weight=1.0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, terms
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from dreambooth.models.lora import LORA_FILE, add_lora, save_lora
 from dreambooth.seeding import RowRandom
 from dreambooth.training.step import compute_loss
 
+from conftest import overfit
 from tiny_transformers import TINY_RESOLUTION, build_tiny_flux
 
 FAST = [
@@ -136,15 +137,7 @@ def test_stage_trains_and_samples_at_the_models_size_with_its_shift(tiny_flux: P
 def test_loss_falls_on_a_fixed_batch_with_clip_training(tiny_flux: Path, photos: Path) -> None:
     stage = _stage(tiny_flux)
     batch = _batch(stage, photos)
-    params = [p for m in (stage.denoiser, *stage.text_encoders.values()) for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=2e-3)
-    losses = []
-    for _ in range(25):
-        loss, terms = compute_loss(stage, batch, prior_weight=1.0)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses, terms = overfit(stage, batch, (stage.denoiser, *stage.text_encoders.values()), steps=25, lr=2e-3)
     assert terms["loss/instance"].shape == (2,) and terms["loss/prior"].shape == (2,)
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
 

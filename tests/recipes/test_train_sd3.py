@@ -21,6 +21,7 @@ from dreambooth.models.sd3 import load_sd3
 from dreambooth.models.spec import TextConditioning
 from dreambooth.training.step import compute_loss
 
+from conftest import overfit
 from tiny_transformers import TINY_RESOLUTION, build_tiny_sd3
 
 FAST = [
@@ -95,15 +96,7 @@ def test_loss_falls_on_a_fixed_batch_with_both_clips_training(tiny_sd3: Path, ph
     images = _images(photos)
     data = TrainingSet(encode_examples(stage, images, ["a xon dog"] * 4), encode_examples(stage, images[::-1], ["a dog"] * 4))
     batch = _batch(data, stage)
-    params = [p for m in (stage.denoiser, *stage.text_encoders.values()) for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=5e-3)
-    losses = []
-    for _ in range(30):
-        loss, terms = compute_loss(stage, batch, prior_weight=1.0)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses, terms = overfit(stage, batch, (stage.denoiser, *stage.text_encoders.values()), steps=30, lr=5e-3)
     assert terms["loss/instance"].shape == (2,) and terms["loss/prior"].shape == (2,)
     assert ((0 < terms["level/instance"]) & (terms["level/instance"] < 1)).all()
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5

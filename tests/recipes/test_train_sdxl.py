@@ -17,6 +17,8 @@ from dreambooth.data.training_set import TrainingSet, encode_captions, encode_ex
 from dreambooth.models.sdxl import load_sdxl
 from dreambooth.training.step import compute_loss
 
+from conftest import overfit
+
 FAST = [
     "--class-noun", "dog", "--num-class-images", "2", "--class-steps", "2", "--class-batch-size", "2",
     "--validation-every", "0", "--validation-images", "1", "--validation-steps", "2", "--checkpoint-every", "2",
@@ -52,15 +54,7 @@ def test_loss_falls_on_a_fixed_batch_with_both_text_encoders_training(tiny_sdxl:
     images = [Image.open(p).convert("RGB") for p in sorted(photos.glob("*.png"))]
     data = TrainingSet(encode_examples(stage, images, ["a xon dog"] * 4), encode_examples(stage, images[::-1], ["a dog"] * 4))
     batch = sample_batch(data, stage.tokenize, step=0, micro=0, accumulation=1, rank=0, world=1, batch_size=2, seed=0)
-    params = [p for m in (stage.denoiser, *stage.text_encoders.values()) for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=2e-3)
-    losses = []
-    for _ in range(30):
-        loss, terms = compute_loss(stage, batch, prior_weight=1.0)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses, terms = overfit(stage, batch, (stage.denoiser, *stage.text_encoders.values()), steps=30, lr=2e-3)
     assert terms["loss/instance"].shape == (2,) and terms["loss/prior"].shape == (2,)
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
 

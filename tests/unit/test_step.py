@@ -14,6 +14,8 @@ from dreambooth.models.sd import load_sd
 from dreambooth.seeding import RowRandom
 from dreambooth.training.step import compute_loss
 
+from conftest import overfit
+
 
 def _data(stage, photos: Path, with_classes: bool = True) -> TrainingSet:
     images = [Image.open(p).convert("RGB") for p in sorted(photos.glob("*.png"))]
@@ -30,14 +32,7 @@ def _batch(data, stage, **kwargs):
 def test_loss_falls_when_overfitting_one_batch(tiny_sd: Path, photos: Path) -> None:
     stage = load_sd(str(tiny_sd))[0]
     batch = _batch(_data(stage, photos), stage)
-    optimizer = torch.optim.AdamW(stage.denoiser.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(40):
-        loss, _ = compute_loss(stage, batch, prior_weight=1.0)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses, _ = overfit(stage, batch, (stage.denoiser,), steps=40, lr=2e-3)
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
 
 

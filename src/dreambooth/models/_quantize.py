@@ -75,8 +75,10 @@ def load_quantized_transformer(cls, source: str, single_file_config: str | None,
     """
     from pathlib import Path
 
+    from dreambooth.models._latent import SINGLE_FILE_SUFFIXES
+
     config = quantization_config(method)  # raises first if this machine cannot quantise
-    if Path(source).suffix in (".safetensors", ".ckpt"):
+    if Path(source).suffix in SINGLE_FILE_SUFFIXES:
         return cls.from_single_file(source, config=single_file_config, subfolder="transformer", quantization_config=config,
                                     torch_dtype=dtype, local_files_only=True)
     return cls.from_pretrained(source, subfolder="transformer", revision=revision, variant=variant,

@@ -69,3 +69,11 @@ def tiny_cascade(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_models import build_tiny_cascade
 
     return build_tiny_cascade(tmp_path_factory.mktemp("models") / "tiny-cascade")
+
+
+@pytest.fixture(scope="session")
+def tiny_if(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny DeepFloyd IF cascade with the released models' properties (learned variance, cased T5; tiny_if.py)."""
+    from tiny_if import build_tiny_if
+
+    return build_tiny_if(tmp_path_factory.mktemp("models") / "tiny-if")

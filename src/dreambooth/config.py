@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -71,7 +72,7 @@ class SubjectConfig:
     use_captions: bool = True
     """Use <image>.txt caption files next to the photos when present ({identifier}/{class_noun} allowed)."""
     resolution: int | None = None
-    """Training resolution in pixels; None: the model's native resolution."""
+    """Training and sampling size in pixels (SD, SDXL: a multiple of 8; SD3, FLUX: of 16); None: the model's own. Cascades: not settable."""
     random_flip: bool = False
     """Also train on horizontally flipped photos (not for asymmetric subjects: text, logos)."""
     on_bad_file: Literal["skip", "error"] = "skip"
@@ -457,10 +458,11 @@ def resolve(cfg: RunConfig, identifier: str | None = None) -> RunConfig:
 
 
 def _template_problems(template: str) -> list[str]:
-    try:
-        template.format(identifier="V", class_noun="N")
-    except (KeyError, IndexError, ValueError) as error:
-        return [f"prompt template {template!r} is not valid: only {{identifier}} and {{class_noun}} may appear ({error})"]
+    # Placeholders are replaced literally (a caption may hold any other braces); a misspelt one is an error.
+    unknown = sorted(set(re.findall(r"\{(\w*)\}", template)) - {"identifier", "class_noun"})
+    if unknown:
+        return [f"prompt template {template!r}: unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; "
+                "only {identifier} and {class_noun} are filled in"]
     return []
 
 

@@ -21,6 +21,7 @@ from dreambooth.config import RunConfig, validate
 from dreambooth.data.images import LoadedImage, load_images, warn_small_images
 from dreambooth.data.training_set import TrainingSet, encode_captions, encode_examples
 from dreambooth.eval.during_training import BestCheckpointPolicy, TrainingEvaluator, load_eval_embedders
+from dreambooth.eval.prompts import format_prompt
 from dreambooth.eval.scoring import SubjectPhotos
 from dreambooth.export.pipeline import export_run
 from dreambooth.files import read_json, write_json
@@ -29,6 +30,7 @@ from dreambooth.grid import image_grid, upscale_for_viewing
 from dreambooth.identifier import check_identifier, choose_identifier
 from dreambooth.layout import RunLayout
 from dreambooth.models.builtin import unknown_class_noun
+from dreambooth.models.ddpm import without_learned_variance
 from dreambooth.models.loading import (
     FAMILIES,
     load_stages,
@@ -52,7 +54,7 @@ class Subject:
     class_noun: str
 
     def fill(self, template: str) -> str:
-        return template.format(identifier=self.identifier, class_noun=self.class_noun)
+        return format_prompt(template, self.identifier, self.class_noun)
 
 
 def finetune(cfg: RunConfig) -> RunLayout:
@@ -77,7 +79,7 @@ def finetune(cfg: RunConfig) -> RunLayout:
 
     stages = load_stages(source, cfg)
     trained = [s for s in stages if not family.cascade or s.name in cfg.cascade.stages]
-    subject = _resolve_subject(cfg, stages, layout, resuming)
+    subject = _resolve_subject(cfg, stages, family, layout, resuming)
     if accelerator.is_main_process:
         record_identifier(layout, cfg, subject.identifier)
     info = _record_run(layout, cfg, source, subject, trained, status="training", main=accelerator.is_main_process)
@@ -89,6 +91,7 @@ def finetune(cfg: RunConfig) -> RunLayout:
         warn_small_images(photos, stage.resolution)
         data = _training_set(cfg, stage, photos, subject, class_images, family)
         evaluator = _evaluator(cfg, stages, stage, subject, photos, embedders) if evaluating else None
+        stage.pipeline.scheduler = without_learned_variance(stage.pipeline.scheduler)  # its variance channels do not train
         validator = _validator(cfg, stages, stage, subject, layout, accelerator, evaluator)
         train_stage(stage, data, _plan(cfg, stage, family), layout.stage(stage.name), accelerator, validator)
         accelerator.free_memory()
@@ -116,7 +119,7 @@ def _make_accelerator(cfg: RunConfig) -> Accelerator:
     )
 
 
-def _resolve_subject(cfg: RunConfig, stages: list[Stage], layout: RunLayout, resuming: bool) -> Subject:
+def _resolve_subject(cfg: RunConfig, stages: list[Stage], family: Family, layout: RunLayout, resuming: bool) -> Subject:
     """The identifier: the resumed run's, the user's (checked), or chosen from the model's rare tokens."""
     class_noun = cfg.subject.class_noun
     if (problem := unknown_class_noun(cfg.model.source, class_noun)) is not None:
@@ -128,8 +131,10 @@ def _resolve_subject(cfg: RunConfig, stages: list[Stage], layout: RunLayout, res
         return Subject(recorded, class_noun)
     if cfg.identifier.identifier is not None:
         text = cfg.identifier.identifier
+        if (seen := family.preprocess_prompt(text)) != text:
+            logger.warning("identifier: %s models read prompts as %r; %r is trained and sampled as %r", family.name, seen, text, seen)
         for stage in stages:
-            for message in check_identifier(list(stage.tokenizers), text, class_noun):
+            for message in check_identifier(list(stage.tokenizers), family.preprocess_prompt(text), class_noun):
                 logger.warning("identifier: %s", message)
     else:
         text = choose_identifier(list(stages[0].tokenizers), class_noun, num_tokens=cfg.identifier.num_tokens, seed=cfg.identifier.seed).text
@@ -206,7 +211,9 @@ def _validator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subje
         if not accelerator.is_main_process:
             return None
         done = step == max_steps
-        stage.denoiser.eval()
+        modes = {m: m.training for m in (stage.denoiser, *stage.text_encoders.values())}
+        for module in modes:
+            module.eval()  # no dropout in what is sampled and scored (a trained text encoder has some)
         if done or (v.every_n_steps and step % v.every_n_steps == 0):
             with frozen_parts_on(stages, accelerator.device):
                 images = generate(
@@ -223,7 +230,8 @@ def _validator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subje
                 scores = evaluator(step)
         else:
             scores = None
-        stage.denoiser.train()
+        for module, training in modes.items():
+            module.train(training)
         return scores
 
     return validate

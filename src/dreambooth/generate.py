@@ -45,12 +45,10 @@ def using_sampler(pipelines: Sequence, name: str):
         for pipeline in pipelines:
             if is_flow_matching(pipeline.scheduler):  # the DDPM samplers above do not apply to a flow model
                 continue
-            config = dict(pipeline.scheduler.config)
-            if name == "ddim" and "variance_type" not in config:
-                config["variance_type"] = "fixed_small"  # IFPipeline reads it even for DDIM
-            scheduler = SAMPLERS[name].from_config(config)
-            if "variance_type" in config and "variance_type" not in scheduler.config:
-                scheduler.register_to_config(variance_type=config["variance_type"])
+            scheduler = SAMPLERS[name].from_config(pipeline.scheduler.config)
+            if "variance_type" not in inspect.signature(SAMPLERS[name]).parameters:
+                # DDIM and Euler a cannot use a learned variance; IF's pipelines read this key to drop its channels.
+                scheduler.register_to_config(variance_type="fixed_small")
             pipeline.scheduler = scheduler
         yield
     finally:
@@ -171,24 +169,35 @@ class LoadedModel:
     """A run's identifier and class noun (its run.json); empty for other sources."""
 
 
-def load_model(model: str, *, lora: str | None = None, device: str | None = None) -> LoadedModel:
-    """Load a run folder, diffusers/cascade folder, hub id or 'pocket' for sampling."""
+def load_model(model: str, *, lora: str | None = None, device: str | None = None, sr_model: str | None = None) -> LoadedModel:
+    """Load a run folder, diffusers/cascade folder, hub id or 'pocket' for sampling.
+
+    A run folder loads every stage it was trained with: its merged pipeline, or (a LoRA run saved
+    without one) the model it started from plus its `lora/`. `sr_model` overrides a cascade's
+    super-resolution stage. A stage that gets a LoRA samples with fixed variance (see `models.ddpm`).
+    """
     from dreambooth.config import ModelConfig, RunConfig
     from dreambooth.files import read_json
-    from dreambooth.layout import CASCADE_STAGE_DIRS
+    from dreambooth.layout import CASCADE_STAGE_DIRS, RunLayout
+    from dreambooth.models.ddpm import without_learned_variance
     from dreambooth.models.loading import load_stages, resolve_source
 
-    run_info = Path(model) / "run.json"
-    subject = read_json(run_info) if run_info.is_file() else {}
-    source = resolve_source(ModelConfig(source=model))
-    stages = load_stages(source, RunConfig(model=ModelConfig(source=model)))
+    layout = RunLayout(Path(model))
+    subject = read_json(layout.run_info) if layout.run_info.is_file() else {}
+    if subject and lora is None and not layout.pipeline.is_dir() and (layout.root / "lora").is_dir():
+        lora = str(layout.root / "lora")
+    config = ModelConfig(source=model, sr_source=sr_model)
+    stages = load_stages(resolve_source(config), RunConfig(model=config))
     pipelines = [stage.pipeline for stage in stages]
     if lora is not None:
         lora_path = Path(lora)
+        if not lora_path.exists():
+            raise FileNotFoundError(f"LoRA weights {lora!r} do not exist")
         for pipeline, stage_dir in zip(pipelines, CASCADE_STAGE_DIRS.values()):
             path = lora_path / stage_dir if (lora_path / stage_dir).exists() else lora_path
             if path.exists() and (len(pipelines) == 1 or path != lora_path):
                 pipeline.load_lora_weights(str(path))
+                pipeline.scheduler = without_learned_variance(pipeline.scheduler)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return LoadedModel([p.to(device) for p in pipelines], [s.default_guidance for s in stages], subject)
 
@@ -210,12 +219,14 @@ def read_prompts(prompts: Sequence[str], prompts_file: Path | None) -> list[str]
     return out
 
 
-def generate_to_folder(model: str, prompts: list[str], out: Path, *, lora: str | None = None, sampling: Sampling = Sampling()) -> Path:
+def generate_to_folder(
+    model: str, prompts: list[str], out: Path, *, lora: str | None = None, sr_model: str | None = None, sampling: Sampling = Sampling(),
+) -> Path:
     """Sample `sampling.num_images` per prompt; write `<prompt index>-<k>.png`, `grid.png` and `prompts.txt`."""
     from dreambooth.grid import image_grid, upscale_for_viewing
 
     num_images, seed, guidance = sampling.num_images, sampling.seed, sampling.guidance
-    loaded = load_model(model, lora=lora, device=sampling.device)
+    loaded = load_model(model, lora=lora, device=sampling.device, sr_model=sr_model)
     if "identifier" in loaded.subject:
         name = loaded.subject["identifier"]
         prompts = [p.replace("[V]", name).replace("{identifier}", name) for p in prompts]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 import dreambooth.training.loop as loop
@@ -142,3 +143,12 @@ def test_generate_writes_images_a_grid_and_fills_in_the_identifier(tiny_sd, phot
     assert main(["generate", "--model", str(run), "--prompt", "a [V] dog on the beach", "--prompt", "a dog", "--num-images", "2", "--steps", "2", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["000-0.png", "000-1.png", "001-0.png", "001-1.png", "grid.png"]
     assert (out / "prompts.txt").read_text().splitlines() == ["a xon dog on the beach", "a dog"]
+
+
+def test_resolution_sets_the_training_and_sampling_size(tiny_sd: Path, photos: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert train(tiny_sd, photos, run, "--max-steps", "1", "--resolution", "48", "--validation-every", "1") == 0
+    assert Image.open(run / "class_images" / "00000.png").size == (48, 48)
+    assert Image.open(run / "samples" / "base" / "step-000001.png").size[1] >= 48
+    pipe = StableDiffusionPipeline.from_pretrained(run / "pipeline", safety_checker=None, requires_safety_checker=False)
+    assert pipe("a dog", num_inference_steps=1, output_type="np").images[0].shape == (48, 48, 3)  # the exported default

@@ -61,7 +61,7 @@ from dreambooth.files import read_json, write_json
 from dreambooth.generate import generate_to_folder
 from dreambooth.layout import RunLayout
 from dreambooth.models.builtin import builtin_embedders
-from dreambooth.models.loading import resolve_source
+from dreambooth.models.loading import resolve_source, run_base_model
 from dreambooth.options import EvalRequest, Sampling, ScoringModels  # noqa: F401  (re-exported: the eval API)
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ class ImageSource:
     """Run folder, diffusers folder, hub id or 'pocket'."""
     lora: str | None = None
     """LoRA weights loaded into `model`."""
+    sr_model: str | None = None
+    """A cascade's super-resolution stage, where `model` does not name it (a run's recorded `model.sr`)."""
     images: Path | None = None
     """Samples in the layout of the module docstring; scored as they are."""
 
@@ -122,7 +124,7 @@ def plan_eval(request: EvalRequest) -> EvalPlan:
         raise ValueError(f"no identifier: {described}; pass --identifier TOKEN (the [V] of the prompts)")
     photos = load_images(request.subject_dir)
     subject = SubjectPhotos(request.subject_dir.name, class_noun, [p.image for p in photos], [p.path.name for p in photos])
-    finetuned = _finetuned(request, run)
+    finetuned = ImageSource(request.model, request.lora, images=request.images)  # a run folder loads every stage it trained
     pretrained = _baseline(request, finetuned, run)
     _check_source(finetuned, "model", identifier)
     _check_source(pretrained, "baseline", identifier=None)
@@ -143,28 +145,21 @@ def _run_info(model: str | None) -> dict:
     return read_json(path) if path is not None and path.is_file() else {}
 
 
-def _finetuned(request: EvalRequest, run: dict) -> ImageSource:
-    """The evaluated model; a LoRA run saved without its merged pipeline is its base model plus its LoRA."""
-    layout = RunLayout(Path(request.model)) if run else None
-    lora = layout.lora("base", cascade=False) if layout else None  # a cascade's holds stage_1/, stage_2/
-    if layout is not None and request.lora is None and not layout.pipeline.is_dir() and lora.is_dir():
-        return ImageSource(run["model"]["source"], str(lora), request.images)
-    return ImageSource(request.model, request.lora, request.images)
-
-
 def _baseline(request: EvalRequest, finetuned: ImageSource, run: dict) -> ImageSource | None:
-    """The pretrained row's source: images, a named model, the LoRA's base, the run's base, or none."""
+    """The pretrained row's source: images, a named model, the LoRA's base, the run's base (every stage), or none."""
     if not request.use_baseline:
         if request.baseline or request.baseline_images:
             raise ValueError("--no-baseline contradicts --baseline/--baseline-images: pick one")
         return None
     if request.baseline_images:
         return ImageSource(images=request.baseline_images)
-    model = request.baseline or (finetuned.model if finetuned.lora else run.get("model", {}).get("source"))
-    if model is None:
+    if request.baseline or finetuned.lora:
+        return ImageSource(request.baseline or finetuned.model)
+    if "model" not in run:
         logger.info("no pretrained baseline (pass --baseline MODEL): no Pretrained row, no context/entanglement flags")
         return None
-    return ImageSource(model)
+    base = run_base_model(run["model"])
+    return ImageSource(base.source, sr_model=base.sr_source)
 
 
 def _check_source(source: ImageSource | None, what: str, identifier: str | None) -> None:
@@ -180,7 +175,7 @@ def _check_source(source: ImageSource | None, what: str, identifier: str | None)
             )
         return
     try:
-        resolve_source(ModelConfig(source=source.model))
+        resolve_source(ModelConfig(source=source.model, sr_source=source.sr_model))
     except (ValueError, FileNotFoundError) as error:
         hint = " (pass --baseline MODEL or --no-baseline)" if what == "baseline" else ""
         raise type(error)(f"{what}: {error}{hint}") from error
@@ -255,7 +250,8 @@ def _sample(source: ImageSource, prompts: list[str], out: Path, sampling: Sampli
     if source.images is not None:
         return source
     shutil.rmtree(out, ignore_errors=True)  # images left by another setting (more per prompt) must not be scored
-    generate_to_folder(source.model, prompts, out, lora=source.lora, sampling=replace(sampling, device=sampling.resolved_device()))
+    generate_to_folder(source.model, prompts, out, lora=source.lora, sr_model=source.sr_model,
+                       sampling=replace(sampling, device=sampling.resolved_device()))
     return replace(source, images=out)
 
 

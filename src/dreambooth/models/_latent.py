@@ -66,3 +66,15 @@ def load_vae(source: str | None, dtype: torch.dtype = torch.float32) -> dict:
         return {"vae": AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)}
     except (OSError, ValueError) as error:
         raise ValueError(f"--vae {source!r} could not be loaded as a diffusers AutoencoderKL ({error})") from error
+
+
+def sample_at(pipeline, resolution: int | None) -> None:
+    """Make a UNet pipeline (SD, SDXL) train and sample at `resolution` pixels (None: as configured).
+
+    Its pipelines default to the UNet config's `sample_size` (latents), which the exported model keeps.
+    """
+    if resolution is None:
+        return
+    pipeline.unet.register_to_config(sample_size=resolution // pipeline.vae_scale_factor)
+    if hasattr(pipeline, "default_sample_size"):  # SDXL reads this copy
+        pipeline.default_sample_size = resolution // pipeline.vae_scale_factor

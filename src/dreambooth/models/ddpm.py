@@ -61,3 +61,14 @@ def training_target(noise_scheduler, x0: Tensor, noise: Tensor, t: Tensor) -> Te
     if kind == "sample":
         return x0
     raise ValueError(f"unsupported prediction_type {kind!r} in the model's scheduler config")
+
+
+def without_learned_variance(scheduler):
+    """`scheduler`, sampling with fixed variance if it used the model's learned variance.
+
+    DreamBooth trains the prediction channels only: a fine-tuned stage's variance channels are
+    untrained and drift with the shared output layer, so it samples with `fixed_small`.
+    """
+    if scheduler.config.get("variance_type") not in ("learned", "learned_range"):
+        return scheduler
+    return type(scheduler).from_config({**scheduler.config, "variance_type": "fixed_small"})

@@ -49,6 +49,14 @@ def upscale(lowres: Tensor, size: int) -> Tensor:
     return F.interpolate(lowres, (size, size), mode="bilinear", align_corners=True)
 
 
+def preprocess_prompt(prompt: str) -> str:
+    """The text IF's pipelines tokenize (`_text_preprocessing` without caption cleaning): lower-cased, stripped.
+
+    T5 is case-sensitive, so training must see the same text or 'OHWX' trains other tokens than sampling uses.
+    """
+    return prompt.lower().strip()
+
+
 def _encode_t5(text_encoder: nn.Module, tokens: Tokens) -> TextConditioning:
     # IFPipeline.encode_prompt passes the attention mask and takes the last hidden state.
     device = next(text_encoder.parameters()).device
@@ -86,7 +94,7 @@ class _IFStage:
         return {}
 
     def tokenize(self, prompts: list[str]) -> Tokens:
-        return tokenize(self.pipeline.tokenizer, prompts)
+        return tokenize(self.pipeline.tokenizer, [preprocess_prompt(p) for p in prompts])
 
     def sample_x0(self, encoded: Encoded, rng: RowRandom) -> Tensor:
         return encoded["pixels"]
@@ -126,8 +134,8 @@ class IFSuperResStage(_IFStage):
 
     def condition(self, lowres: Tensor, rng: RowRandom) -> tuple[Tensor, Tensor]:
         """Upscaled, noise-augmented low-res input [b, 3, H, W] and its augmentation level [b]."""
-        low, high = self.noise_level_range
-        level = rng.randint(low, min(high, self.pipeline.image_noising_scheduler.config.num_train_timesteps))
+        low, high = self.noise_level_range  # inclusive: the pipeline samples at the top level (250)
+        level = rng.randint(low, min(high, self.pipeline.image_noising_scheduler.config.num_train_timesteps - 1) + 1)
         upscaled = upscale(lowres, self.resolution)
         noise = rng.randn(tuple(upscaled.shape[1:])).to(upscaled)
         return self.pipeline.image_noising_scheduler.add_noise(upscaled, noise, level), level
@@ -166,4 +174,5 @@ def _load(source: ModelSource, cfg: RunConfig) -> list:
                    dtype=DTYPES[cfg.weights_dtype])
 
 
-FAMILY = Family(name="if", pipeline_classes=("IFPipeline",), load=_load, text_encoders=("text_encoder",), cascade=True)
+FAMILY = Family(name="if", pipeline_classes=("IFPipeline",), load=_load, text_encoders=("text_encoder",), cascade=True,
+                preprocess_prompt=preprocess_prompt)

@@ -50,8 +50,8 @@ def _resolve_folder(path: Path, sr_source: str | None) -> ModelSource:
     if (path / "stage_1" / "model_index.json").is_file():  # a cascade folder: stage_1/, stage_2/
         sr = path / "stage_2"
         return ModelSource("if", str(path / "stage_1"), sr_source or (str(sr) if sr.is_dir() else None))
-    if (path / "pipeline").is_dir() and not (path / "model_index.json").exists():  # a run folder
-        return _resolve_folder(path / "pipeline", sr_source)
+    if (path / "run.json").is_file() and not (path / "model_index.json").exists():
+        return _resolve_run(path, sr_source)
     index = path / "model_index.json"
     if not index.is_file():
         raise ValueError(
@@ -59,6 +59,22 @@ def _resolve_folder(path: Path, sr_source: str | None) -> ModelSource:
             "(pass a diffusers pipeline folder, a single-file .safetensors checkpoint, or a hub id)"
         )
     return ModelSource(_family(json.loads(index.read_text())["_class_name"], str(path)), str(path), sr_source)
+
+
+def _resolve_run(path: Path, sr_source: str | None) -> ModelSource:
+    """A run folder: its merged pipeline, else (a LoRA run saved without one) the model it was trained from."""
+    if (path / "pipeline").is_dir():
+        return _resolve_folder(path / "pipeline", sr_source)
+    try:
+        model = json.loads((path / "run.json").read_text(encoding="utf-8"))["model"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"run folder {str(path)!r}: run.json is damaged ({error!r}) and there is no pipeline/ to load") from error
+    return resolve_source(run_base_model(model, sr_source))
+
+
+def run_base_model(recorded: dict, sr_source: str | None = None) -> ModelConfig:
+    """The pretrained model a run started from (run.json's "model"), every stage included."""
+    return ModelConfig(source=recorded["source"], sr_source=sr_source or recorded.get("sr"))
 
 
 def _resolve_hub_id(repo_id: str, cfg: ModelConfig) -> ModelSource:
@@ -147,6 +163,12 @@ def option_problems(cfg: RunConfig, family: Family) -> list[str]:
         problems.append(f"--text-encoder-2-learning-rate is for models with a second text encoder (SDXL); a {family.name} model has one")
     if cfg.model.vae is not None and not family.latent:
         problems.append(f"--vae replaces the VAE of a latent model (SD, SDXL); a {family.name} model denoises pixels")
+    if (size := cfg.subject.resolution) is not None:
+        if family.cascade:
+            problems.append(f"--resolution {size}: each stage of a cascade trains at its own size (IF: 64 and 256 px), "
+                            "which the next stage expects; drop --resolution")
+        elif size % 8:
+            problems.append(f"--resolution {size}: a {family.name} model needs a multiple of 8 pixels (its VAE's factor)")
     if cfg.model.sr_source is not None and not family.cascade:
         problems.append(f"--sr-model names the super-resolution stage of a cascade (IF); a {family.name} model has one stage")
     if cfg.output.save_single_file and family.single_file_marker is None:

@@ -11,7 +11,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from dreambooth.config import LoraConfig
-from dreambooth.models.spec import Stage
+from dreambooth.models.spec import Stage, is_text_encoder
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 """The file name diffusers' `save_lora_weights` writes and `load_lora_weights` looks for."""
@@ -48,17 +48,28 @@ def save_lora(stage: Stage, out_dir: Path) -> Path:
     """Write the adapters as `pytorch_lora_weights.safetensors` (diffusers `load_lora_weights` format).
 
     The pipeline class's own `save_lora_weights` names each component's layers; the adapter
-    configs go into the file's metadata, so `load_lora_weights` scales by alpha/rank. UNet and
-    text-encoder layers are renamed to diffusers' layout; a transformer's keep peft's names, which
+    configs go into the file's metadata, so `load_lora_weights` scales by alpha/rank. Keys are named
+    as each component's loader reads them (`_loadable_names`); a transformer's keep peft's names, which
     its loader reads (it would drop `to_q.lora.down`-style keys), as diffusers' SD3/FLUX scripts save them.
     """
     kwargs = {}
     for name, module in lora_modules(stage).items():
-        state = get_peft_model_state_dict(module)
-        kwargs[f"{name}_lora_layers"] = state if name == "transformer" else convert_state_dict_to_diffusers(state)
+        kwargs[f"{name}_lora_layers"] = _loadable_names(name, get_peft_model_state_dict(module))
         kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
     type(stage.pipeline).save_lora_weights(out_dir, safe_serialization=True, **kwargs)
     return out_dir / LORA_FILE
+
+
+def _loadable_names(component: str, state: dict) -> dict:
+    """peft's adapter keys of `component`, named as diffusers' loader for that component reads them."""
+    if component == "transformer":
+        return state
+    if is_text_encoder(component):  # any encoder's layers (CLIP's q_proj, T5's q), as diffusers names CLIP's
+        return {k.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): v for k, v in state.items()}
+    renamed = convert_state_dict_to_diffusers(state)
+    # The UNet renaming covers attention projections only; where it leaves a peft key (IF's add_k_proj), the
+    # loader could not read the mixed file, so the UNet keeps peft's names, which it also reads.
+    return state if any(".lora_A." in k for k in renamed) else renamed
 
 
 def merge_lora(stage: Stage) -> None:

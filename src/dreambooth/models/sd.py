@@ -10,7 +10,13 @@ from diffusers import StableDiffusionPipeline
 from torch import Tensor, nn
 
 from dreambooth.config import RunConfig
-from dreambooth.models._latent import encode_latent_distribution, load_pipeline, load_vae, sample_latents
+from dreambooth.models._latent import (
+    encode_latent_distribution,
+    load_pipeline,
+    load_vae,
+    sample_at,
+    sample_latents,
+)
 from dreambooth.models.ddpm import DDPMObjective
 from dreambooth.models.spec import (
     DTYPES,
@@ -81,11 +87,12 @@ class SDStage:
 
 def load_sd(
     source: str, *, single_file_config: str | None = None, revision: str | None = None, variant: str | None = None,
-    vae: str | None = None, dtype: torch.dtype = torch.float32,
+    vae: str | None = None, resolution: int | None = None, dtype: torch.dtype = torch.float32,
 ) -> list[SDStage]:
     """Load a Stable Diffusion 1.x/2.x pipeline (diffusers folder, hub id or single file), on CPU in `dtype`."""
     kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype, **load_vae(vae, dtype))
     pipeline = load_pipeline(StableDiffusionPipeline, source, single_file_config, revision=revision, variant=variant, **kwargs)
+    sample_at(pipeline, resolution)
     return [stage_from_pipeline(pipeline)]
 
 
@@ -100,7 +107,7 @@ def stage_from_pipeline(pipeline: StableDiffusionPipeline) -> SDStage:
 def _load(source: ModelSource, cfg: RunConfig) -> list[SDStage]:
     model = cfg.model
     return load_sd(source.base, single_file_config=model.single_file_config, revision=model.revision, variant=model.variant,
-                   vae=model.vae, dtype=DTYPES[cfg.weights_dtype])
+                   vae=model.vae, resolution=cfg.subject.resolution, dtype=DTYPES[cfg.weights_dtype])
 
 
 FAMILY = Family(

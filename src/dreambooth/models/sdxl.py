@@ -16,7 +16,13 @@ from diffusers import StableDiffusionXLPipeline
 from torch import Tensor, nn
 
 from dreambooth.config import RunConfig
-from dreambooth.models._latent import encode_latent_distribution, load_pipeline, load_vae, sample_latents
+from dreambooth.models._latent import (
+    encode_latent_distribution,
+    load_pipeline,
+    load_vae,
+    sample_at,
+    sample_latents,
+)
 from dreambooth.models.ddpm import DDPMObjective
 from dreambooth.models.sd import CLIP_LORA_TARGETS, UNET_LORA_TARGETS
 from dreambooth.models.spec import (
@@ -99,11 +105,12 @@ def time_ids(framing: Framing, resolution: int) -> Tensor:
 
 def load_sdxl(
     source: str, *, single_file_config: str | None = None, revision: str | None = None, variant: str | None = None,
-    vae: str | None = None, dtype: torch.dtype = torch.float32,
+    vae: str | None = None, resolution: int | None = None, dtype: torch.dtype = torch.float32,
 ) -> list[SDXLStage]:
     """Load an SDXL pipeline (diffusers folder, hub id or single file), on CPU in `dtype`."""
     kwargs = dict(dtype=dtype, add_watermarker=False, **load_vae(vae, dtype))
     pipeline = load_pipeline(StableDiffusionXLPipeline, source, single_file_config, revision=revision, variant=variant, **kwargs)
+    sample_at(pipeline, resolution)
     return [stage_from_pipeline(pipeline)]
 
 
@@ -119,7 +126,7 @@ def stage_from_pipeline(pipeline: StableDiffusionXLPipeline) -> SDXLStage:
 def _load(source: ModelSource, cfg: RunConfig) -> list[SDXLStage]:
     model = cfg.model
     return load_sdxl(source.base, single_file_config=model.single_file_config, revision=model.revision, variant=model.variant,
-                     vae=model.vae, dtype=DTYPES[cfg.weights_dtype])
+                     vae=model.vae, resolution=cfg.subject.resolution, dtype=DTYPES[cfg.weights_dtype])
 
 
 FAMILY = Family(

@@ -183,6 +183,8 @@ class Family:
     """The `--quantize` modes its loader implements for the frozen denoiser of a LoRA run (e.g. 'nf4', 'int8')."""
     lora_only: str | None = None
     """Why it trains LoRA adapters only (said when full fine-tuning is asked for, e.g. FLUX's 12B transformer); None: both."""
+    preprocess_prompt: Callable[[str], str] = str
+    """What its pipelines do to a prompt before tokenizing it (IF lower-cases); training tokenizes the same text."""
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int = 77) -> Tokens:

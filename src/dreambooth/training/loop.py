@@ -7,6 +7,7 @@ same loop pretrains the pocket model and fine-tunes any model on a subject.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -98,7 +99,7 @@ def train_stage(
     model = with_modules(stage, wrapped)                          # forward passes go through the wrappers
     ema = EMAModel(params, decay=train.ema_decay) if train.ema_decay else None
 
-    step = _resume(paths.checkpoints, modules, optimizer, schedule, ema)
+    step = _resume(paths.checkpoints, modules, optimizer, schedule, ema, accelerator.scaler)
     recorder = Recorder(paths.log, accelerator, resume_step=step)
     eval_recorder = Recorder(paths.eval_log, accelerator, resume_step=step)
     bar = tqdm(total=train.max_steps, initial=step, desc=f"train {stage.name}", disable=not accelerator.is_main_process)
@@ -111,7 +112,7 @@ def train_stage(
                     rank=accelerator.process_index, world=accelerator.num_processes, batch_size=train.batch_size,
                     seed=train.seed, caption_dropout=train.caption_dropout,
                 ).to(device)
-                with accelerator.accumulate(*wrapped.values()):
+                with accelerator.accumulate(*wrapped.values()), _dropout_rng(train.seed, step, micro, accelerator.process_index):
                     loss, terms = compute_loss(model, batch, plan.prior_weight)
                     _check_finite(loss, accelerator, step, paths.checkpoints)
                     accelerator.backward(loss)
@@ -192,7 +193,7 @@ def _param_groups(modules: dict[str, torch.nn.Module], plan: StagePlan, denoiser
     return [{"params": [p for p in m.parameters() if p.requires_grad], "lr": rates[name]} for name, m in modules.items()]
 
 
-def _resume(root: Path, modules, optimizer, schedule, ema) -> int:
+def _resume(root: Path, modules, optimizer, schedule, ema, scaler) -> int:
     checkpoint = latest_checkpoint(root)
     if checkpoint is None:
         return 0
@@ -201,13 +202,18 @@ def _resume(root: Path, modules, optimizer, schedule, ema) -> int:
     schedule.load_state_dict(state["lr_schedule"])
     if ema is not None and state.get("ema") is not None:
         ema.load_state_dict(state["ema"])
+    if scaler is not None and state.get("grad_scaler") is not None:
+        scaler.load_state_dict(state["grad_scaler"])  # fp16: the loss scale it had reached
     logger.info("resumed from %s (step %d)", checkpoint, step)
     return step
 
 
 def _save(paths: StagePaths, step, modules, optimizer, schedule, ema, keep_last, accelerator, recorder, name) -> None:
     if accelerator.is_main_process:
-        state = {"optimizer": optimizer.state_dict(), "lr_schedule": schedule.state_dict(), "ema": ema.state_dict() if ema else None}
+        state = {
+            "optimizer": optimizer.state_dict(), "lr_schedule": schedule.state_dict(), "ema": ema.state_dict() if ema else None,
+            "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        }
         unwrapped = {k: accelerator.unwrap_model(m) for k, m in modules.items()}
         loss = recorder.rows[-1].get("loss/total") if recorder.rows else None
         save_checkpoint(paths.checkpoints, step, unwrapped, state, {"loss": loss}, keep_last)
@@ -236,6 +242,16 @@ def _check_finite(loss: torch.Tensor, accelerator: Accelerator, step: int, check
         f"loss became {loss.item()} at step {step + 1}; the update was not applied and {where}. "
         "Try a lower learning rate, bf16 instead of fp16, or a smaller max_grad_norm"
     )
+
+
+@contextlib.contextmanager
+def _dropout_rng(seed: int, step: int, micro: int, rank: int):
+    """Seed the global RNG that dropout draws from (a trained text encoder's, --lora-dropout) by the
+    step, so that a resumed run draws the masks an uninterrupted one does; the caller's RNG is restored."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(seed, "dropout", step, micro, rank))
+        yield
 
 
 def _due(step: int, every: int) -> bool:

@@ -22,3 +22,12 @@ def test_resume_truncates_the_log_and_sums_wall_time(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[-1]["loss/total"] == 0.5
     assert 200.0 <= rows[-1]["elapsed_s"] < 260.0  # the first run's 200 s plus this one's few
+
+
+def test_a_torn_last_line_does_not_stop_a_resume(tmp_path: Path) -> None:
+    """A power loss mid-write leaves half a line: the run resumes, dropping it."""
+    log = tmp_path / "base.jsonl"
+    log.write_text(json.dumps({"step": 1, "loss/total": 1.0}) + "\n" + '{"step": 2, "loss/to')
+    recorder = Recorder(log, _ACCELERATOR, resume_step=2)
+    recorder.log(2, {"loss/total": 0.5})
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]

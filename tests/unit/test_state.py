@@ -10,9 +10,12 @@ from torch import nn
 
 from dreambooth.training.state import (
     LATEST_FILE,
+    OPTIMIZER_FILE,
     PROGRESS_FILE,
+    TRAINABLE_FILE,
     latest_checkpoint,
     load_checkpoint,
+    load_latest,
     save_checkpoint,
 )
 
@@ -60,3 +63,43 @@ def test_a_checkpoint_of_another_model_is_refused_with_advice(tmp_path: Path) ->
 
 def test_no_checkpoint_means_none(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path) is None
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "empty optimizer", "garbled progress"])
+def test_resume_skips_a_damaged_checkpoint_for_the_newest_intact_one(tmp_path: Path, damage: str, caplog) -> None:
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, _modules(step), {"optimizer": {"step": step}}, {}, keep_last=3)
+    newest = tmp_path / "step-000002"
+    if damage == "truncated weights":
+        weights = newest / TRAINABLE_FILE
+        weights.write_bytes(weights.read_bytes()[:40])
+    elif damage == "empty optimizer":
+        (newest / OPTIMIZER_FILE).write_bytes(b"")
+    else:
+        (newest / PROGRESS_FILE).write_text('{"step": ')
+    restored = _modules(9)
+    before = restored["unet"][0].weight.clone()
+    with caplog.at_level("WARNING"):
+        path, step, state = load_latest(tmp_path, restored)
+    assert (path.name, step, state) == ("step-000001", 1, {"optimizer": {"step": 1}})
+    assert torch.equal(restored["unet"][0].weight, _modules(1)["unet"][0].weight) and not torch.equal(before, _modules(1)["unet"][0].weight)
+    assert "step-000002" in caplog.text and "skipping" in caplog.text
+
+
+def test_when_every_checkpoint_is_damaged_resume_says_so_and_changes_nothing(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, 1, _modules(1), {}, {}, keep_last=1)
+    (tmp_path / "step-000001" / OPTIMIZER_FILE).write_bytes(b"\x00" * 10)
+    restored = _modules(9)
+    before = restored["unet"][0].weight.clone()
+    with pytest.raises(ValueError, match=r"no intact checkpoint .*optimizer.pt' is unreadable.*--overwrite"):
+        load_latest(tmp_path, restored)
+    assert torch.equal(restored["unet"][0].weight, before)
+
+
+def test_a_checkpoint_of_another_shape_names_the_tensor(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, 1, _modules(0), {}, {}, keep_last=1)
+    torch.manual_seed(0)
+    wider = {"unet": nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))}
+    wider["unet"][1].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"another shape \(unet\.0\.\w+ is \[4.*\] there, \[8.*\] in this model"):
+        load_checkpoint(latest_checkpoint(tmp_path), wider)

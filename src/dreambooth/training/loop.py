@@ -33,7 +33,7 @@ from dreambooth.training.state import (
     best_record,
     latest_checkpoint,
     load_best,
-    load_checkpoint,
+    load_latest,
     save_best,
     save_checkpoint,
 )
@@ -194,10 +194,10 @@ def _param_groups(modules: dict[str, torch.nn.Module], plan: StagePlan, denoiser
 
 
 def _resume(root: Path, modules, optimizer, schedule, ema, scaler) -> int:
-    checkpoint = latest_checkpoint(root)
-    if checkpoint is None:
+    loaded = load_latest(root, modules)
+    if loaded is None:
         return 0
-    step, state = load_checkpoint(checkpoint, modules)
+    checkpoint, step, state = loaded
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["lr_schedule"])
     if ema is not None and state.get("ema") is not None:

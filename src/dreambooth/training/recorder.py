@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 import torch
 
 from dreambooth.files import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 
 class Recorder:
@@ -21,7 +24,7 @@ class Recorder:
         self.path, self.accelerator = path, accelerator
         self.rows: list[dict] = []
         if path.is_file():
-            self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]
+            self.rows = [r for r in read_rows(path) if r["step"] <= resume_step]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
         path.parent.mkdir(parents=True, exist_ok=True)
         self._started = time.monotonic() - (self.rows[-1].get("elapsed_s", 0.0) if self.rows else 0.0)
@@ -56,6 +59,21 @@ class Recorder:
         png.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(png)
         plt.close(fig)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL log; a line that does not parse (torn by a crash or power loss) is dropped with a warning."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif line.strip():
+            logger.warning("%s line %d is damaged (an interrupted write?); dropping it", path, number)
+    return rows
 
 
 def step_metrics(loss: float, terms: dict[str, torch.Tensor], lr: float) -> dict[str, float]:

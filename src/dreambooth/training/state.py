@@ -64,24 +64,63 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module], traini
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root`, or None."""
+    """The newest complete checkpoint under `root` (files not checked; see `load_latest`), or None."""
+    candidates = _candidates(root)
+    return candidates[0] if candidates else None
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, newest first: the one `latest` names, then by step."""
+    complete = sorted((p for p in root.glob("step-*") if (p / PROGRESS_FILE).is_file()), reverse=True)
     pointer = root / LATEST_FILE
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / PROGRESS_FILE).is_file():
-            return candidate
-        logger.warning("%s points at an incomplete checkpoint; falling back to the newest complete one", pointer)
-    complete = sorted(p for p in root.glob("step-*") if (p / PROGRESS_FILE).is_file())
-    return complete[-1] if complete else None
+        named = root / pointer.read_text(errors="replace").strip()
+        if named in complete:
+            return [named, *(p for p in complete if p != named)]
+        logger.warning("%s points at a missing or incomplete checkpoint; using the newest complete one", pointer)
+    return complete
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's files are missing, truncated or unreadable (a crash or a full disk while writing)."""
+
+
+def load_latest(root: Path, modules: dict[str, nn.Module]) -> tuple[Path, int, dict] | None:
+    """Load the newest intact checkpoint under `root` into `modules`: (its path, step, training state), or None.
+
+    Damaged checkpoints are skipped with a warning naming each and why, falling back to older ones.
+
+    Raises:
+        ValueError: if checkpoints exist but none is intact, or they belong to another model or method.
+    """
+    candidates = _candidates(root)
+    skipped = []
+    for path in candidates:
+        try:
+            step, state = load_checkpoint(path, modules)
+        except DamagedCheckpoint as error:
+            logger.warning("skipping checkpoint %s: %s", path.name, error)
+            skipped.append(str(error))
+            continue
+        if skipped:
+            logger.warning("resuming from %s, the newest intact checkpoint (skipped: %s)", path.name, "; ".join(skipped))
+        return path, step, state
+    if candidates:
+        raise ValueError(f"no intact checkpoint in {str(root)!r} to resume from ({'; '.join(skipped)}): "
+                         "pass --overwrite to start the run over, or --run-dir for a new folder")
+    return None
 
 
 def load_checkpoint(path: Path, modules: dict[str, nn.Module]) -> tuple[int, dict]:
     """Load trainable weights into `modules`; return the step and the saved training state.
 
+    Every file is read and checked before any weight is copied, so a failure leaves `modules` as they were.
+
     Raises:
+        DamagedCheckpoint: if a file is missing, truncated or unreadable.
         ValueError: if the checkpoint's parameters do not match the model's (another model or method).
     """
-    weights = load_file(path / TRAINABLE_FILE)
+    weights, training_state, step = _read_checkpoint(path)
     params = trainable_state(modules)
     if set(weights) != set(params):
         missing, unexpected = sorted(set(params) - set(weights))[:3], sorted(set(weights) - set(params))[:3]
@@ -90,11 +129,35 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module]) -> tuple[int, dic
             f"(missing e.g. {missing}, unexpected e.g. {unexpected}): was it made with another model, "
             "LoRA setting or --train-text-encoder? Start a new run folder or pass --overwrite"
         )
+    if reshaped := [k for k in weights if weights[k].shape != params[k].shape]:
+        key = reshaped[0]
+        raise ValueError(
+            f"checkpoint {str(path)!r} belongs to a model of another shape ({key} is {list(weights[key].shape)} there, "
+            f"{list(params[key].shape)} in this model; {len(reshaped)} tensors differ): resume with the model and "
+            "LoRA rank the run was started with (its config.resolved.toml), or start a new run folder"
+        )
     with torch.no_grad():
         for key, value in weights.items():
             params[key].copy_(value)
-    training_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
-    return int(read_json(path / PROGRESS_FILE)[STEP_KEY]), training_state
+    return step, training_state
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, int]:
+    try:
+        step = int(read_json(path / PROGRESS_FILE)[STEP_KEY])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DamagedCheckpoint(f"{str(path / PROGRESS_FILE)!r} is unreadable ({error})") from error
+    try:
+        weights = load_file(path / TRAINABLE_FILE)
+    except Exception as error:  # safetensors raises its own error type for a truncated or corrupt file
+        raise DamagedCheckpoint(f"{str(path / TRAINABLE_FILE)!r} is unreadable ({error})") from error
+    try:
+        training_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+    except Exception as error:  # EOFError, UnpicklingError, RuntimeError from zip: all mean a damaged file
+        raise DamagedCheckpoint(f"{str(path / OPTIMIZER_FILE)!r} is unreadable ({type(error).__name__}: {error})") from error
+    if not isinstance(training_state, dict):
+        raise DamagedCheckpoint(f"{str(path / OPTIMIZER_FILE)!r} holds no training state")
+    return weights, training_state, step
 
 
 def _prune(root: Path, keep_last: int) -> None:

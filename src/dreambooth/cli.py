@@ -99,7 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from dreambooth.eval.evaluate import run_eval, table_text
 
     flags = _options(EvalFlags, args)
-    result, report = run_eval(flags.request, flags.sampling, flags.eval)
+    result, report = run_eval(flags.request, flags.sampling, flags.eval, flags.thresholds)
     print(f"{table_text(result.rows, result.columns)}\nreport: {report}")
 
 

@@ -67,6 +67,29 @@ class ScoringModels:
         return cls(cfg.dino, cfg.clip, lpips_weights, cfg.embedders)
 
 
+@dataclass(frozen=True)
+class Thresholds:
+    """When `eval` flags a prompt with a failure mode (`eval.diagnostics`); defaults calibrated on pocket-world renders (docs/failure-flags.md)."""
+
+    context_margin: float = 0.345
+    """Flag "context not generated" when CLIP-T is this far below the pretrained model's (raw cosine of the image-text scorer:
+    calibrated for the pocket scorers; the paper's CLIP needs a smaller margin, e.g. 0.03, uncalibrated)."""
+    entanglement_pull: float = 0.36
+    """Flag entanglement when the subject's colour came more than this fraction of the way to the context's (0: kept, 1: taken)."""
+    entanglement_min_gap: float = 10.0
+    """Judge entanglement only where the photos' and the context's colours differ by this much (CIELAB units; a guard, not calibrated)."""
+    overfit_similarity: float = 0.88
+    """Flag overfitting when a sample's 16x16 CIELAB thumbnail is this similar to a photo's (1 - mean distance / 100)."""
+
+    def __post_init__(self) -> None:
+        raise_problems([
+            (self.context_margin >= 0, f"thresholds.context_margin must be >= 0, got {self.context_margin}"),
+            (self.entanglement_pull > 0, f"thresholds.entanglement_pull must be > 0, got {self.entanglement_pull}"),
+            (self.entanglement_min_gap >= 0, f"thresholds.entanglement_min_gap must be >= 0, got {self.entanglement_min_gap}"),
+            (0 <= self.overfit_similarity <= 1, f"thresholds.overfit_similarity must be in [0, 1], got {self.overfit_similarity}"),
+        ])  # fmt: skip
+
+
 @dataclass(frozen=True, kw_only=True)
 class Comparison:
     """Which DreamBench prompts are scored, and against which pretrained row: what `eval` and `dreambench` share."""
@@ -162,6 +185,7 @@ class EvalFlags:
     request: EvalRequest = field(default_factory=EvalRequest)
     sampling: Sampling = field(default_factory=Sampling)
     eval: ScoringModels = field(default_factory=ScoringModels)
+    thresholds: Thresholds = field(default_factory=Thresholds)
 
 
 @dataclass(frozen=True)

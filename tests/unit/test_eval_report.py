@@ -65,7 +65,7 @@ def test_writes_metrics_json_with_table_prompts_and_flags(tmp_path: Path) -> Non
     write_report(_result(), tmp_path)
     data = json.loads((tmp_path / "metrics.json").read_text())
     assert [row["label"] for row in data["table"]] == [REAL_LABEL, "Pretrained", "DreamBooth"]
-    assert data["table"][0]["clip_t"] is None and data["thresholds"]["overfit_similarity"] == 0.95
+    assert data["table"][0]["clip_t"] is None and data["thresholds"] == vars(Thresholds())
     flags = data["subjects"][0]["prompts"][1]["flags"]
     assert flags[0]["kind"] == "overfitting" and flags[0]["explanation"].startswith("Overfitting")
 

@@ -121,7 +121,7 @@ def test_flags_context_missing_and_overfitting(embedders: Embedders) -> None:
     assert [f.kind for f in snow.flags] == [diagnostics.OVERFITTING]  # red is photo 00.jpg itself
     assert "00.jpg" in snow.flags[0].evidence
     # beach: CLIP-T 0.5 against the pretrained model's 1.0 on "a toy on the beach"
-    assert [f.kind for f in beach.flags] == [diagnostics.CONTEXT_MISSING]
+    assert [f.kind for f in beach.flags] == [diagnostics.CONTEXT_MISSING, diagnostics.ENTANGLEMENT]  # blue: the beach's colour
     assert beach.flags[0].value == pytest.approx(0.5)
     assert beach.flags[0].explanation == diagnostics.EXPLANATIONS[diagnostics.CONTEXT_MISSING]
     assert set(beach.checked) == set(diagnostics.EXPLANATIONS)

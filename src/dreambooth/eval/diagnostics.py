@@ -1,25 +1,32 @@
 """Per-prompt flags for the paper's three failure modes (Ruiz et al. 2023, Sec. 5, Fig. 17).
 
-Each flag is a documented heuristic with a configurable threshold (:class:`Thresholds`):
+Each flag compares one measure with a threshold of :class:`~dreambooth.options.Thresholds`,
+calibrated on pocket-world renders where the truth is known (``docs/failure-flags.md``,
+``bench/calibrate_flags.py``). The colour measures read :func:`lab_thumbnails`: each image's
+centre square (side: its shorter side) in CIELAB, box-filtered to 16 x 16.
 
 1. *Context not generated* (``context_missing``): the fine-tuned model's CLIP-T on a prompt
    is more than ``context_margin`` below the pretrained model's CLIP-T on the same prompt
    without the identifier. The pretrained model is the yardstick for how well that context
    can be drawn at all, so hard prompts are not flagged for being hard.
-2. *Context-appearance entanglement* (``entanglement``): the subject's colour moves towards
-   the context's. We measure colour as the mean CIELAB chroma (a*, b*; lightness is left
-   out so that lighting changes do not count) of the central square of each image (side =
-   half the shorter side), where the subject usually is: ``s`` for the real photos, ``c``
-   for the pretrained model's images of the context prompt, ``g`` for the generated images.
-   The *pull* is the projection of ``g - s`` on ``c - s`` divided by ``|c - s|^2``: 0 when
-   the subject kept its colour, 1 when it took the context's. Flagged when the pull exceeds
-   ``entanglement_pull`` and the context's colour is at least ``entanglement_min_gap``
-   (Lab units) away from the subject's, so that the direction is meaningful. The central
-   square also holds some background, so the pull of a faithful subject is above 0; the
-   threshold leaves room for that. Property prompts ("a red [V] backpack") are not checked.
-3. *Overfitting to the photos* (``overfitting``): some generated image of the prompt has a
-   subject-embedder (DINO) cosine above ``overfit_similarity`` with one of the photos: a
-   near copy, pose and setting included.
+2. *Context-appearance entanglement* (``entanglement``): the subject's colour moved towards
+   the context's. Colours are mean CIELAB (lightness included, so that white and black
+   differ). The subject's colour is the mean of the quarter of the central square's cells (the
+   square of half the side, where the subject usually is) least like the image's border ring
+   (the outer eighth of each side, mostly background): ``s`` for the photos, ``g`` for the
+   generated images. The context's colour ``c`` is the border ring of the pretrained model's
+   images of the same prompt: their background, not their class member, whose colour is
+   arbitrary, so that drawing a generic class member (identity loss) is not taking the
+   context's colour. The *pull* ``1 - |g - c| / |s - c|`` is 0 when the subject kept its
+   colour, 1 when it took the context's, and below 0 when it moved anywhere else. Flagged
+   when the pull exceeds ``entanglement_pull`` and ``|s - c|`` is at least
+   ``entanglement_min_gap`` (Lab units), so that "towards the context" means something.
+   Property prompts ("a red [V] backpack") are not checked.
+3. *Overfitting to the photos* (``overfitting``): some generated image is a near copy of one
+   of the photos, pose and setting included: the similarity ``1 - mean ΔE / 100`` of their
+   thumbnails (ΔE: the CIELAB distance of two cells; clipped at 0) exceeds ``overfit_similarity``.
+   A subject embedder (DINO) cannot tell: it is meant to score a faithful new view as high
+   as a copy.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from PIL import Image
 from torch import Tensor
 
 from dreambooth.eval.embedders import centre_crop_box
+from dreambooth.options import Thresholds
 
 CONTEXT_MISSING = "context_missing"
 ENTANGLEMENT = "entanglement"
@@ -54,30 +62,10 @@ EXPLANATIONS: dict[str, str] = {
 }
 """One sentence per failure mode, carried in every :class:`Flag` and in the report."""
 
-_CHROMA_SIZE = 64  # centre crops are box-filtered to 64 x 64 before the colour mean
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """When a prompt is flagged; see the module docstring for each measure."""
-
-    context_margin: float = 0.03
-    """CLIP-T drop below the pretrained model's that counts as "context not generated" (raw cosine)."""
-    entanglement_pull: float = 0.5
-    """Fraction of the way from the subject's colour to the context's beyond which to flag."""
-    entanglement_min_gap: float = 10.0
-    """Least subject-to-context colour distance (CIELAB a*b* units) for the pull to be judged."""
-    overfit_similarity: float = 0.95
-    """Subject-embedder cosine with a photo above which a generated image counts as a copy."""
-
-    def __post_init__(self) -> None:
-        if self.context_margin < 0 or self.entanglement_min_gap < 0:
-            raise ValueError("context_margin and entanglement_min_gap must be >= 0")
-        if self.entanglement_pull <= 0:
-            raise ValueError(f"entanglement_pull must be > 0, got {self.entanglement_pull}")
-        if not -1 <= self.overfit_similarity <= 1:
-            raise ValueError(f"overfit_similarity is a cosine in [-1, 1], got {self.overfit_similarity}")
-
+THUMBNAIL = 16
+"""Side of the CIELAB thumbnails every colour measure reads."""
+_CENTRE = slice(THUMBNAIL // 4, THUMBNAIL - THUMBNAIL // 4)  # the central square: half the side
+_RING = THUMBNAIL // 8  # width of the border ring
 
 DEFAULT_THRESHOLDS = Thresholds()
 
@@ -115,36 +103,65 @@ def rgb_to_lab(rgb: Tensor) -> Tensor:
     return torch.stack([lightness, a, b], dim=-1)
 
 
-def centre_chroma(images: Sequence[Image.Image]) -> Tensor:
-    """Mean CIELAB (a*, b*) of each image's central square (side: half the shorter side): ``[n, 2]``."""
+def lab_thumbnails(images: Sequence[Image.Image]) -> Tensor:
+    """CIELAB of each image's centre square (side: the shorter side), box-filtered: ``[n, 16, 16, 3]``."""
     rows = []
     for image in images:
         w, h = image.size
-        centre = image.convert("RGB").crop(centre_crop_box(w, h, max(1, min(w, h) // 2)))
-        small = centre.resize((_CHROMA_SIZE, _CHROMA_SIZE), Image.Resampling.BOX)
-        rgb = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)  # [64, 64, 3]
-        rows.append(rgb_to_lab(rgb)[..., 1:].mean(dim=(0, 1)))
-    return torch.stack(rows) if rows else torch.empty(0, 2)
+        square = image.convert("RGB").crop(centre_crop_box(w, h, min(w, h)))
+        small = square.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX)
+        rows.append(rgb_to_lab(torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)))
+    return torch.stack(rows) if rows else torch.empty(0, THUMBNAIL, THUMBNAIL, 3)
 
 
-def colour_pull(generated: Tensor, subject: Tensor, context: Tensor) -> tuple[float, float]:
-    """How far the generated colour moved from the subject's towards the context's.
+def border_colour(thumbnails: Tensor) -> Tensor:
+    """Mean CIELAB of the border ring (the outer eighth of each side) of each thumbnail: ``[n, 3]``."""
+    ring = torch.ones(THUMBNAIL, THUMBNAIL, dtype=torch.bool)
+    ring[_RING:-_RING, _RING:-_RING] = False
+    return thumbnails[:, ring].mean(dim=1)
+
+
+def subject_colour(thumbnails: Tensor) -> Tensor:
+    """Mean CIELAB of the quarter of each central square's cells least like its border ring: ``[n, 3]``."""
+    centre = thumbnails[:, _CENTRE, _CENTRE].flatten(1, 2)  # [n, cells, 3]
+    unlike = (centre - border_colour(thumbnails)[:, None]).norm(dim=-1)  # [n, cells]
+    keep = unlike.topk(centre.shape[1] // 4, dim=1).indices  # [n, cells / 4]
+    return centre.gather(1, keep[..., None].expand(-1, -1, 3)).mean(dim=1)
+
+
+def colour_pull(generated: Tensor, photos: Tensor, context: Tensor) -> tuple[float, float]:
+    """How much closer the subject's colour came to the context's (module docstring, flag 2).
 
     Args:
-        generated: ``[n, 2]`` chroma of the generated images of one prompt.
-        subject: ``[m, 2]`` chroma of the subject photos.
-        context: ``[k, 2]`` chroma of the pretrained model's images of the same context.
+        generated: ``[n, 16, 16, 3]`` thumbnails of the generated images of one prompt.
+        photos: ``[m, 16, 16, 3]`` thumbnails of the subject photos.
+        context: ``[k, 16, 16, 3]`` thumbnails of the pretrained model's images of the same prompt
+            without the identifier.
 
     Returns:
-        ``(pull, gap)``: the projection of ``mean(g) - mean(s)`` on ``mean(c) - mean(s)`` over
-        ``gap^2`` (0 = subject colour kept, 1 = context colour taken), and ``gap = |mean(c) - mean(s)|``.
-        The pull is 0 when the gap is 0.
+        ``(pull, gap)``: ``1 - |g - c| / gap`` with ``gap = |c - s|`` (0 = subject colour kept,
+        1 = context colour taken, < 0 = moved elsewhere); the pull is 0 when the gap is 0.
     """
-    s, c, g = subject.mean(0), context.mean(0), generated.mean(0)  # [2] each
-    axis = c - s
-    gap = axis.norm().item()
-    pull = (torch.dot(g - s, axis) / gap**2).item() if gap > 0 else 0.0
+    s, g = subject_colour(photos).mean(0), subject_colour(generated).mean(0)  # [3] each
+    c = border_colour(context).mean(0)
+    gap = (c - s).norm().item()
+    pull = 1 - (g - c).norm().item() / gap if gap > 0 else 0.0
     return pull, gap
+
+
+def copy_similarity(generated: Tensor, photos: Tensor) -> tuple[float, int]:
+    """The most similar (generated image, photo) pair: ``1 - mean ΔE / 100`` of their thumbnails, clipped at 0.
+
+    Args:
+        generated: ``[n, 16, 16, 3]`` thumbnails of the generated images of one prompt.
+        photos: ``[m, 16, 16, 3]`` thumbnails of the subject photos.
+
+    Returns:
+        ``(similarity, photo)``: the highest similarity (1 = identical) and the index of its photo.
+    """
+    distance = (generated[:, None] - photos[None]).norm(dim=-1).mean(dim=(2, 3))  # [n, m]
+    best = int(distance.argmin())
+    return max(0.0, 1 - distance.flatten()[best].item() / 100), best % photos.shape[0]
 
 
 def check_context(clip_t: float, clip_t_pretrained: float, thresholds: Thresholds) -> Flag | None:
@@ -164,15 +181,17 @@ def check_entanglement(pull: float, gap: float, thresholds: Thresholds) -> Flag 
     if gap < thresholds.entanglement_min_gap or pull <= thresholds.entanglement_pull:
         return None
     evidence = (
-        f"colour moved {pull:.0%} of the way from the photos' to the context's "
+        f"colour came {pull:.0%} of the way from the photos' to the context's "
         f"(threshold {thresholds.entanglement_pull:.0%}; colour gap {gap:.1f} Lab units)"
     )
     return Flag(ENTANGLEMENT, pull, thresholds.entanglement_pull, evidence, EXPLANATIONS[ENTANGLEMENT])
 
 
 def check_overfitting(similarity: float, photo: str, thresholds: Thresholds) -> Flag | None:
-    """Flag 3: a generated image closer than ``overfit_similarity`` to the named photo."""
+    """Flag 3: a generated image more similar than ``overfit_similarity`` to the named photo."""
     if similarity <= thresholds.overfit_similarity:
         return None
-    evidence = f"cosine {similarity:.3f} with photo {photo} (threshold {thresholds.overfit_similarity:.3f})"
+    evidence = (
+        f"thumbnail similarity {similarity:.3f} with photo {photo} (threshold {thresholds.overfit_similarity:.3f})"
+    )
     return Flag(OVERFITTING, similarity, thresholds.overfit_similarity, evidence, EXPLANATIONS[OVERFITTING])

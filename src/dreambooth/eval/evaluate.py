@@ -62,7 +62,7 @@ from dreambooth.generate import generate_to_folder
 from dreambooth.layout import RunLayout
 from dreambooth.models.builtin import builtin_embedders
 from dreambooth.models.loading import resolve_source, run_base_model
-from dreambooth.options import EvalRequest, Sampling, ScoringModels  # noqa: F401  (re-exported: the eval API)
+from dreambooth.options import EvalRequest, Sampling, ScoringModels, Thresholds  # noqa: F401  (re-exported: the eval API)
 
 logger = logging.getLogger(__name__)
 
@@ -255,8 +255,10 @@ def _sample(source: ImageSource, prompts: list[str], out: Path, sampling: Sampli
     return replace(source, images=out)
 
 
-def score(plan: EvalPlan, embedders: Embedders, cache: EmbeddingCache | None = None) -> SubjectResult:
-    """Score the images of a sampled plan (see :func:`sample`).
+def score(
+    plan: EvalPlan, embedders: Embedders, cache: EmbeddingCache | None = None, thresholds: Thresholds = Thresholds()
+) -> SubjectResult:
+    """Score the images of a sampled plan (see :func:`sample`); `thresholds` decide the failure-mode flags.
 
     Raises:
         ValueError: if a source has no images yet.
@@ -266,10 +268,13 @@ def score(plan: EvalPlan, embedders: Embedders, cache: EmbeddingCache | None = N
     class_noun = plan.subject.class_noun
     finetuned = read_samples(plan.finetuned.images, FINETUNED_LABEL, class_noun, plan.identifier)
     pretrained = read_samples(plan.pretrained.images, PRETRAINED_LABEL, class_noun) if plan.pretrained else None
-    return score_subject(plan.subject, [finetuned], embedders, pretrained=pretrained, cache=cache)
+    return score_subject(plan.subject, [finetuned], embedders, pretrained=pretrained, thresholds=thresholds, cache=cache)
 
 
-def evaluate(plan: EvalPlan, embedders: Embedders, sampling: Sampling, cache: EmbeddingCache | None = None) -> EvalResult:
+def evaluate(
+    plan: EvalPlan, embedders: Embedders, sampling: Sampling, cache: EmbeddingCache | None = None,
+    thresholds: Thresholds = Thresholds(),
+) -> EvalResult:
     """Sample, score and write the report, metrics.json and eval.json into ``plan.out``.
 
     Args:
@@ -277,13 +282,14 @@ def evaluate(plan: EvalPlan, embedders: Embedders, sampling: Sampling, cache: Em
         embedders: The models behind the table's columns.
         sampling: How missing images are sampled.
         cache: Keeps photo and pretrained-image embeddings across subjects (DreamBench).
+        thresholds: When a prompt is flagged with a failure mode.
 
     Returns:
         The table of this one subject.
     """
     (plan.out / RECORD_FILE).unlink(missing_ok=True)  # until it is rewritten, the folder holds no finished evaluation
     plan = sample(plan, sampling)
-    result = summarise([score(plan, embedders, cache)], embedders)
+    result = summarise([score(plan, embedders, cache, thresholds)], embedders, thresholds)
     write_report(result, plan.out)
     write_json(plan.out / RECORD_FILE, _record(plan, sampling))
     return result
@@ -300,7 +306,10 @@ def _record(plan: EvalPlan, sampling: Sampling) -> dict:
     }  # fmt: skip
 
 
-def run_eval(request: EvalRequest, sampling: Sampling = Sampling(), models: ScoringModels = ScoringModels()) -> tuple[EvalResult, Path]:
+def run_eval(
+    request: EvalRequest, sampling: Sampling = Sampling(), models: ScoringModels = ScoringModels(),
+    thresholds: Thresholds = Thresholds(),
+) -> tuple[EvalResult, Path]:
     """``dreambooth eval``: check the request, load the scorers, then sample and score.
 
     Returns:
@@ -312,7 +321,7 @@ def run_eval(request: EvalRequest, sampling: Sampling = Sampling(), models: Scor
     plan = plan_eval(request)
     base = plan.pretrained.model if plan.pretrained is not None else plan.finetuned.model
     embedders = load_scorers(models, sampling.resolved_device(), model_source=base)
-    return evaluate(plan, embedders, sampling), plan.out / "report.html"
+    return evaluate(plan, embedders, sampling, thresholds=thresholds), plan.out / "report.html"
 
 
 def table_text(rows: Sequence[Scores], columns: dict[str, str] | None = None) -> str:

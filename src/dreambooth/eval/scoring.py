@@ -60,7 +60,7 @@ class Embedders:
     """The models behind the table's columns; any implementations of the protocols will do."""
 
     subject: ImageEmbedder
-    """Subject-fidelity (the paper's DINO) and PRES columns, and the overfitting flag."""
+    """Subject-fidelity (the paper's DINO) and PRES columns."""
     image_text: ImageTextEmbedder
     """Image-image and image-text (the paper's CLIP-I and CLIP-T) columns."""
     perceptual: PerceptualDistance
@@ -231,9 +231,7 @@ class EvalResult:
 @dataclass(frozen=True)
 class _PromptData:
     scores: PromptScores
-    nearest: float  # highest subject-embedder cosine of any image with any photo
-    nearest_photo: int
-    chroma: Tensor  # [n, 2]
+    lab: Tensor  # [n, 16, 16, 3] CIELAB thumbnails (diagnostics.lab_thumbnails)
 
 
 def _thumbnail(image: Image.Image, size: int) -> bytes:
@@ -279,8 +277,6 @@ def _score_prompts(
     texts = embedders.image_text.embed_texts([samples.text(p) for p in prompts])  # [P, dc]
     out = []
     for i, prompt in enumerate(prompts):
-        similarity, photo = metrics.nearest(subj[i], photos_s)  # [n_p] each
-        best = int(similarity.argmax())
         scores = PromptScores(
             model=samples.label,
             prompt=prompt,
@@ -291,8 +287,7 @@ def _score_prompts(
             clip_t=metrics.paired_cosine(clip[i], texts[i : i + 1]).mean().item(),
             div=_diversity(embedders.perceptual, samples.by_prompt[prompt]),
         )
-        chroma = diagnostics.centre_chroma(samples.by_prompt[prompt])
-        out.append(_PromptData(scores, similarity[best].item(), int(photo[best]), chroma))
+        out.append(_PromptData(scores, diagnostics.lab_thumbnails(samples.by_prompt[prompt])))
     return out
 
 
@@ -324,18 +319,19 @@ def _flag(
     data: _PromptData,
     reference: _PromptData | None,
     subject: SubjectPhotos,
-    photo_chroma: Tensor,
+    photo_lab: Tensor,
     identifier: str | None,
     thresholds: Thresholds,
 ) -> PromptScores:
     checked = [diagnostics.OVERFITTING]
-    flags = [diagnostics.check_overfitting(data.nearest, subject.photo_name(data.nearest_photo), thresholds)]
+    similarity, photo = diagnostics.copy_similarity(data.lab, photo_lab)
+    flags = [diagnostics.check_overfitting(similarity, subject.photo_name(photo), thresholds)]
     if reference is not None:
         checked.append(diagnostics.CONTEXT_MISSING)
         flags.append(diagnostics.check_context(data.scores.clip_t, reference.scores.clip_t, thresholds))
         if not (identifier and is_property_prompt(data.scores.prompt, identifier)):
             checked.append(diagnostics.ENTANGLEMENT)
-            pull, gap = diagnostics.colour_pull(data.chroma, photo_chroma, reference.chroma)
+            pull, gap = diagnostics.colour_pull(data.lab, photo_lab, reference.lab)
             flags.append(diagnostics.check_entanglement(pull, gap, thresholds))
     return replace(data.scores, flags=tuple(f for f in flags if f is not None), checked=tuple(checked))
 
@@ -373,7 +369,7 @@ def score_subject(
     cache = cache if cache is not None else EmbeddingCache()
     photos_s = cache.embed(embedders.subject, subject.photos)  # [m, ds]
     photos_c = cache.embed(embedders.image_text, subject.photos)  # [m, dc]
-    photo_chroma = diagnostics.centre_chroma(subject.photos)  # [m, 2]
+    photo_lab = diagnostics.lab_thumbnails(subject.photos)  # [m, 16, 16, 3]
     pair = len(subject.photos) >= 2
     rows = [
         Scores(
@@ -393,7 +389,7 @@ def score_subject(
         data = _score_prompts(samples, photos_s, photos_c, embedders, cache=None)  # new images each call
         rows.append(_model_row(samples, data, photos_s, embedders, cache=None))
         prompt_scores += [
-            _flag(d, reference.get(d.scores.text), subject, photo_chroma, samples.identifier, thresholds)
+            _flag(d, reference.get(d.scores.text), subject, photo_lab, samples.identifier, thresholds)
             for d in data
         ]
     gallery = _gallery(

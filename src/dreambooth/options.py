@@ -8,6 +8,7 @@ TOML/YAML file with the same sections.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -71,9 +72,10 @@ class ScoringModels:
 class Thresholds:
     """When `eval` flags a prompt with a failure mode (`eval.diagnostics`); defaults calibrated on pocket-world renders (docs/failure-flags.md)."""
 
-    context_margin: float = 0.345
-    """Flag "context not generated" when CLIP-T is this far below the pretrained model's (raw cosine of the image-text scorer:
-    calibrated for the pocket scorers; the paper's CLIP needs a smaller margin, e.g. 0.03, uncalibrated)."""
+    context_margin: float | None = None
+    """Flag "context not generated" when CLIP-T is this far below the pretrained model's (a raw cosine of the image-text
+    scorer, whose scale depends on the scorer). None: 0.345 with the pocket scorers (calibrated), 0.03 with the
+    paper's CLIP (whose CLIP-T of a good sample is about 0.3; not calibrated)."""
     entanglement_pull: float = 0.36
     """Flag entanglement when the subject's colour came more than this fraction of the way to the context's (0: kept, 1: taken)."""
     entanglement_min_gap: float = 10.0
@@ -83,11 +85,23 @@ class Thresholds:
 
     def __post_init__(self) -> None:
         raise_problems([
-            (self.context_margin >= 0, f"thresholds.context_margin must be >= 0, got {self.context_margin}"),
+            (self.context_margin is None or self.context_margin >= 0, f"thresholds.context_margin must be >= 0, got {self.context_margin}"),
             (self.entanglement_pull > 0, f"thresholds.entanglement_pull must be > 0, got {self.entanglement_pull}"),
             (self.entanglement_min_gap >= 0, f"thresholds.entanglement_min_gap must be >= 0, got {self.entanglement_min_gap}"),
             (0 <= self.overfit_similarity <= 1, f"thresholds.overfit_similarity must be in [0, 1], got {self.overfit_similarity}"),
         ])  # fmt: skip
+
+    def for_scorers(self, paper: bool) -> Thresholds:
+        """These thresholds with the context margin resolved for the image-text scorer in use (the paper's CLIP or not)."""
+        if self.context_margin is not None:
+            return self
+        return dataclasses.replace(self, context_margin=PAPER_CONTEXT_MARGIN if paper else POCKET_CONTEXT_MARGIN)
+
+
+POCKET_CONTEXT_MARGIN = 0.345
+"""The context margin calibrated for the pocket scorers (docs/failure-flags.md)."""
+PAPER_CONTEXT_MARGIN = 0.03
+"""The context margin used with the paper's CLIP ViT-B/32: about a tenth of a good sample's CLIP-T (not calibrated)."""
 
 
 @dataclass(frozen=True, kw_only=True)

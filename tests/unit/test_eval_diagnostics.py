@@ -13,6 +13,7 @@ from PIL import Image
 from dreambooth.cli import main
 from dreambooth.eval import diagnostics
 from dreambooth.eval.diagnostics import THUMBNAIL, Thresholds
+from dreambooth.options import POCKET_CONTEXT_MARGIN
 from dreambooth.pocket.subjects import SUBJECTS, Subject, photo_scenes, write_subject_photos
 from dreambooth.pocket.world import CONTEXTS, Scene, render
 
@@ -157,11 +158,20 @@ def _overfitting_flags(copied: dict[str, Path], name: str, *extra: str) -> tuple
 
 def test_eval_thresholds_come_from_the_flags_and_the_config_file(copied: dict[str, Path]) -> None:
     kinds, used = _overfitting_flags(copied, "defaults")
-    assert kinds == [diagnostics.OVERFITTING] and used == {**vars(Thresholds())}
+    pocket = {**vars(Thresholds()), "context_margin": POCKET_CONTEXT_MARGIN}  # the margin calibrated for the pocket scorers
+    assert kinds == [diagnostics.OVERFITTING] and used == pocket
     flags = ["--overfit-similarity", "1.0", "--thresholds.context_margin", "0.1"]
     kinds, used = _overfitting_flags(copied, "flag", *flags)
-    assert kinds == [] and used == {**vars(Thresholds()), "overfit_similarity": 1.0, "context_margin": 0.1}
+    assert kinds == [] and used == {**pocket, "overfit_similarity": 1.0, "context_margin": 0.1}
     config = copied["root"] / "eval.toml"
     config.write_text("[thresholds]\noverfit_similarity = 1.0\nentanglement_pull = 0.9\n")
     kinds, used = _overfitting_flags(copied, "file", "--config", str(config))
-    assert kinds == [] and used == {**vars(Thresholds()), "overfit_similarity": 1.0, "entanglement_pull": 0.9}
+    assert kinds == [] and used == {**pocket, "overfit_similarity": 1.0, "entanglement_pull": 0.9}
+
+
+def test_the_context_margin_follows_the_scorer_unless_set() -> None:
+    from dreambooth.options import PAPER_CONTEXT_MARGIN
+
+    assert Thresholds().for_scorers(paper=True).context_margin == PAPER_CONTEXT_MARGIN
+    assert Thresholds().for_scorers(paper=False).context_margin == POCKET_CONTEXT_MARGIN
+    assert Thresholds(context_margin=0.2).for_scorers(paper=True).context_margin == 0.2

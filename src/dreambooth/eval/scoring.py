@@ -367,6 +367,7 @@ def score_subject(
         ValueError: If a prompt has no images.
     """
     cache = cache if cache is not None else EmbeddingCache()
+    thresholds = thresholds.for_scorers(embedders.paper)
     photos_s = cache.embed(embedders.subject, subject.photos)  # [m, ds]
     photos_c = cache.embed(embedders.image_text, subject.photos)  # [m, dc]
     photo_lab = diagnostics.lab_thumbnails(subject.photos)  # [m, 16, 16, 3]
@@ -416,5 +417,5 @@ def summarise(
             )
         )
     return EvalResult(
-        tuple(rows), tuple(results), embedders.names(), thresholds, embedders.column_names(), embedders.paper,
+        tuple(rows), tuple(results), embedders.names(), thresholds.for_scorers(embedders.paper), embedders.column_names(), embedders.paper,
     )

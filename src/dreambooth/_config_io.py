@@ -36,7 +36,9 @@ def migrate(data: dict[str, Any], current: int) -> dict[str, Any]:
     Raises:
         ValueError: if the file comes from a newer version of the tool.
     """
-    version = int(data.get("schema_version", current))
+    version = data.get("schema_version", current)
+    if problem := _schema_version_problem(version):
+        raise ValueError(f"config: {problem}")
     if version > current:
         raise ValueError(f"config has schema_version {version}, newer than this tool's {current}: upgrade dreambooth")
     for step in range(version, current):
@@ -64,16 +66,29 @@ def load_file(path: Path) -> dict[str, Any]:
         ValueError: if it cannot be parsed or has an unknown extension.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ValueError(f"config file {str(path)!r} must end in .toml, .yaml or .yml")
     try:
-        if path.suffix == ".toml":
-            return tomllib.loads(text)
-        if path.suffix in (".yaml", ".yml"):
-            return yaml.safe_load(text) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"config file {str(path)!r} is not a text file (not UTF-8 at byte {error.start})") from error
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else (yaml.safe_load(text) or {})
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
         raise ValueError(f"config file {str(path)!r} is not valid {path.suffix[1:].upper()}: {error}") from error
-    raise ValueError(f"config file {str(path)!r} must end in .toml, .yaml or .yml")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r}: its top level must be sections of keys (e.g. `train:` with "
+                         f"`max_steps: 400` under it), not a {type(data).__name__}")
+    if "schema_version" in data and (problem := _schema_version_problem(data["schema_version"])):
+        raise ValueError(f"config file {str(path)!r}: {problem}")
+    return data
+
+
+def _schema_version_problem(version: Any) -> str | None:
+    if isinstance(version, int) and not isinstance(version, bool) and version >= 1:
+        return None
+    return f"schema_version must be a whole number >= 1 (the config format's version), got {version!r}"
 
 
 def save_toml(config: Any, path: Path) -> None:

@@ -27,6 +27,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from dreambooth.finetune import finetune
 
     cfg = load_config(args.config, overrides_from_args(args))
+    args.crash_log_dir = cfg.run_dir / "logs"  # where an unexpected error's traceback goes
     layout = finetune(cfg)
     print(f"done: {layout.root} (pipeline in {layout.pipeline}, samples in {layout.root / 'samples'})")
 
@@ -61,11 +62,11 @@ def cmd_pocket_ablation(args: argparse.Namespace) -> None:
 def cmd_pocket_train_scorer(args: argparse.Namespace) -> None:
     import torch
 
-    from dreambooth.pocket.scorers import WEIGHTS, train_scorer
+    from dreambooth.pocket.scorers import train_scorer
 
     cfg = _options(ScorerTrainingFlags, args).scorer
     torch.set_num_threads(cfg.threads)
-    print(train_scorer(cfg.out or WEIGHTS, cfg.seed, cfg.steps))
+    print(train_scorer(cfg.out, cfg.seed, cfg.steps))
 
 
 def cmd_pocket_quality(args: argparse.Namespace) -> None:
@@ -137,6 +138,7 @@ def _command(commands, name: str, root: type | None, func, **texts) -> argparse.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreambooth", description="Personalise text-to-image diffusion models (DreamBooth).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
@@ -195,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+"""What a wrong input raises: the message names the file or flag and what to do, so no traceback is shown."""
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; return its exit code: 0 done, 2 a wrong input, 3 diverged, 130 interrupted, 1 a bug."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "accelerate", "diffusers", "transformers"):
@@ -204,18 +210,43 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
-        if args.verbose:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
     except TrainingInterrupted as error:
         print(f"stopped: {error}", file=sys.stderr)
         return 130
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a bug, or a failure the checks did not foresee: one line, the traceback in a file
+        if args.debug:
+            raise
+        log = _write_traceback(getattr(args, "crash_log_dir", None))
+        print(f"error: {type(error).__name__}: {error}\n"
+              f"This is not an input the checks know of. The full traceback is in {log}; rerun with --debug to see it here, "
+              "and please report it on the project's issue tracker with that file attached", file=sys.stderr)
+        return 1
     return 0
+
+
+def _write_traceback(folder: Path | None) -> Path:
+    """Write the current exception's traceback into `folder` (a run's logs/), else the temporary folder."""
+    import tempfile
+    import time
+    import traceback
+
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    for where in ([folder] if folder is not None else []) + [Path(tempfile.gettempdir())]:
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            (where / name).write_text(traceback.format_exc(), encoding="utf-8")
+            return where / name
+        except OSError:
+            continue
+    return Path("(not written)")
 
 
 if __name__ == "__main__":

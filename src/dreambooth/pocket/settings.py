@@ -164,8 +164,8 @@ class QualityFlags:
 
 @dataclass(frozen=True)
 class ScorerTrainingConfig:
-    out: Path | None = None
-    """Where the weights go; None: the package's pocket/weights/scorer.safetensors."""
+    out: Path = Path("pocket_scorer.safetensors")
+    """Where the weights go. The scorer the package ships is only replaced when named here explicitly."""
     seed: int = 0
     """Seed of the training scenes, initialisation and data order."""
     steps: int = 1500

@@ -77,3 +77,11 @@ def tiny_if(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_if import build_tiny_if
 
     return build_tiny_if(tmp_path_factory.mktemp("models") / "tiny-if")
+
+
+@pytest.fixture(scope="session")
+def tiny_if_x4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_if` with a third stage: a tiny Stable Diffusion x4 upscaler in stage_3/ (32 -> 128 px)."""
+    from tiny_if import build_tiny_if
+
+    return build_tiny_if(tmp_path_factory.mktemp("models") / "tiny-if-x4", upscaler=True)

@@ -6,7 +6,9 @@ Where the pocket cascade differs from IF-I/IF-II, this one is like IF:
 - the T5 tokenizer is case-sensitive (a SentencePiece-style vocabulary with 'OHWX' and 'ohwx' as
   different tokens), while IF's pipelines lower-case every prompt;
 - the T5 encoder has dropout 0.1, as t5-v1_1-xxl;
-- stage II has its own copy of the text encoder (IF-II ships one) and an image-noising scheduler.
+- stage II has its own copy of the text encoder (IF-II ships one) and an image-noising scheduler;
+- stage III is a Stable Diffusion x4 upscaler: a 4x VAE (scaling factor 0.08333), a 7-channel UNet
+  whose `class_labels` embed the low-res input's noise level, v-prediction, a CLIP text encoder.
 """
 
 from __future__ import annotations
@@ -65,8 +67,35 @@ def _learned_range_scheduler() -> DDPMScheduler:
                          prediction_type="epsilon", thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5)
 
 
-def build_tiny_if(path: Path, seed: int = 0) -> Path:
-    """Save stage_1/ (16x16 text-to-image) and stage_2/ (16 -> 32 super-resolution) under `path`."""
+def build_tiny_upscaler(path: Path, seed: int = 0) -> Path:
+    """Save a tiny StableDiffusionUpscalePipeline (x4: 32 -> 128 px) with the released model's structure."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionUpscalePipeline
+
+    from tiny_models import tiny_clip_text_encoder, tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        norm_num_groups=8, sample_size=128, scaling_factor=0.08333)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=7, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, num_class_embeds=1000,
+    )
+    betas = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02)
+    pipeline = StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=tiny_clip_text_encoder(len(tokenizer), seed), tokenizer=tokenizer, unet=unet,
+        low_res_scheduler=DDPMScheduler(**betas), scheduler=DDIMScheduler(**betas, prediction_type="v_prediction"),
+        max_noise_level=350,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
+def build_tiny_if(path: Path, seed: int = 0, *, upscaler: bool = False) -> Path:
+    """Save stage_1/ (16x16 text-to-image) and stage_2/ (16 -> 32 super-resolution) under `path`,
+    and with `upscaler` stage_3/ (32 -> 128)."""
     tokenizer = tiny_t5_tokenizer()
     base = IFPipeline(tokenizer=tokenizer, text_encoder=tiny_t5(len(tokenizer), seed), unet=_unet(16, 3, seed),
                       scheduler=_learned_range_scheduler(), **_NO_SAFETY)
@@ -78,4 +107,6 @@ def build_tiny_if(path: Path, seed: int = 0) -> Path:
     )
     base.save_pretrained(path / "stage_1")
     sr.save_pretrained(path / "stage_2")
+    if upscaler:
+        build_tiny_upscaler(path / "stage_3", seed)
     return path

@@ -39,6 +39,8 @@ class ModelConfig:
     """Model to personalise: a hub id, a local diffusers folder, a single-file .safetensors checkpoint, a cascade folder (stage_1/, stage_2/), or 'pocket' (the built-in model)."""
     sr_source: str | None = field(default=None, metadata={"flag": "sr-model"})
     """Super-resolution stage of a cascade given separately (e.g. DeepFloyd/IF-II-L-v1.0)."""
+    upscaler_source: str | None = field(default=None, metadata={"flag": "upscaler-model"})
+    """Third stage of a cascade, 256 -> 1024 px (e.g. stabilityai/stable-diffusion-x4-upscaler); needs the SR stage."""
     single_file_config: str | None = field(default=None, metadata={"flag": "model-config"})
     """For a single-file checkpoint: a local diffusers folder of the same architecture giving configs and tokenizer (needed offline)."""
     allow_pickle: bool = False
@@ -217,6 +219,9 @@ class TrainConfig:
         ])
 
 
+CASCADE_STAGES = ("base", "sr", "upscaler")
+"""A cascade's stages in order: text-to-image, super-resolution, and the optional x4 upscaler."""
+
 SR_NOISE_LEVELS: tuple[int, int] = (0, 250)
 """Default augmentation levels of the low-res input while fine-tuning a super-resolution stage: low,
 so the stage learns the subject's fine detail from inputs close to the photo (measured in docs/pocket.md)."""
@@ -225,11 +230,12 @@ so the stage learns the subject's fine detail from inputs close to the photo (me
 @dataclass(frozen=True)
 class CascadeConfig:
     stages: tuple[str, ...] = ("base", "sr")
-    """Stages of a cascade to fine-tune (ignored for single-stage models). Personalised SR is the paper's finding."""
+    """Stages of a cascade to fine-tune (ignored for single-stage models): base, sr, upscaler (the third stage, when
+    the model has one). Personalised SR is the paper's finding; the upscaler helps subjects with very fine texture."""
     sr_max_steps: int | None = None
-    """Optimizer steps of the super-resolution stage; None: train.max_steps."""
+    """Optimizer steps of each super-resolution stage (sr, upscaler); None: train.max_steps."""
     sr_learning_rate: float | None = None
-    """Learning rate of the super-resolution stage; None: the base stage's."""
+    """Learning rate of each super-resolution stage (sr, upscaler); None: the base stage's."""
     noise_level_range: tuple[int, int] = SR_NOISE_LEVELS
     """Augmentation levels of the low-res input drawn while fine-tuning SR; sampling conditions on one
     level (250 in IF)."""
@@ -237,7 +243,8 @@ class CascadeConfig:
     def __post_init__(self) -> None:
         low, high = self.noise_level_range
         raise_problems([
-            (len(self.stages) >= 1 and set(self.stages) <= {"base", "sr"}, f"cascade.stages must be a subset of base, sr; got {self.stages}"),
+            (len(self.stages) >= 1 and set(self.stages) <= set(CASCADE_STAGES),
+             f"cascade.stages must be a subset of {', '.join(CASCADE_STAGES)}; got {self.stages}"),
             (0 <= low < high, f"cascade.noise_level_range must be 0 <= low < high, got {self.noise_level_range}"),
         ])
 

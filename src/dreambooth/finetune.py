@@ -33,13 +33,20 @@ from dreambooth.models.builtin import unknown_class_noun
 from dreambooth.models.ddpm import without_learned_variance
 from dreambooth.models.loading import (
     FAMILIES,
+    cascade_problems,
     load_stages,
     option_problems,
     resolve_source,
     trained_text_encoders,
 )
 from dreambooth.models.spec import Family, ModelSource, Stage
-from dreambooth.prior import ClassImageSpec, ensure_class_images, model_fingerprint
+from dreambooth.prior import (
+    ClassImageSpec,
+    class_image_paths,
+    generate_class_images,
+    model_fingerprint,
+    record_class_images,
+)
 from dreambooth.run_folder import open_run_folder, record_identifier
 from dreambooth.training.loop import DTYPES, StagePlan, train_stage
 
@@ -67,7 +74,7 @@ def finetune(cfg: RunConfig) -> RunLayout:
     photos = load_images(cfg.subject.instance_dir, on_bad_file=cfg.subject.on_bad_file)
     source = resolve_source(cfg.model)
     family = FAMILIES[source.family]
-    if problems := option_problems(cfg, family):
+    if problems := option_problems(cfg, family) + cascade_problems(cfg, source):
         raise ValueError(f"options that do not fit {cfg.model.source!r} (a {family.name} model):\n  - " + "\n  - ".join(problems))
     accelerator = _make_accelerator(cfg)
     evaluating = cfg.eval.eval_every > 0 and accelerator.is_main_process
@@ -83,17 +90,20 @@ def finetune(cfg: RunConfig) -> RunLayout:
     if accelerator.is_main_process:
         record_identifier(layout, cfg, subject.identifier)
     info = _record_run(layout, cfg, source, subject, trained, status="training", main=accelerator.is_main_process)
-    for stage in stages:
-        stage.pipeline.to(accelerator.device)
-    # Made before any stage trains, so that every stage's prior is the frozen model's.
-    class_images = _class_images(cfg, stages[: stages.index(trained[-1]) + 1], subject, layout, accelerator) if cfg.prior.enabled else None
+    # The stages wait on the CPU: sampling class images brings the cascade onto the device, training one stage at a time.
+    class_images = None
+    if cfg.prior.enabled:  # made before any stage trains, so that every stage's prior is the frozen model's
+        cascade = stages[: stages.index(trained[-1]) + 1]
+        with stages_on(cascade, accelerator.device):
+            class_images = _class_images(cfg, cascade, subject, family, layout, accelerator)
     for stage in trained:
         warn_small_images(photos, stage.resolution)
-        data = _training_set(cfg, stage, photos, subject, class_images, family)
-        evaluator = _evaluator(cfg, stages, stage, subject, photos, embedders) if evaluating else None
-        stage.pipeline.scheduler = without_learned_variance(stage.pipeline.scheduler)  # its variance channels do not train
-        validator = _validator(cfg, stages, stage, subject, layout, accelerator, evaluator)
-        train_stage(stage, data, _plan(cfg, stage, family), layout.stage(stage.name), accelerator, validator)
+        with stages_on([stage], accelerator.device):  # train_stage sends the parts the step never runs back to the CPU
+            data = _training_set(cfg, stage, photos, subject, class_images, family)
+            evaluator = _evaluator(cfg, stages, stage, subject, photos, embedders, accelerator.device) if evaluating else None
+            stage.pipeline.scheduler = without_learned_variance(stage.pipeline.scheduler)  # its variance channels do not train
+            validator = _validator(cfg, stages, stage, subject, layout, accelerator, evaluator)
+            train_stage(stage, data, _plan(cfg, stage, family), layout.stage(stage.name), accelerator, validator)
         accelerator.free_memory()
 
     if accelerator.is_main_process:
@@ -143,26 +153,37 @@ def _resolve_subject(cfg: RunConfig, stages: list[Stage], family: Family, layout
     return Subject(text, class_noun)
 
 
-def _class_images(cfg: RunConfig, cascade: list[Stage], subject: Subject, layout: RunLayout, accelerator: Accelerator) -> list[Image.Image]:
+def _class_images(
+    cfg: RunConfig, cascade: list[Stage], subject: Subject, family: Family, layout: RunLayout, accelerator: Accelerator,
+) -> list[Image.Image]:
     """Generate (once) and load the frozen model's class images, sampled through every stage of `cascade`.
 
     One set serves every trained stage, each seeing it at its own resolution: the base stage the
     paper's prior, a super-resolution stage the frozen cascade's own outputs (without them, an SR
-    stage fine-tuned on the subject alone redraws every "a [class]" as the subject).
+    stage fine-tuned on the subject alone redraws every "a [class]" as the subject). Every process
+    makes its share of the missing images (image i has seed `seed + i` whichever makes it); the
+    main process then writes the manifest.
     """
+    pipelines = [s.pipeline for s in cascade]
+    prompt = subject.fill(cfg.subject.class_prompt)
     spec = ClassImageSpec(
-        model=model_fingerprint(*(s.denoiser for s in cascade)), prompt=subject.fill(cfg.subject.class_prompt),
+        model=model_fingerprint(*pipelines), prompt=prompt, prompt_tokenized=family.preprocess_prompt(prompt),
         resolution=cascade[-1].resolution, sampler=_class_sampler(cfg, cascade), steps=cfg.prior.steps,
         guidance=(cfg.prior.guidance_scale or cascade[0].default_guidance, *(s.default_guidance for s in cascade[1:])),
+        seed=cfg.prior.seed,
     )
     root = cfg.prior.class_dir or layout.class_images
     class_dir = root if len(cascade) == 1 else root / cascade[-1].name
-    pipelines = [s.pipeline for s in cascade]
-    make = lambda: ensure_class_images(pipelines, class_dir, spec, cfg.prior.num_class_images, seed=cfg.prior.seed, batch_size=cfg.prior.batch_size)  # noqa: E731
-    if accelerator.is_main_process:
-        make()
+    count = cfg.prior.num_class_images
+    generate_class_images(
+        pipelines, class_dir, spec, count, batch_size=cfg.prior.batch_size,
+        rank=accelerator.process_index, num_ranks=accelerator.num_processes,
+    )
     accelerator.wait_for_everyone()
-    return [Image.open(p).convert("RGB") for p in make()]  # complete now: only reads
+    if accelerator.is_main_process:
+        record_class_images(class_dir, spec, count)
+    accelerator.wait_for_everyone()
+    return [Image.open(p).convert("RGB") for p in class_image_paths(class_dir, spec, count)]
 
 
 def _class_sampler(cfg: RunConfig, cascade: list[Stage]) -> str:
@@ -185,10 +206,15 @@ def _training_set(
     return TrainingSet(instance, classes, text_cache)
 
 
+def _max_steps(cfg: RunConfig, stage: Stage) -> int:
+    """Optimizer steps of `stage`: a cascade's super-resolution stages (sr, upscaler) may have their own."""
+    return cfg.train.max_steps if stage.name == "base" else cfg.cascade.sr_max_steps or cfg.train.max_steps
+
+
 def _plan(cfg: RunConfig, stage: Stage, family: Family) -> StagePlan:
-    sr = stage.name == "sr"
+    sr = stage.name != "base"
     lr = (cfg.cascade.sr_learning_rate or cfg.learning_rate) if sr else cfg.learning_rate
-    train = dataclasses.replace(cfg.train, max_steps=cfg.cascade.sr_max_steps or cfg.train.max_steps) if sr else cfg.train
+    train = dataclasses.replace(cfg.train, max_steps=_max_steps(cfg, stage))
     text_lr = cfg.optim.text_encoder_learning_rate or lr
     rates = {"text_encoder_2": cfg.optim.text_encoder_2_learning_rate or text_lr}
     return StagePlan(
@@ -203,9 +229,10 @@ def _validator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subje
     """Validation of `stage`: a grid of the validation prompts through the cascade up to it, and the
     paper's metrics when evaluation is on. Runs on the main process only."""
     v = cfg.validation
-    max_steps = cfg.cascade.sr_max_steps or cfg.train.max_steps if stage.name == "sr" else cfg.train.max_steps
+    max_steps = _max_steps(cfg, stage)
     prompts = [subject.fill(p) for p in v.validation_prompts]
-    pipelines = [s.pipeline for s in stages[: stages.index(stage) + 1]]
+    cascade = stages[: stages.index(stage) + 1]
+    pipelines = [s.pipeline for s in cascade]
 
     def validate(step: int) -> dict[str, float] | None:
         if not accelerator.is_main_process:
@@ -215,7 +242,7 @@ def _validator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subje
         for module in modes:
             module.eval()  # no dropout in what is sampled and scored (a trained text encoder has some)
         if done or (v.every_n_steps and step % v.every_n_steps == 0):
-            with frozen_parts_on(stages, accelerator.device):
+            with stages_on(cascade, accelerator.device):
                 images = generate(
                     pipelines, *expand_prompts(prompts, v.num_images, v.seed),
                     steps=v.steps, guidance=[v.guidance_scale or s.default_guidance for s in stages],
@@ -226,7 +253,7 @@ def _validator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subje
             out.parent.mkdir(parents=True, exist_ok=True)
             image_grid(rows, prompts).save(out)
         if evaluator is not None and (done or step % cfg.eval.eval_every == 0):
-            with frozen_parts_on(stages, accelerator.device):
+            with stages_on(cascade, accelerator.device):
                 scores = evaluator(step)
         else:
             scores = None
@@ -238,16 +265,20 @@ def _validator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subje
 
 
 @contextlib.contextmanager
-def frozen_parts_on(stages: list[Stage], device):
-    """Bring the parts that training left off the device (VAE, cached text encoders) back for sampling,
-    then return each where it was."""
-    modules = [  # a quantised denoiser stays where it was loaded: bitsandbytes' layers do not move back and forth
+def stages_on(stages: list[Stage], device):
+    """Bring the stages' pipelines onto `device` (stages waiting on the CPU, parts that training left off
+    the device: VAE, cached text encoders), then return each module where it was.
+
+    A quantised denoiser stays on the device: bitsandbytes quantises it on its first move there, and
+    its layers do not move back and forth.
+    """
+    modules = [
         m for s in stages for m in s.pipeline.components.values()
         if isinstance(m, torch.nn.Module) and getattr(m, "hf_quantizer", None) is None
     ]
     homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
-    for module in modules:
-        module.to(device)
+    for stage in stages:
+        stage.pipeline.to(device)
     try:
         yield
     finally:
@@ -255,7 +286,9 @@ def frozen_parts_on(stages: list[Stage], device):
             module.to(home)
 
 
-def _evaluator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subject, photos: list[LoadedImage], embedders) -> TrainingEvaluator:
+def _evaluator(
+    cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subject, photos: list[LoadedImage], embedders, device,
+) -> TrainingEvaluator:
     """Scores the cascade up to `stage` during training; its baseline is sampled now, before the stage trains."""
     evaluator = TrainingEvaluator(
         pipelines=[s.pipeline for s in stages[: stages.index(stage) + 1]],
@@ -264,7 +297,8 @@ def _evaluator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subje
         num_images=cfg.eval.num_images, steps=cfg.validation.steps, seed=cfg.validation.seed,
         autocast_dtype=DTYPES[cfg.train.mixed_precision],
     )
-    baseline = evaluator.record_baseline()
+    with stages_on(stages[: stages.index(stage) + 1], device):
+        baseline = evaluator.record_baseline()
     logger.info("stage %s before fine-tuning: %s", stage.name, baseline)
     return evaluator
 
@@ -275,10 +309,11 @@ def _record_run(layout, cfg, source: ModelSource, subject: Subject, trained, *, 
         "identifier": subject.identifier,
         "class_noun": subject.class_noun,
         "instance_prompt": subject.fill(cfg.subject.instance_prompt),
-        "model": {"source": cfg.model.source, "family": source.family, "base": source.base, "sr": source.sr},
+        "model": {"source": cfg.model.source, "family": source.family, "base": source.base, "sr": source.sr,
+                  "upscaler": source.upscaler},
         "stages": [s.name for s in trained],
         "resolution": {s.name: s.resolution for s in trained},
-        "steps": {s.name: (cfg.cascade.sr_max_steps or cfg.train.max_steps) if s.name == "sr" else cfg.train.max_steps for s in trained},
+        "steps": {s.name: _max_steps(cfg, s) for s in trained},
         "method": "lora" if cfg.lora.rank is not None else "full",
         "status": status,
         "outputs": outputs or {},

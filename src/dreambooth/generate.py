@@ -18,10 +18,13 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
+    StableDiffusionUpscalePipeline,
 )
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dreambooth.config import ModelConfig
+from dreambooth.models.sd_upscaler import NOISE_LEVEL as UPSCALER_NOISE_LEVEL
 from dreambooth.options import Sampling
 
 SAMPLERS = {  # the names of config.Sampler
@@ -145,6 +148,8 @@ def _sample_stage(pipeline, index: int, prompts, seeds, steps: int, scale: float
     """Stage `index` of a cascade: PIL images if it is the last stage, else the pipeline's tensors."""
     generators = [torch.Generator().manual_seed(int(s) + 1_000_003 * index) for s in seeds]
     extra = {} if image is None else {"image": image}
+    if isinstance(pipeline, StableDiffusionUpscalePipeline):  # a cascade's x4 stage: [0, 1] images, IF's noise level
+        extra = {"image": (image / 2 + 0.5).clamp(0, 1), "noise_level": UPSCALER_NOISE_LEVEL}
     if "clean_caption" in inspect.signature(pipeline.__call__).parameters:
         extra["clean_caption"] = False  # IF's caption cleaning needs bs4 + ftfy, and changes nothing here
     return pipeline(
@@ -169,25 +174,27 @@ class LoadedModel:
     """A run's identifier and class noun (its run.json); empty for other sources."""
 
 
-def load_model(model: str, *, lora: str | None = None, device: str | None = None, sr_model: str | None = None) -> LoadedModel:
-    """Load a run folder, diffusers/cascade folder, hub id or 'pocket' for sampling.
+def load_model(model: str | ModelConfig, *, lora: str | None = None, device: str | None = None) -> LoadedModel:
+    """Load a run folder, diffusers/cascade folder, hub id or 'pocket' (or a `ModelConfig` naming a
+    cascade's stages separately) for sampling.
 
     A run folder loads every stage it was trained with: its merged pipeline, or (a LoRA run saved
-    without one) the model it started from plus its `lora/`. `sr_model` overrides a cascade's
-    super-resolution stage. A stage that gets a LoRA samples with fixed variance (see `models.ddpm`).
+    without one) the model it started from plus its `lora/`. A stage that gets a LoRA samples with
+    fixed variance (see `models.ddpm`).
     """
-    from dreambooth.config import ModelConfig, RunConfig
+    from dreambooth.config import RunConfig, TrainConfig
     from dreambooth.files import read_json
     from dreambooth.layout import CASCADE_STAGE_DIRS, RunLayout
     from dreambooth.models.ddpm import without_learned_variance
     from dreambooth.models.loading import load_stages, resolve_source
 
-    layout = RunLayout(Path(model))
+    config = model if isinstance(model, ModelConfig) else ModelConfig(source=model)
+    layout = RunLayout(Path(config.source))
     subject = read_json(layout.run_info) if layout.run_info.is_file() else {}
     if subject and lora is None and not layout.pipeline.is_dir() and (layout.root / "lora").is_dir():
         lora = str(layout.root / "lora")
-    config = ModelConfig(source=model, sr_source=sr_model)
-    stages = load_stages(resolve_source(config), RunConfig(model=config))
+    # A LoRA may adapt each stage's text encoder: load every stage's own, as a run that trains them does.
+    stages = load_stages(resolve_source(config), RunConfig(model=config, train=TrainConfig(train_text_encoder=lora is not None)))
     pipelines = [stage.pipeline for stage in stages]
     if lora is not None:
         lora_path = Path(lora)
@@ -212,7 +219,10 @@ def read_prompts(prompts: Sequence[str], prompts_file: Path | None) -> list[str]
     if prompts_file is not None:
         if not prompts_file.is_file():
             raise FileNotFoundError(f"prompts file {str(prompts_file)!r} does not exist")
-        lines = prompts_file.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = prompts_file.read_bytes().decode("utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"prompts file {str(prompts_file)!r} is not a text file (not UTF-8 at byte {error.start})") from error
         out += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not out:
         raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
@@ -220,13 +230,14 @@ def read_prompts(prompts: Sequence[str], prompts_file: Path | None) -> list[str]
 
 
 def generate_to_folder(
-    model: str, prompts: list[str], out: Path, *, lora: str | None = None, sr_model: str | None = None, sampling: Sampling = Sampling(),
+    model: str | ModelConfig, prompts: list[str], out: Path, *, lora: str | None = None, sampling: Sampling = Sampling(),
 ) -> Path:
     """Sample `sampling.num_images` per prompt; write `<prompt index>-<k>.png`, `grid.png` and `prompts.txt`."""
     from dreambooth.grid import image_grid, upscale_for_viewing
 
     num_images, seed, guidance = sampling.num_images, sampling.seed, sampling.guidance
-    loaded = load_model(model, lora=lora, device=sampling.device, sr_model=sr_model)
+    check_generate(model, prompts, out, lora=lora)
+    loaded = load_model(model, lora=lora, device=sampling.device)
     if "identifier" in loaded.subject:
         name = loaded.subject["identifier"]
         prompts = [p.replace("[V]", name).replace("{identifier}", name) for p in prompts]
@@ -241,6 +252,62 @@ def generate_to_folder(
     image_grid(rows, prompts).save(out / "grid.png")
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
     return out
+
+
+IDENTIFIER_PLACEHOLDERS = ("[V]", "{identifier}")
+
+
+def check_generate(model: str | ModelConfig, prompts: Sequence[str], out: Path, *, lora: str | None = None) -> None:
+    """Check a sampling request before any weights load: the model, the LoRA file, the prompts, the output folder.
+
+    Raises:
+        ValueError / FileNotFoundError: naming the flag or file and what to pass instead.
+    """
+    from dreambooth.layout import RunLayout
+    from dreambooth.models.loading import resolve_source
+
+    config = model if isinstance(model, ModelConfig) else ModelConfig(source=model)
+    resolve_source(config)
+    if lora is not None:
+        check_lora_file(Path(lora))
+    if not RunLayout(Path(config.source)).run_info.is_file() and any(p in text for text in prompts for p in IDENTIFIER_PLACEHOLDERS):
+        raise ValueError(f"a prompt holds [V], but {config.source!r} is not a run folder, so there is no identifier to put "
+                         "there: write the identifier itself (a run's run.json names it), or pass the run folder as --model")
+    check_output_folder(out, "--out")
+
+
+def check_lora_file(path: Path) -> None:
+    """A LoRA folder (holding the file diffusers writes) or .safetensors file that exists and whose header reads."""
+    from safetensors import safe_open
+
+    from dreambooth.layout import CASCADE_STAGE_DIRS
+    from dreambooth.models.lora import LORA_FILE
+
+    if not path.exists():
+        raise FileNotFoundError(f"--lora {str(path)!r} does not exist")
+    candidates = (path / LORA_FILE, *(path / stage / LORA_FILE for stage in CASCADE_STAGE_DIRS.values()))
+    files = [path] if path.is_file() else [p for p in candidates if p.is_file()]
+    if not files:
+        raise FileNotFoundError(f"--lora {str(path)!r} holds no {LORA_FILE} (pass a LoRA run's lora/ folder or the file itself)")
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as handle:
+                keys = list(handle.keys())
+        except Exception as error:  # safetensors raises its own error type for a damaged header
+            raise ValueError(f"--lora: {str(file)!r} is not a readable .safetensors file ({error})") from error
+        if not any("lora" in key for key in keys):
+            raise ValueError(f"--lora: {str(file)!r} holds no LoRA weights (no 'lora' keys): is it a full model?")
+
+
+def check_output_folder(out: Path, flag: str) -> None:
+    """`out` is a folder that can be written, or can be created (nothing is created here)."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {str(out)!r} is a file, not a folder: pass a folder for the images")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(out)!r} cannot be written ({str(existing)!r} is not a writable folder): choose another {flag}")
 
 
 def expand_prompts(prompts: Sequence[str], num_images: int, seed: int) -> tuple[list[str], list[int]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-CASCADE_STAGE_DIRS = {"base": "stage_1", "sr": "stage_2"}
+CASCADE_STAGE_DIRS = {"base": "stage_1", "sr": "stage_2", "upscaler": "stage_3"}
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ def test_both_stages_fine_tune_and_reload_in_stock_if_pipelines(tiny_cascade: Pa
     assert not list((run / "class_images").glob("*.png"))
     frozen = load_if(str(tiny_cascade / "stage_1"), str(tiny_cascade / "stage_2"))
     manifest = read_json(run / "class_images" / "sr" / "manifest.json")
-    assert manifest["spec"]["model"] == model_fingerprint(*(s.denoiser for s in frozen))  # not the fine-tuned base's
+    assert manifest["spec"]["model"] == model_fingerprint(*(s.pipeline for s in frozen))  # not the fine-tuned base's
     base = IFPipeline.from_pretrained(run / "pipeline" / "stage_1", safety_checker=None, watermarker=None, feature_extractor=None)
     sr = IFSuperResolutionPipeline.from_pretrained(run / "pipeline" / "stage_2", safety_checker=None, watermarker=None, feature_extractor=None)
     low = base("a cube", num_inference_steps=2, output_type="pt", clean_caption=False).images

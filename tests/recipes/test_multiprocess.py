@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-ARGS = ["--class-noun", "dog", "--max-steps", "3", "--num-class-images", "2", "--class-steps", "2", "--validation-every", "0",
+ARGS = ["--class-noun", "dog", "--max-steps", "3", "--num-class-images", "2", "--class-steps", "2", "--class-batch-size", "1", "--validation-every", "0",
         "--validation-images", "1", "--validation-steps", "1", "--logger", "none", "--learning-rate", "1e-3", "--checkpoint-every", "0"]
 
 
@@ -37,6 +37,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_sd: Path, photo
     # The same float noise reaches the loss: CI measured a 1.9e-5 gap (1e-5 relative) by step 3,
     # while each step moves it by 0.1-0.3.
     assert logs("one") == pytest.approx(logs("two"), rel=1e-4)
+    # Each process made one of the class images (one per batch): together, the very set one process makes.
+    classes = lambda run: sorted((tmp_path / run / "class_images").iterdir())  # noqa: E731
+    assert [p.name for p in classes("two")] == ["00000.png", "00001.png", "manifest.json"]  # part files folded in
+    assert [p.read_bytes() for p in classes("two")[:2]] == [p.read_bytes() for p in classes("one")[:2]]
 
 
 def _run(command: list[str], env: dict[str, str]) -> None:

@@ -178,3 +178,122 @@ def test_a_cascade_refuses_resolution_before_loading(tiny_if: Path, photos: Path
     assert main(["train", "--model", str(tiny_if), "--instance-dir", str(photos), "--run-dir", str(run), *FAST, "--resolution", "32"]) == 2
     assert "--resolution 32" in capsys.readouterr().err and not run.exists()
 
+
+
+# --- Memory (issue #17): one T5 for the cascade, fp16 files, one stage on the device at a time ---------------------
+
+
+def test_stage_ii_gets_stage_i_text_encoder_when_its_files_are_the_same(tiny_if: Path, tmp_path: Path) -> None:
+    from dreambooth.config import TrainConfig
+    from dreambooth.models.deepfloyd_if import load_if
+
+    base, sr = load_if(str(tiny_if / "stage_1"), str(tiny_if / "stage_2"))
+    assert sr.text_encoders["text_encoder"] is base.text_encoders["text_encoder"] is sr.pipeline.text_encoder
+    apart = load_if(str(tiny_if / "stage_1"), str(tiny_if / "stage_2"), share_text_encoder=False)
+    assert apart[1].pipeline.text_encoder is not apart[0].pipeline.text_encoder
+    # A run that trains text encoders keeps them apart: one stage's training must not change the other's encoder.
+    config = ModelConfig(source=str(tiny_if))
+    trains = load_stages(resolve_source(config), RunConfig(model=config, train=TrainConfig(train_text_encoder=True)))
+    assert trains[1].pipeline.text_encoder is not trains[0].pipeline.text_encoder
+
+    changed = tmp_path / "if"  # same config, same file sizes, one byte of the weights different
+    shutil.copytree(tiny_if, changed)
+    weights = changed / "stage_2" / "text_encoder" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    base, sr = load_if(str(changed / "stage_1"), str(changed / "stage_2"))
+    assert sr.pipeline.text_encoder is not base.pipeline.text_encoder
+
+
+def _hub_snapshot(folder: Path, repo: Path) -> Path:
+    """`folder` laid out as the hub cache keeps a snapshot: each file a symlink to a blob named by its sha256."""
+    import hashlib
+
+    snapshot = repo / "snapshots" / ("0" * 40)
+    for file in (f for f in folder.rglob("*") if f.is_file()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / file.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    return snapshot
+
+
+def test_hub_cache_snapshots_share_the_text_encoder_by_blob(tiny_if: Path, tiny_cascade: Path, tmp_path: Path) -> None:
+    from dreambooth.models.deepfloyd_if import load_if
+
+    base, sr = load_if(str(_hub_snapshot(tiny_if / "stage_1", tmp_path / "models--if-I")),
+                       str(_hub_snapshot(tiny_if / "stage_2", tmp_path / "models--if-II")))
+    assert sr.pipeline.text_encoder is base.pipeline.text_encoder
+    base, sr = load_if(str(_hub_snapshot(tiny_cascade / "stage_1", tmp_path / "models--pocket-I")),
+                       str(_hub_snapshot(tiny_cascade / "stage_2", tmp_path / "models--pocket-II")))
+    assert sr.pipeline.text_encoder is not base.pipeline.text_encoder
+
+
+def test_the_pocket_cascades_different_text_encoders_stay_apart(tiny_cascade: Path) -> None:
+    from dreambooth.models.deepfloyd_if import load_if
+
+    base, sr = load_if(str(tiny_cascade / "stage_1"), str(tiny_cascade / "stage_2"))
+    assert sr.text_encoders["text_encoder"] is not base.text_encoders["text_encoder"]
+    assert sr.pipeline.text_encoder is not base.pipeline.text_encoder
+
+
+def test_half_precision_weights_load_from_the_fp16_files_when_the_repo_ships_them(tiny_if: Path, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth.models.deepfloyd_if import load_if
+
+    model = tmp_path / "if"
+    shutil.copytree(tiny_if, model)
+    unet = UNet2DConditionModel.from_pretrained(model / "stage_1" / "unet")
+    with torch.no_grad():
+        unet.conv_in.bias.fill_(0.5)  # a value only the fp16 file holds
+    unet.half().save_pretrained(model / "stage_1" / "unet", variant="fp16")
+
+    (base,) = load_if(str(model / "stage_1"), dtype=torch.bfloat16)
+    assert base.denoiser.dtype == torch.bfloat16 and bool((base.denoiser.conv_in.bias == 0.5).all())
+    (base,) = load_if(str(model / "stage_1"))  # fp32 weights: the default files
+    assert not bool((base.denoiser.conv_in.bias == 0.5).all())
+    (base,) = load_if(str(model / "stage_1"), dtype=torch.bfloat16, variant="fp16")  # as asked
+    assert bool((base.denoiser.conv_in.bias == 0.5).all())
+    base, sr = load_if(str(tiny_if / "stage_1"), str(tiny_if / "stage_2"), dtype=torch.bfloat16)  # no fp16 files
+    assert base.denoiser.dtype == sr.denoiser.dtype == torch.bfloat16
+
+
+def test_only_the_stage_that_trains_is_on_the_device(tiny_if: Path, tmp_path: Path, monkeypatch) -> None:
+    """The device is faked as 'cpu:0', so that a UNet's moves onto it can be told from its moves back to the CPU."""
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth import finetune
+
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: torch.device("cpu", 0)))
+    where: dict[int, str] = {}  # id(UNet) -> the device of its latest move ("cpu" as loaded)
+    to = UNet2DConditionModel.to
+
+    def recording_to(self, *args, **kwargs):
+        target = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
+        if target is not None:
+            where[id(self)] = str(target)
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "to", recording_to)
+    loaded, load, train, seen = {}, finetune.load_stages, finetune.train_stage, []
+    monkeypatch.setattr(finetune, "load_stages", lambda *args: loaded.setdefault("stages", load(*args)))
+
+    def recording_train(stage, *args, **kwargs):
+        seen.append({"training": stage.name, **{s.name: where.get(id(s.denoiser), "cpu") for s in loaded["stages"]}})
+        return train(stage, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_stage", recording_train)
+    photos = write_photos(tmp_path / "photos")
+    argv = ["train", "--model", str(tiny_if), "--instance-dir", str(photos), "--run-dir", str(tmp_path / "run"),
+            "--lora-rank", "4", "--no-save-pipeline", *FAST]  # with prior preservation: class images through both stages
+    assert main(argv) == 0
+    assert seen == [{"training": "base", "base": "cpu:0", "sr": "cpu"}, {"training": "sr", "base": "cpu", "sr": "cpu:0"}]
+    base, sr = loaded["stages"]
+    assert [where[id(s.denoiser)] for s in (base, sr)] == ["cpu", "cpu"]  # both went back after sampling and training
+    assert sr.pipeline.text_encoder is base.pipeline.text_encoder  # one T5 for the run: it does not train

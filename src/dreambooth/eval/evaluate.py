@@ -83,12 +83,11 @@ def load_scorers(models: ScoringModels, device: str, model_source: str | None = 
 class ImageSource:
     """Where one row's images come from: a model to sample, or a folder of samples (or both, once sampled)."""
 
-    model: str | None = None
-    """Run folder, diffusers folder, hub id or 'pocket'."""
+    model: str | ModelConfig | None = None
+    """Run folder, diffusers folder, hub id or 'pocket'; or a `ModelConfig` that names a cascade's stages
+    separately (a run's base model, as its run.json records it)."""
     lora: str | None = None
     """LoRA weights loaded into `model`."""
-    sr_model: str | None = None
-    """A cascade's super-resolution stage, where `model` does not name it (a run's recorded `model.sr`)."""
     images: Path | None = None
     """Samples in the layout of the module docstring; scored as they are."""
 
@@ -158,8 +157,7 @@ def _baseline(request: EvalRequest, finetuned: ImageSource, run: dict) -> ImageS
     if "model" not in run:
         logger.info("no pretrained baseline (pass --baseline MODEL): no Pretrained row, no context/entanglement flags")
         return None
-    base = run_base_model(run["model"])
-    return ImageSource(base.source, sr_model=base.sr_source)
+    return ImageSource(run_base_model(run["model"]))
 
 
 def _check_source(source: ImageSource | None, what: str, identifier: str | None) -> None:
@@ -175,7 +173,7 @@ def _check_source(source: ImageSource | None, what: str, identifier: str | None)
             )
         return
     try:
-        resolve_source(ModelConfig(source=source.model, sr_source=source.sr_model))
+        resolve_source(source.model if isinstance(source.model, ModelConfig) else ModelConfig(source=source.model))
     except (ValueError, FileNotFoundError) as error:
         hint = " (pass --baseline MODEL or --no-baseline)" if what == "baseline" else ""
         raise type(error)(f"{what}: {error}{hint}") from error
@@ -250,8 +248,7 @@ def _sample(source: ImageSource, prompts: list[str], out: Path, sampling: Sampli
     if source.images is not None:
         return source
     shutil.rmtree(out, ignore_errors=True)  # images left by another setting (more per prompt) must not be scored
-    generate_to_folder(source.model, prompts, out, lora=source.lora, sr_model=source.sr_model,
-                       sampling=replace(sampling, device=sampling.resolved_device()))
+    generate_to_folder(source.model, prompts, out, lora=source.lora, sampling=replace(sampling, device=sampling.resolved_device()))
     return replace(source, images=out)
 
 
@@ -297,7 +294,11 @@ def evaluate(
 
 def _record(plan: EvalPlan, sampling: Sampling) -> dict:
     def source(s: ImageSource | None) -> dict | None:
-        return None if s is None else {k: v if v is None else str(v) for k, v in dataclasses.asdict(s).items()}
+        if s is None:
+            return None
+        stages = {"model": s.model} if not isinstance(s.model, ModelConfig) else {
+            "model": s.model.source, "sr_model": s.model.sr_source, "upscaler_model": s.model.upscaler_source}
+        return {k: v if v is None else str(v) for k, v in {**stages, "lora": s.lora, "images": s.images}.items()}
 
     return {
         "subject": plan.subject.name, "class_noun": plan.subject.class_noun, "identifier": plan.identifier,
@@ -320,6 +321,7 @@ def run_eval(
     """
     plan = plan_eval(request)
     base = plan.pretrained.model if plan.pretrained is not None else plan.finetuned.model
+    base = base.source if isinstance(base, ModelConfig) else base
     embedders = load_scorers(models, sampling.resolved_device(), model_source=base)
     return evaluate(plan, embedders, sampling, thresholds=thresholds), plan.out / "report.html"
 

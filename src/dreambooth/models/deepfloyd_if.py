@@ -10,7 +10,9 @@ instead, so their model meets different inputs at sampling time.)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,9 @@ from diffusers import IFPipeline, IFSuperResolutionPipeline
 from torch import Tensor, nn
 
 from dreambooth.config import SR_NOISE_LEVELS, RunConfig
+from dreambooth.models._lowres import downsample
 from dreambooth.models.ddpm import DDPMObjective
+from dreambooth.models.sd_upscaler import load_upscaler
 from dreambooth.models.spec import (
     DTYPES,
     Encoded,
@@ -37,11 +41,6 @@ LORA_TARGETS = {
 }
 NO_SAFETY = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
 """IF pipeline components the tool neither trains nor needs (the safety checker and its feature extractor, the watermarker)."""
-
-
-def downsample(pixels: Tensor, size: int) -> Tensor:
-    """The low-res view of high-res images [b, 3, H, W] -> [b, 3, size, size] (antialiased bicubic)."""
-    return F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
 
 def upscale(lowres: Tensor, size: int) -> Tensor:
@@ -149,17 +148,99 @@ class IFSuperResStage(_IFStage):
 
 def load_if(
     source: str, sr_source: str | None = None, *, noise_level_range: tuple[int, int] = SR_NOISE_LEVELS, revision: str | None = None,
-    variant: str | None = None, dtype: torch.dtype = torch.float32,
+    variant: str | None = None, dtype: torch.dtype = torch.float32, share_text_encoder: bool = True, upscaler_source: str | None = None,
 ) -> list:
-    """Load the stages of an IF cascade on CPU in `dtype`: the base from `source`, SR from `sr_source` if given."""
-    base_pipe = IFPipeline.from_pretrained(source, revision=revision, variant=variant, dtype=dtype, **NO_SAFETY)
+    """Load the stages of an IF cascade on CPU in `dtype`: the base from `source`, SR from `sr_source` if given,
+    and the x4 upscaler (`models.sd_upscaler`) from `upscaler_source` if given.
+
+    Without a `variant`, fp16/bf16 weights are read from a repo's fp16 files when it ships them (IF's
+    do: half the bytes of its fp32 files), else from its default files. IF-II ships its own copy of
+    IF-I's T5-XXL: when stage II's text encoder files are the same as stage I's, stage II gets stage
+    I's module, so one T5 is in memory. `share_text_encoder=False` loads each stage's own, as a run
+    that trains text encoders needs (one stage's training would otherwise change the other's encoder).
+    """
+    base_variant = _variant(source, revision, variant, dtype)
+    base_dir = _pipeline_folder(IFPipeline, source, revision, base_variant)
+    base_pipe = IFPipeline.from_pretrained(base_dir, variant=base_variant, dtype=dtype, **NO_SAFETY)
     stages: list = [IFBaseStage(**_components(base_pipe))]
     if sr_source is not None:
-        sr_pipe = IFSuperResolutionPipeline.from_pretrained(sr_source, variant=variant, dtype=dtype, **NO_SAFETY)
+        sr_variant = _variant(sr_source, None, variant, dtype)
+        sr_dir = _pipeline_folder(IFSuperResolutionPipeline, sr_source, None, sr_variant)
+        shared = share_text_encoder and _same_text_encoder(base_dir, base_variant, sr_dir, sr_variant)
+        own = {"text_encoder": base_pipe.text_encoder} if shared else {}
+        sr_pipe = IFSuperResolutionPipeline.from_pretrained(sr_dir, variant=sr_variant, dtype=dtype, **own, **NO_SAFETY)
         stages.append(
             IFSuperResStage(**_components(sr_pipe), low_resolution=stages[0].resolution, noise_level_range=noise_level_range)
         )
+    if upscaler_source is not None:
+        stages.append(load_upscaler(upscaler_source, stages[-1].resolution, variant=_variant(upscaler_source, None, variant, dtype), dtype=dtype))
     return stages
+
+
+def _variant(source: str, revision: str | None, variant: str | None, dtype: torch.dtype) -> str | None:
+    """The weight files to read: `variant` if given; for fp16/bf16 weights the fp16 files if the repo has them; else the default files."""
+    if variant is not None or dtype == torch.float32:
+        return variant
+    fp16 = [name for name in _file_names(source, revision) if ".fp16." in name or ".fp16-" in name]  # model.fp16-00001-of-00002.safetensors
+    return "fp16" if fp16 else None
+
+
+def _file_names(source: str, revision: str | None) -> list[str]:
+    """The files of a pipeline folder, or of a hub repo (its listing; offline, what the hub cache holds)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        import huggingface_hub
+
+        if not huggingface_hub.constants.is_offline_mode():
+            return huggingface_hub.list_repo_files(source, revision=revision)
+        folder = Path(huggingface_hub.snapshot_download(source, revision=revision, local_files_only=True))
+    return [path.relative_to(folder).as_posix() for path in folder.glob("*/*")]
+
+
+def _pipeline_folder(cls, source: str, revision: str | None, variant: str | None) -> Path:
+    """The local folder of a pipeline: `source` itself, or a hub repo's snapshot in the hub cache (downloaded if needed)."""
+    if Path(source).is_dir():
+        return Path(source)
+    return Path(cls.download(source, revision=revision, variant=variant, **NO_SAFETY))  # NO_SAFETY's parts are not downloaded
+
+
+def _same_text_encoder(base_dir: Path, base_variant: str | None, sr_dir: Path, sr_variant: str | None) -> bool:
+    """Whether two IF pipeline folders hold the same text encoder: the same config and the same weight files."""
+    base, sr = base_dir / "text_encoder", sr_dir / "text_encoder"
+    if not ((base / "config.json").is_file() and (sr / "config.json").is_file()) or _config(base) != _config(sr):
+        return False
+    base_files, sr_files = _weight_files(base, base_variant), _weight_files(sr, sr_variant)
+    return ([f.name for f in base_files] == [f.name for f in sr_files]) and all(map(_same_file, base_files, sr_files))
+
+
+def _config(folder: Path) -> dict:
+    # Where it was saved from and by which version do not change the model.
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+
+
+def _weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The weight files `from_pretrained` reads from a component folder: the variant's if it has them, else the default ones."""
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    chosen = [p for p in weights if variant is not None and (f".{variant}." in p.name or f".{variant}-" in p.name)]
+    return chosen or [p for p in weights if p.name.count(".") == 1]  # model.safetensors, model-00001-of-00002.safetensors
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes. The hub cache names each blob by its content hash (sha256 for
+    LFS files), so two snapshot files are the same when their symlinks resolve to blobs of one name."""
+    a, b = a.resolve(), b.resolve()
+    if a == b:
+        return True
+    if a.parent.name == b.parent.name == "blobs":
+        return a.name == b.name
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with a.open("rb") as fa, b.open("rb") as fb:
+        while chunk := fa.read(1 << 24):
+            if chunk != fb.read(len(chunk)):
+                return False
+    return True
 
 
 def _components(pipeline: IFPipeline | IFSuperResolutionPipeline) -> dict:
@@ -171,7 +252,7 @@ def _components(pipeline: IFPipeline | IFSuperResolutionPipeline) -> dict:
 def _load(source: ModelSource, cfg: RunConfig) -> list:
     levels = cfg.cascade.noise_level_range
     return load_if(source.base, source.sr, noise_level_range=levels, revision=cfg.model.revision, variant=cfg.model.variant,
-                   dtype=DTYPES[cfg.weights_dtype])
+                   dtype=DTYPES[cfg.weights_dtype], share_text_encoder=not cfg.train.train_text_encoder, upscaler_source=source.upscaler)
 
 
 FAMILY = Family(name="if", pipeline_classes=("IFPipeline",), load=_load, text_encoders=("text_encoder",), cascade=True,

@@ -8,6 +8,7 @@ source problem is reported before any weights are read. Adding a family adds one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -38,7 +39,7 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     if path.suffix in SINGLE_FILE_SUFFIXES:
         return ModelSource(_single_file_family(_check_single_file(path, cfg), cfg), str(path))
     if path.is_dir():
-        return _resolve_folder(path, cfg.sr_source)
+        return _resolve_folder(path, cfg)
     if path.exists():
         raise ValueError(f"model {source!r} is a file but not a checkpoint (.safetensors or .ckpt)")
     if _looks_local(source):
@@ -46,35 +47,48 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     return _resolve_hub_id(source, cfg)
 
 
-def _resolve_folder(path: Path, sr_source: str | None) -> ModelSource:
-    if (path / "stage_1" / "model_index.json").is_file():  # a cascade folder: stage_1/, stage_2/
-        sr = path / "stage_2"
-        return ModelSource("if", str(path / "stage_1"), sr_source or (str(sr) if sr.is_dir() else None))
+def _resolve_folder(path: Path, cfg: ModelConfig) -> ModelSource:
+    if (path / "stage_1" / "model_index.json").is_file():  # a cascade folder: stage_1/, stage_2/ and maybe stage_3/
+        sr, upscaler = (path / "stage_2", path / "stage_3")
+        return ModelSource("if", str(path / "stage_1"), cfg.sr_source or (str(sr) if sr.is_dir() else None),
+                           cfg.upscaler_source or (str(upscaler) if upscaler.is_dir() else None))
     if (path / "run.json").is_file() and not (path / "model_index.json").exists():
-        return _resolve_run(path, sr_source)
+        return _resolve_run(path, cfg)
     index = path / "model_index.json"
     if not index.is_file():
         raise ValueError(
             f"model folder {str(path)!r} is not a diffusers model: it has no model_index.json "
             "(pass a diffusers pipeline folder, a single-file .safetensors checkpoint, or a hub id)"
         )
-    return ModelSource(_family(json.loads(index.read_text())["_class_name"], str(path)), str(path), sr_source)
+    return ModelSource(_family(_pipeline_class(index), str(path)), str(path), cfg.sr_source, cfg.upscaler_source)
 
 
-def _resolve_run(path: Path, sr_source: str | None) -> ModelSource:
+def _resolve_run(path: Path, cfg: ModelConfig) -> ModelSource:
     """A run folder: its merged pipeline, else (a LoRA run saved without one) the model it was trained from."""
     if (path / "pipeline").is_dir():
-        return _resolve_folder(path / "pipeline", sr_source)
+        return _resolve_folder(path / "pipeline", cfg)
     try:
         model = json.loads((path / "run.json").read_text(encoding="utf-8"))["model"]
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"run folder {str(path)!r}: run.json is damaged ({error!r}) and there is no pipeline/ to load") from error
-    return resolve_source(run_base_model(model, sr_source))
+    base = run_base_model(model)
+    return resolve_source(dataclasses.replace(base, sr_source=cfg.sr_source or base.sr_source,
+                                              upscaler_source=cfg.upscaler_source or base.upscaler_source))
 
 
-def run_base_model(recorded: dict, sr_source: str | None = None) -> ModelConfig:
+def run_base_model(recorded: dict) -> ModelConfig:
     """The pretrained model a run started from (run.json's "model"), every stage included."""
-    return ModelConfig(source=recorded["source"], sr_source=sr_source or recorded.get("sr"))
+    return ModelConfig(source=recorded["source"], sr_source=recorded.get("sr"), upscaler_source=recorded.get("upscaler"))
+
+
+def _pipeline_class(index: Path) -> str:
+    """The `_class_name` of a model_index.json, or a ValueError naming the file."""
+    try:
+        data = json.loads(index.read_bytes().decode("utf-8"))
+        return str(data["_class_name"])
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{str(index)!r} is damaged or not a diffusers model index ({type(error).__name__}: {error}); "
+                         "re-download or re-save the model folder") from error
 
 
 def _resolve_hub_id(repo_id: str, cfg: ModelConfig) -> ModelSource:
@@ -87,7 +101,7 @@ def _resolve_hub_id(repo_id: str, cfg: ModelConfig) -> ModelSource:
             f"model {repo_id!r} is neither a local folder nor a hub model available here ({error}). "
             "Offline, pass the path of a local copy instead."
         ) from error
-    return ModelSource(_family(index["_class_name"], repo_id), repo_id, cfg.sr_source)
+    return ModelSource(_family(index["_class_name"], repo_id), repo_id, cfg.sr_source, cfg.upscaler_source)
 
 
 def _family(class_name: str, source: str) -> str:
@@ -116,7 +130,7 @@ def _single_file_family(path: Path, cfg: ModelConfig) -> str:
         index = Path(cfg.single_file_config) / "model_index.json"
         if not index.is_file():
             raise ValueError(f"--model-config {cfg.single_file_config!r} is not a diffusers pipeline folder (no model_index.json)")
-        return _family(json.loads(index.read_text())["_class_name"], cfg.single_file_config)
+        return _family(_pipeline_class(index), cfg.single_file_config)
     if path.suffix != ".safetensors":
         return "sd"  # a pickle's keys cannot be read without unpickling it; SD is what .ckpt files hold
     from safetensors import safe_open
@@ -153,6 +167,19 @@ def trained_text_encoders(cfg: RunConfig, family: Family) -> tuple[str, ...]:
     return cfg.train.text_encoders if cfg.train.text_encoders is not None else family.text_encoders
 
 
+def cascade_problems(cfg: RunConfig, source: ModelSource) -> list[str]:
+    """Stages of a cascade asked for (--stages, --upscaler-model) that the model does not have; empty if none."""
+    if not FAMILIES[source.family].cascade:
+        return []
+    present = {"base": source.base, "sr": source.sr, "upscaler": source.upscaler}
+    how = {"sr": " (pass --sr-model)", "upscaler": " (pass --upscaler-model, e.g. stabilityai/stable-diffusion-x4-upscaler)"}
+    problems = [f"--stages {name}: the cascade {cfg.model.source!r} has no {name} stage{how.get(name, '')}"
+                for name in cfg.cascade.stages if present[name] is None]
+    if source.upscaler is not None and source.sr is None:
+        problems.append("the upscaler (stage 3) upscales the super-resolution stage's output: pass --sr-model too")
+    return problems
+
+
 def option_problems(cfg: RunConfig, family: Family) -> list[str]:
     """Options set in `cfg` that `family` has no use for, each naming its flag; empty if none."""
     problems = []
@@ -171,6 +198,8 @@ def option_problems(cfg: RunConfig, family: Family) -> list[str]:
             problems.append(f"--resolution {size}: a {family.name} model needs a multiple of 8 pixels (its VAE's factor)")
     if cfg.model.sr_source is not None and not family.cascade:
         problems.append(f"--sr-model names the super-resolution stage of a cascade (IF); a {family.name} model has one stage")
+    if cfg.model.upscaler_source is not None and not family.cascade:
+        problems.append(f"--upscaler-model names the third stage of a cascade (IF); a {family.name} model has one stage")
     if cfg.output.save_single_file and family.single_file_marker is None:
         problems.append(f"--save-single-file writes SD/SDXL checkpoints; a {family.name} model has no single-file layout "
                         "(the diffusers pipeline folder is its format)")

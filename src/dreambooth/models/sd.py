@@ -75,14 +75,18 @@ class SDStage:
         return sample_latents(self.vae, encoded, rng)
 
     def encode_text(self, tokens: Tokens) -> TextConditioning:
-        encoder = self.text_encoders["text_encoder"]
-        device = next(encoder.parameters()).device
-        # Mirrors StableDiffusionPipeline.encode_prompt: a mask only where the encoder asks for one.
-        mask = tokens["attention_mask"].to(device) if getattr(encoder.config, "use_attention_mask", False) else None
-        return TextConditioning(encoder(tokens["input_ids"].to(device), attention_mask=mask)[0])
+        return encode_clip_text(self.text_encoders["text_encoder"], tokens)
 
     def predict(self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom) -> Tensor:
         return self.denoiser(noisy, level, encoder_hidden_states=text.sequence).sample
+
+
+def encode_clip_text(encoder: nn.Module, tokens: Tokens) -> TextConditioning:
+    """The last hidden states of a CLIP text encoder, as StableDiffusionPipeline.encode_prompt computes them
+    (an attention mask only where the encoder's config asks for one)."""
+    device = next(encoder.parameters()).device
+    mask = tokens["attention_mask"].to(device) if getattr(encoder.config, "use_attention_mask", False) else None
+    return TextConditioning(encoder(tokens["input_ids"].to(device), attention_mask=mask)[0])
 
 
 def load_sd(

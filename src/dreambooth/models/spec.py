@@ -159,6 +159,8 @@ class ModelSource:
     family: str
     base: str
     sr: str | None = None
+    upscaler: str | None = None
+    """A cascade's third stage (the Stable Diffusion x4 upscaler), if it has one."""
 
 
 @dataclass(frozen=True)

@@ -110,3 +110,22 @@ def test_retraining_the_scorer_never_overwrites_the_shipped_one(tmp_path: Path, 
     monkeypatch.chdir(tmp_path)
     assert main(["pocket", "train-scorer", "--steps", "1"]) == 0
     assert written and written[0].resolve() != scorers.WEIGHTS.resolve()
+
+
+def test_eval_names_a_damaged_sample_before_any_scorer_loads(tmp_path: Path, capsys, monkeypatch) -> None:
+    from PIL import Image
+
+    import dreambooth.eval.evaluate as evaluate
+    from conftest import write_photos
+
+    images = tmp_path / "samples"
+    images.mkdir()
+    (images / "prompts.txt").write_text("a sks cube on the beach\n")
+    Image.new("RGB", (32, 32), "red").save(images / "000-0.png")
+    whole = (images / "000-0.png").read_bytes()
+    _write(images / "000-1.png", whole[: len(whole) // 2])
+    monkeypatch.setattr(evaluate, "load_scorers", lambda *a, **k: pytest.fail("a scorer loaded before the inputs were checked"))
+    argv = ["eval", "--images", str(images), "--identifier", "sks", "--class-noun", "cube", "--no-baseline",
+            "--subject-dir", str(write_photos(tmp_path / "photos", n=2)), "--out", str(tmp_path / "eval")]
+    _fails_cleanly(argv, capsys, str(images / "000-1.png"))
+    assert not (tmp_path / "eval").exists()

@@ -164,7 +164,14 @@ def _check_source(source: ImageSource | None, what: str, identifier: str | None)
     if source is None:
         return
     if source.images is not None:
-        prompts = [prompt for prompt, _ in _index_folder(source.images)]
+        index = _index_folder(source.images)
+        for path in (path for _, paths in index for path in paths):
+            try:
+                open_image(path)  # decoded now, so that a damaged file is named before any scorer loads
+            except (OSError, ValueError) as error:
+                raise ValueError(f"{what} image {str(path)!r} cannot be read ({error}): regenerate it, or delete the "
+                                 "folder's images and prompts.txt to sample them again") from error
+        prompts = [prompt for prompt, _ in index]
         # Stripping the identifier changes no prompt: it is not in them.
         if identifier and all(strip_identifier(p, identifier) == " ".join(p.split()) for p in prompts):
             raise ValueError(

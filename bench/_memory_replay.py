@@ -435,5 +435,24 @@ def peak_of(existing: Iterable[torch.Tensor], run: Callable[[], object],
     return tracker.peak
 
 
+def cpu_allocation_totals(prof) -> tuple[list[int], list[int]]:
+    """The sizes of every CPU allocation a `torch.profiler` session recorded (frees negative), in time order,
+    and their running totals: the bytes that session held after each."""
+    from torch._C._profiler import _EventType
+
+    events = []
+
+    def walk(event) -> None:
+        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
+            events.append((event.start_time_ns, event.typed[1].alloc_size))
+        for child in event.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    sizes = [size for _, size in sorted(events)]
+    return sizes, list(itertools.accumulate(sizes))
+
+
 def gib(n: int) -> str:
     return f"{n / GIB:.2f}"

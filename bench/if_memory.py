@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import itertools
 import logging
 import time
 import warnings
@@ -38,6 +37,7 @@ from _memory_replay import (
     MetaKernelCache,
     StepMemory,
     checkpoint_with,
+    cpu_allocation_totals,
     gib,
     peak_of,
     replay_step,
@@ -183,7 +183,6 @@ def measured_on_cpu(lora: bool, checkpointing: bool, autocast: bool) -> tuple[in
     Returns:
         Bytes alive after the forward, and the peak bytes.
     """
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
@@ -199,18 +198,7 @@ def measured_on_cpu(lora: bool, checkpointing: bool, autocast: bool) -> tuple[in
         loss.backward()
         del loss, batch                                   # free in the session all it allocated
         unet.zero_grad(set_to_none=True)
-    events = []
-
-    def walk(event) -> None:
-        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
-            events.append((event.start_time_ns, event.typed[1].alloc_size))
-        for child in event.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    sizes = [size for _, size in sorted(events)]
-    totals = list(itertools.accumulate(sizes))
+    sizes, totals = cpu_allocation_totals(prof)  # running sums: the allocator's total carries over between sessions
     return next(total - size for size, total in zip(sizes, totals) if size == marker), max(totals)
 
 

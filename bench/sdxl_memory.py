@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import itertools
 import logging
 import time
 import warnings
@@ -36,6 +35,7 @@ from _memory_replay import (
     LiveBytes,
     StepMemory,
     checkpoint_with,
+    cpu_allocation_totals,
     gib,
     peak_of,
     storage_bytes,
@@ -153,7 +153,6 @@ def measured_on_cpu(setup: Setup, autocast: bool) -> tuple[int, int, int]:
     Returns:
         Bytes alive after the forward and peak bytes (profiler), peak bytes (`LiveBytes`).
     """
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
@@ -173,20 +172,7 @@ def measured_on_cpu(setup: Setup, autocast: bool) -> tuple[int, int, int]:
             loss.backward()
             del loss, batch                               # free in the session all it allocated
         unet.zero_grad(set_to_none=True)
-    events = []
-
-    def walk(event) -> None:
-        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
-            events.append((event.start_time_ns, event.typed[1].alloc_size))
-        for child in event.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    # Running sums of the sizes (frees are negative): the allocator's own running total carries over
-    # between profiling sessions.
-    sizes = [size for _, size in sorted(events)]
-    totals = list(itertools.accumulate(sizes))
+    sizes, totals = cpu_allocation_totals(prof)  # running sums: the allocator's total carries over between sessions
     assert totals[-1] == 0, f"{totals[-1]} bytes allocated in the session outlive it"
     after_forward = next(total - size for size, total in zip(sizes, totals) if size == marker)
     return after_forward, max(totals), max(peak for peak, _ in tracker.peaks.values())

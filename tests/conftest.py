@@ -58,6 +58,17 @@ def overfit(stage, batch, modules, *, steps: int, lr: float) -> tuple[list[float
     return losses, terms
 
 
+def record_unet_inputs(unet, calls: list) -> None:
+    """Append every call's input sample, timestep and class_labels to `calls` (training and sampling alike)."""
+    forward = unet.forward
+
+    def recording(sample, timestep, *args, class_labels=None, **kwargs):
+        calls.append({"sample": sample.detach().clone(), "t": timestep, "class_labels": class_labels})
+        return forward(sample, timestep, *args, class_labels=class_labels, **kwargs)
+
+    unet.forward = recording
+
+
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
     return write_photos(tmp_path / "photos")

@@ -15,6 +15,8 @@ from dreambooth.models.deepfloyd_if import downsample, load_if, upscale
 from dreambooth.prior import model_fingerprint
 from dreambooth.training.step import compute_loss
 
+from conftest import record_unet_inputs
+
 FAST = ["--class-noun", "cube", "--max-steps", "2", "--sr-max-steps", "2", "--num-class-images", "2", "--class-steps", "2",
         "--validation-every", "0", "--validation-images", "1", "--validation-steps", "2", "--logger", "none"]
 
@@ -52,16 +54,6 @@ def test_only_the_requested_stages_train(tiny_cascade: Path, photos: Path, tmp_p
     assert (run / "pipeline" / "stage_1" / "model_index.json").is_file()  # the untrained base still ships: a complete cascade
 
 
-def _record_unet_inputs(unet, calls: list) -> None:
-    forward = unet.forward
-
-    def recording(sample, timestep, *args, class_labels=None, **kwargs):
-        calls.append({"sample": sample.detach().clone(), "t": timestep, "class_labels": class_labels})
-        return forward(sample, timestep, *args, class_labels=class_labels, **kwargs)
-
-    unet.forward = recording
-
-
 def _noise_of(model_input: torch.Tensor, lowres: torch.Tensor, level: int, scheduler) -> torch.Tensor:
     """The noise that would turn upscale(lowres) into the low-res half of a UNet input at `level`."""
     alpha_bar = scheduler.alphas_cumprod[level]
@@ -79,7 +71,7 @@ def test_super_resolution_trains_on_the_inputs_it_samples_with(tiny_cascade: Pat
     batch = sample_batch(data, sr.tokenize, step=0, micro=0, accumulation=1, rank=0, world=1, batch_size=4, seed=0)
 
     training_calls: list = []
-    _record_unet_inputs(sr.denoiser, training_calls)
+    record_unet_inputs(sr.denoiser, training_calls)
     with torch.no_grad():
         compute_loss(sr, batch, prior_weight=0.0)
     (train,) = training_calls
@@ -94,7 +86,7 @@ def test_super_resolution_trains_on_the_inputs_it_samples_with(tiny_cascade: Pat
 
     sampling_calls: list = []
     pipeline = IFSuperResolutionPipeline.from_pretrained(tiny_cascade / "stage_2", safety_checker=None, watermarker=None, feature_extractor=None)
-    _record_unet_inputs(pipeline.unet, sampling_calls)
+    record_unet_inputs(pipeline.unet, sampling_calls)
     pipeline(image=lowres, prompt=["a xon cube"] * 4, num_inference_steps=1, noise_level=level, guidance_scale=1.0, clean_caption=False, output_type="pt")
     sample = sampling_calls[0]
     assert sample["sample"].shape == train["sample"].shape

@@ -116,6 +116,7 @@ def test_eval_names_a_damaged_sample_before_any_scorer_loads(tmp_path: Path, cap
     from PIL import Image
 
     import dreambooth.eval.evaluate as evaluate
+
     from conftest import write_photos
 
     images = tmp_path / "samples"

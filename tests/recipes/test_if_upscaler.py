@@ -14,18 +14,10 @@ from dreambooth.models._lowres import downsample
 from dreambooth.models.sd_upscaler import NOISE_LEVEL, load_upscaler
 from dreambooth.training.step import compute_loss
 
+from conftest import record_unet_inputs
+
 FAST = ["--class-noun", "dog", "--max-steps", "2", "--sr-max-steps", "2", "--num-class-images", "2", "--class-steps", "2",
         "--validation-every", "0", "--validation-images", "1", "--validation-steps", "2", "--logger", "none"]
-
-
-def _record_unet_inputs(unet, calls: list) -> None:
-    forward = unet.forward
-
-    def recording(sample, timestep, *args, class_labels=None, **kwargs):
-        calls.append({"sample": sample.detach().clone(), "class_labels": class_labels})
-        return forward(sample, timestep, *args, class_labels=class_labels, **kwargs)
-
-    unet.forward = recording
 
 
 def test_upscaler_trains_on_the_inputs_it_samples_with(tiny_if_x4: Path, photos: Path) -> None:
@@ -40,7 +32,7 @@ def test_upscaler_trains_on_the_inputs_it_samples_with(tiny_if_x4: Path, photos:
     assert torch.equal(stage.encode_images(pixels, torch.zeros(1, 4))["lowres"], downsample(pixels, 32))  # the photo at the input size
 
     training: list = []
-    _record_unet_inputs(stage.denoiser, training)
+    record_unet_inputs(stage.denoiser, training)
     with torch.no_grad():
         compute_loss(stage, batch, prior_weight=0.0)
     (train,) = training
@@ -48,7 +40,7 @@ def test_upscaler_trains_on_the_inputs_it_samples_with(tiny_if_x4: Path, photos:
 
     sampling: list = []
     pipeline = StableDiffusionUpscalePipeline.from_pretrained(tiny_if_x4 / "stage_3", safety_checker=None, feature_extractor=None, watermarker=None)
-    _record_unet_inputs(pipeline.unet, sampling)
+    record_unet_inputs(pipeline.unet, sampling)
     lowres = batch.encoded["lowres"] / 2 + 0.5
     pipeline(prompt=["a xon dog"] * 2, image=lowres, num_inference_steps=1, noise_level=NOISE_LEVEL, guidance_scale=1.0, output_type="pt")
     assert sampling[0]["sample"].shape == train["sample"].shape

@@ -20,7 +20,7 @@ from diffusers import IFPipeline, IFSuperResolutionPipeline
 from torch import Tensor, nn
 
 from dreambooth.config import SR_NOISE_LEVELS, RunConfig
-from dreambooth.models._lowres import downsample
+from dreambooth.models._lowres import augment, downsample
 from dreambooth.models.ddpm import DDPMObjective
 from dreambooth.models.sd_upscaler import load_upscaler
 from dreambooth.models.spec import (
@@ -133,11 +133,7 @@ class IFSuperResStage(_IFStage):
 
     def condition(self, lowres: Tensor, rng: RowRandom) -> tuple[Tensor, Tensor]:
         """Upscaled, noise-augmented low-res input [b, 3, H, W] and its augmentation level [b]."""
-        low, high = self.noise_level_range  # inclusive: the pipeline samples at the top level (250)
-        level = rng.randint(low, min(high, self.pipeline.image_noising_scheduler.config.num_train_timesteps - 1) + 1)
-        upscaled = upscale(lowres, self.resolution)
-        noise = rng.randn(tuple(upscaled.shape[1:])).to(upscaled)
-        return self.pipeline.image_noising_scheduler.add_noise(upscaled, noise, level), level
+        return augment(upscale(lowres, self.resolution), self.pipeline.image_noising_scheduler, self.noise_level_range, rng)
 
     def predict(self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom) -> Tensor:
         augmented, augmentation = self.condition(encoded["lowres"], rng)

@@ -16,7 +16,7 @@ from diffusers import StableDiffusionUpscalePipeline
 from torch import Tensor, nn
 
 from dreambooth.models._latent import encode_latent_distribution, sample_latents
-from dreambooth.models._lowres import downsample
+from dreambooth.models._lowres import augment, downsample
 from dreambooth.models.ddpm import DDPMObjective
 from dreambooth.models.sd import LORA_TARGETS, encode_clip_text
 from dreambooth.models.spec import Encoded, Framing, TextConditioning, Tokens, tokenize
@@ -70,10 +70,7 @@ class UpscalerStage:
 
     def condition(self, lowres: Tensor, rng: RowRandom) -> tuple[Tensor, Tensor]:
         """The noise-augmented low-res input [b, 3, h, w] and its augmentation level [b]."""
-        low, high = self.noise_level_range
-        level = rng.randint(low, high + 1)
-        noise = rng.randn(tuple(lowres.shape[1:])).to(lowres)
-        return self.pipeline.low_res_scheduler.add_noise(lowres, noise, level), level
+        return augment(lowres, self.pipeline.low_res_scheduler, self.noise_level_range, rng)
 
     def predict(self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom) -> Tensor:
         augmented, augmentation = self.condition(encoded["lowres"], rng)

@@ -425,6 +425,9 @@ def validate(cfg: RunConfig, *, has_gpu: bool | None = None) -> None:
         problems.append("subject.instance_dir is required (--instance-dir DIR: a folder of 3-5 photos)")
     if cfg.subject.class_noun is None:
         problems.append("subject.class_noun is required (--class-noun NOUN, e.g. 'dog')")
+    for flag, folder in (("--class-dir", cfg.prior.class_dir if cfg.prior.enabled else None), ("--run-dir", cfg.output.run_dir)):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            problems.append(f"{flag} {str(folder)!r} is a file, not a folder: name a folder (it is created if missing)")
     if cfg.output.resume and cfg.output.overwrite:
         problems.append("output.resume and output.overwrite contradict each other: pick one")
     for template in (cfg.subject.instance_prompt, *cfg.validation.validation_prompts, *cfg.eval.eval_prompts):

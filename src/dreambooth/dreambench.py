@@ -57,6 +57,7 @@ from dreambooth.eval.evaluate import (
     samples_dir,
     score,
 )
+from dreambooth.eval.lpips import read_lpips_weights
 from dreambooth.eval.prompts import DREAMBENCH_CLASSES
 from dreambooth.eval.report import write_report
 from dreambooth.eval.scoring import Embedders, EvalResult, summarise
@@ -195,6 +196,8 @@ def run_dreambench(
     chosen = find_subjects(dataset, subjects)
     configs = [subject_config(config, subject, out) for subject in chosen]
     _check_inputs(config, chosen, configs)
+    if evaluation.models.lpips_weights is not None:
+        read_lpips_weights(evaluation.models.lpips_weights)
     state = _process_state()
     sampling = replace(evaluation.sampling, device=evaluation.sampling.device or str(state.device))
     evaluation = replace(evaluation, sampling=sampling)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from dreambooth.prior import (
     model_fingerprint,
     record_class_images,
 )
-from dreambooth.run_folder import open_run_folder, record_identifier
+from dreambooth.run_folder import open_run_folder, record_config
 from dreambooth.training.loop import DTYPES, StagePlan, train_stage
 
 logger = logging.getLogger(__name__)
@@ -81,15 +82,24 @@ def finetune(cfg: RunConfig) -> RunLayout:
     embedders = load_eval_embedders(cfg.eval, cfg.model.source, str(accelerator.device)) if evaluating else None
     layout, resuming = open_run_folder(cfg) if accelerator.is_main_process else (RunLayout(cfg.run_dir), cfg.output.resume)
     accelerator.wait_for_everyone()
-    if accelerator.log_with:
-        accelerator.init_trackers("dreambooth")
 
     stages = load_stages(source, cfg)
     trained = [s for s in stages if not family.cascade or s.name in cfg.cascade.stages]
     subject = _resolve_subject(cfg, stages, family, layout, resuming)
-    if accelerator.is_main_process:
-        record_identifier(layout, cfg, subject.identifier)
-    info = _record_run(layout, cfg, source, subject, trained, status="training", main=accelerator.is_main_process)
+    info = _run_info(cfg, source, subject, trained, status="training")
+
+    @functools.cache
+    def record_start() -> None:
+        """Record the config and run.json (once). A resumed run does it only when its first checkpoint has
+        loaded, so that a resume that fails (a damaged or foreign checkpoint) leaves the folder as it was."""
+        if accelerator.is_main_process:
+            record_config(layout, cfg, subject.identifier)
+            write_json(layout.run_info, info)
+        if accelerator.log_with:
+            accelerator.init_trackers("dreambooth")
+
+    if not resuming:
+        record_start()
     # The stages wait on the CPU: sampling class images brings the cascade onto the device, training one stage at a time.
     class_images = None
     if cfg.prior.enabled:  # made before any stage trains, so that every stage's prior is the frozen model's
@@ -103,7 +113,7 @@ def finetune(cfg: RunConfig) -> RunLayout:
             evaluator = _evaluator(cfg, stages, stage, subject, photos, embedders, accelerator.device) if evaluating else None
             stage.pipeline.scheduler = without_learned_variance(stage.pipeline.scheduler)  # its variance channels do not train
             validator = _validator(cfg, stages, stage, subject, layout, accelerator, evaluator)
-            train_stage(stage, data, _plan(cfg, stage, family), layout.stage(stage.name), accelerator, validator)
+            train_stage(stage, data, _plan(cfg, stage, family), layout.stage(stage.name), accelerator, validator, on_start=record_start)
         accelerator.free_memory()
 
     if accelerator.is_main_process:
@@ -111,7 +121,7 @@ def finetune(cfg: RunConfig) -> RunLayout:
             stages, layout, family, save_pipeline=cfg.output.save_pipeline, save_single_file=cfg.output.save_single_file,
             run_info=info,
         )
-        _record_run(layout, cfg, source, subject, trained, status="done", main=True, outputs=written)
+        write_json(layout.run_info, _run_info(cfg, source, subject, trained, status="done", outputs=written))
     accelerator.end_training()
     return layout
 
@@ -303,9 +313,9 @@ def _evaluator(
     return evaluator
 
 
-def _record_run(layout, cfg, source: ModelSource, subject: Subject, trained, *, status: str, main: bool, outputs=None) -> dict:
-    """Write run.json: what a later `generate`, `eval` or `export` needs to know about the run."""
-    info = {
+def _run_info(cfg: RunConfig, source: ModelSource, subject: Subject, trained, *, status: str, outputs=None) -> dict:
+    """run.json: what a later `generate`, `eval` or `export` needs to know about the run."""
+    return {
         "identifier": subject.identifier,
         "class_noun": subject.class_noun,
         "instance_prompt": subject.fill(cfg.subject.instance_prompt),
@@ -318,6 +328,3 @@ def _record_run(layout, cfg, source: ModelSource, subject: Subject, trained, *, 
         "status": status,
         "outputs": outputs or {},
     }
-    if main:
-        write_json(layout.run_info, info)
-    return info

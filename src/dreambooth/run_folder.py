@@ -1,5 +1,8 @@
 """Opening a run folder: refuse to clobber, resume only on request, record the resolved config.
 
+Opening only checks (and creates an empty folder): nothing in it is written until the caller
+records the config, so a command that fails before that leaves a resumed run as it was.
+
 `config.resolved.toml` holds every value the run uses (`config.resolve`): the learning rates
 resolved from the method's defaults, the run folder, and the identifier once it is chosen.
 """
@@ -21,6 +24,8 @@ logger = logging.getLogger(__name__)
 def open_run_folder(cfg: RunConfig) -> tuple[RunLayout, bool]:
     """Create or reopen `cfg.run_dir` as the flags ask; return its layout and whether this resumes.
 
+    Writes nothing in an existing folder (--overwrite empties it); `record_config` does.
+
     Raises:
         ValueError: if the folder exists and neither --resume nor --overwrite was given, or it
             cannot be written.
@@ -40,12 +45,11 @@ def open_run_folder(cfg: RunConfig) -> tuple[RunLayout, bool]:
     resuming = exists and cfg.output.resume
     if resuming and layout.config.is_file():
         _warn_config_changes(layout.config, cfg)
-    save_toml(resolve(cfg), layout.config)
     return layout, resuming
 
 
-def record_identifier(layout: RunLayout, cfg: RunConfig, identifier: str) -> None:
-    """Rewrite the run's config.resolved.toml with the identifier the run uses (chosen or resumed)."""
+def record_config(layout: RunLayout, cfg: RunConfig, identifier: str | None = None) -> None:
+    """Write the run's config.resolved.toml, with the identifier the run uses (chosen or resumed)."""
     save_toml(resolve(cfg, identifier), layout.config)
 
 

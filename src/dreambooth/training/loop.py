@@ -76,9 +76,11 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def train_stage(
     stage: Stage, data: TrainingSet, plan: StagePlan, paths: StagePaths, accelerator: Accelerator,
-    validate: Callable[[int], dict[str, float] | None] | None = None,
+    validate: Callable[[int], dict[str, float] | None] | None = None, on_start: Callable[[], None] | None = None,
 ) -> None:
     """Train `stage` for `plan.train.max_steps` optimizer steps, resuming from its latest checkpoint.
+
+    `on_start` is called once the checkpoint (if any) has loaded, before anything is written.
 
     Raises:
         TrainingDiverged: on a non-finite loss (before the bad update is applied).
@@ -100,6 +102,8 @@ def train_stage(
     ema = EMAModel(params, decay=train.ema_decay) if train.ema_decay else None
 
     step = _resume(paths.checkpoints, modules, optimizer, schedule, ema, accelerator.scaler)
+    if on_start is not None:
+        on_start()
     recorder = Recorder(paths.log, accelerator, resume_step=step)
     eval_recorder = Recorder(paths.eval_log, accelerator, resume_step=step)
     bar = tqdm(total=train.max_steps, initial=step, desc=f"train {stage.name}", disable=not accelerator.is_main_process)

@@ -181,6 +181,8 @@ def _class_images(
         resolution=cascade[-1].resolution, sampler=_class_sampler(cfg, cascade), steps=cfg.prior.steps,
         guidance=(cfg.prior.guidance_scale or cascade[0].default_guidance, *(s.default_guidance for s in cascade[1:])),
         seed=cfg.prior.seed,
+        # A GPU run samples under its mixed precision; on a CPU bf16 is slower than fp32.
+        precision=cfg.train.mixed_precision if accelerator.device.type == "cuda" and cfg.train.mixed_precision != "no" else "fp32",
     )
     root = cfg.prior.class_dir or layout.class_images
     class_dir = root if len(cascade) == 1 else root / cascade[-1].name

@@ -20,6 +20,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ MANIFEST = "manifest.json"
 PARTS = "manifest.part-*.json"
 """Records written while generating: one file per process and run, merged into the manifest at the end."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class ClassImageSpec:
     """Classifier-free guidance of each stage of the cascade that made the images."""
     seed: int
     """Image i is sampled with seed `seed + i`."""
+    precision: str = "fp32"
+    """Autocast dtype of the sampling: 'fp32' (none), 'bf16' or 'fp16' (a GPU run's mixed precision)."""
 
 
 def model_fingerprint(*pipelines) -> str:
@@ -123,18 +127,26 @@ def generate_class_images(
         logger.info("process %d of %d samples %d of the %d batches of class images", rank, num_ranks, len(mine), len(todo))
     part = class_dir / PARTS.replace("*", f"{rank}-{uuid.uuid4().hex[:12]}")  # never another run's file
     made: list[dict] = []
-    started = time.monotonic()
-    for block in tqdm(mine, desc="class images" + (f" (process {rank})" if num_ranks > 1 else ""), unit="batch"):
-        images = generate(
-            pipelines, [spec.prompt] * len(block), [spec.seed + i for i in block], steps=spec.steps,
-            guidance=list(spec.guidance), sampler=spec.sampler, batch_size=len(block),
-        )
-        encoded = {i: _png(image) for i, image in zip(block, images) if i not in have}
-        made += [_record(i, data, spec) for i, data in encoded.items()]
+
+    def save(images: dict[int, Image.Image]) -> None:
+        encoded = {i: _png(image) for i, image in images.items()}
+        made.extend(_record(i, data, spec) for i, data in encoded.items())
         # Recorded before written: a record whose file is missing is made again, an image without any record would be refused.
         write_json(part, {"spec": _as_json(spec), "images": made})
         for i, data in encoded.items():
             atomic_write_bytes(class_dir / _file_name(i), data)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=1) as writer:  # PNG encoding and writing overlap the next batch's sampling, in order
+        saved = []
+        for block in tqdm(mine, desc="class images" + (f" (process {rank})" if num_ranks > 1 else ""), unit="batch"):
+            images = generate(
+                pipelines, [spec.prompt] * len(block), [spec.seed + i for i in block], steps=spec.steps,
+                guidance=list(spec.guidance), sampler=spec.sampler, batch_size=len(block), autocast_dtype=AUTOCAST[spec.precision],
+            )
+            saved.append(writer.submit(save, {i: image for i, image in zip(block, images) if i not in have}))
+        for future in saved:
+            future.result()  # re-raise a failed write here
     seconds = time.monotonic() - started
     logger.info("generated %d class images in %.0f s (%.2f s each) into %s", len(made), seconds, seconds / len(made), class_dir)
 
@@ -215,7 +227,10 @@ def _check_spec(stored: dict, spec: ClassImageSpec, class_dir: Path) -> None:
 
 
 def _as_json(spec: ClassImageSpec) -> dict:
-    return json.loads(json.dumps(asdict(spec)))  # as JSON stores it (tuples as lists)
+    fields = asdict(spec)
+    if spec.precision == "fp32":  # as manifests written before precision was recorded, which were all fp32
+        del fields["precision"]
+    return json.loads(json.dumps(fields))  # as JSON stores it (tuples as lists)
 
 
 def _file_name(index: int) -> str:

@@ -12,6 +12,8 @@ import hashlib
 
 import torch
 
+from dreambooth.devices import to_device
+
 
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed from any tuple of ints/strings (stable across processes and platforms)."""
@@ -20,7 +22,11 @@ def derive_seed(*parts: int | str) -> int:
 
 
 class RowRandom:
-    """One `torch.Generator` per batch row; every draw returns a tensor stacked over rows."""
+    """One `torch.Generator` per batch row; every draw returns a tensor stacked over rows.
+
+    The draws are made on the CPU, whatever the device (the same numbers on every machine), and
+    sent to the device without blocking the host (`to_device`).
+    """
 
     def __init__(self, seeds: list[int], device: torch.device | str = "cpu") -> None:
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -32,13 +38,13 @@ class RowRandom:
     def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Standard normal [rows, *shape]."""
         rows = [torch.randn(shape, generator=g, dtype=torch.float32) for g in self.generators]
-        return torch.stack(rows).to(self.device, dtype)
+        return to_device(torch.stack(rows), self.device).to(dtype)
 
     def randint(self, low: int, high: int) -> torch.Tensor:
         """Integers in [low, high), one per row: [rows]."""
         rows = [torch.randint(low, high, (1,), generator=g) for g in self.generators]
-        return torch.cat(rows).to(self.device)
+        return to_device(torch.cat(rows), self.device)
 
     def rand(self) -> torch.Tensor:
         """Uniform [0, 1), one per row: [rows]."""
-        return torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(self.device)
+        return to_device(torch.cat([torch.rand(1, generator=g) for g in self.generators]), self.device)

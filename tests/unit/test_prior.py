@@ -70,12 +70,21 @@ def test_only_missing_or_damaged_images_are_made_again_identically(setup, tmp_pa
     assert paths[0].stat().st_mtime_ns == kept  # an intact image is not rewritten
 
 
-@pytest.mark.parametrize("change", [{"prompt": "a cat"}, {"model": "another-model"}, {"steps": 50}, {"prompt_tokenized": "A dog"}])
+@pytest.mark.parametrize("change", [{"prompt": "a cat"}, {"model": "another-model"}, {"steps": 50}, {"prompt_tokenized": "A dog"}, {"precision": "bf16"}])
 def test_a_set_made_differently_is_detected(setup, tmp_path: Path, change: dict) -> None:
     pipeline, spec, _ = setup
     ensure_class_images(pipeline, tmp_path, spec, 1, batch_size=1)
     with pytest.raises(ValueError, match="were made differently"):
         ensure_class_images(pipeline, tmp_path, dataclasses.replace(spec, **change), 1, batch_size=1)
+
+
+def test_fp32_sets_keep_the_manifest_of_before_precision_was_recorded(setup, tmp_path: Path) -> None:
+    pipeline, spec, generated = setup
+    ensure_class_images(pipeline, tmp_path, spec, 1, batch_size=1)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert "precision" not in manifest["spec"]  # fp32 sets made before this field existed stay valid
+    ensure_class_images(pipeline, tmp_path, spec, 1, batch_size=1)
+    assert generated == [0]
 
 
 def test_a_changed_seed_is_refused(setup, tmp_path: Path) -> None:

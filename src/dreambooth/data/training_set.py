@@ -14,16 +14,16 @@ from functools import lru_cache
 
 import torch
 from PIL import Image
-from torch import Tensor
 
 from dreambooth.data.images import center_crop_framing, resize_center_crop, to_tensor
+from dreambooth.devices import to_device
 from dreambooth.models.spec import Encoded, Stage, TextConditioning, Tokens
 from dreambooth.seeding import derive_seed
 
 
 @dataclass
 class Examples:
-    """Rows of one kind (subject photos or class images), encoded once; tensors on CPU."""
+    """Rows of one kind (subject photos or class images), encoded once."""
 
     encoded: Encoded
     """Per-image encodings, each [n, ...]."""
@@ -32,6 +32,9 @@ class Examples:
     def __len__(self) -> int:
         return len(self.captions)
 
+    def to(self, device: torch.device) -> Examples:
+        return Examples({key: to_device(value, device) for key, value in self.encoded.items()}, self.captions)
+
 
 @dataclass
 class TrainingSet:
@@ -39,6 +42,11 @@ class TrainingSet:
     classes: Examples | None = None
     text_cache: dict[str, TextConditioning] | None = None
     """Caption -> its (unbatched) text conditioning, when the text encoders are frozen."""
+
+    def to(self, device: torch.device) -> TrainingSet:
+        """The set on `device`, where the loop keeps it: a batch is then drawn without any host-device copy."""
+        cache = {caption: text.to(device) for caption, text in self.text_cache.items()} if self.text_cache else self.text_cache
+        return TrainingSet(self.instance.to(device), self.classes.to(device) if self.classes is not None else None, cache)
 
 
 @dataclass
@@ -54,7 +62,7 @@ class Batch:
     tokens: Tokens | None = None
 
     def to(self, device: torch.device) -> Batch:
-        move = lambda d: {k: v.to(device) for k, v in d.items()} if d is not None else None  # noqa: E731
+        move = lambda d: {k: to_device(v, device) for k, v in d.items()} if d is not None else None  # noqa: E731
         text = self.text.to(device) if self.text is not None else None
         return Batch(move(self.encoded), self.seeds, self.n_instance, self.n_class, text, move(self.tokens))
 
@@ -109,9 +117,9 @@ def sample_batch(
     kinds = [("instance", data.instance)] + ([("class", data.classes)] if data.classes is not None else [])
     encoded_parts, captions, seeds = [], [], []
     for kind, examples in kinds:
-        index = torch.tensor([_pick(len(examples), position + j, seed, kind) for j in rows])
-        encoded_parts.append({key: value[index] for key, value in examples.encoded.items()})
-        for j, i in zip(rows, index.tolist()):
+        index = [_pick(len(examples), position + j, seed, kind) for j in rows]
+        encoded_parts.append({key: torch.stack([value[i] for i in index]) for key, value in examples.encoded.items()})
+        for j, i in zip(rows, index):
             dropped = caption_dropout > 0 and _uniform(seed, "drop", kind, step, micro, j) < caption_dropout
             captions.append("" if dropped else examples.captions[i])
             seeds.append(derive_seed(seed, kind, step, micro, j))
@@ -125,12 +133,12 @@ def sample_batch(
 def _pick(n: int, position: int, seed: int, kind: str) -> int:
     """Row `position` of an endless sequence of epochs, each a fresh permutation of n examples."""
     epoch, offset = divmod(position, n)
-    return int(_permutation(n, seed, kind, epoch)[offset])
+    return _permutation(n, seed, kind, epoch)[offset]
 
 
 @lru_cache(maxsize=8)
-def _permutation(n: int, seed: int, kind: str, epoch: int) -> Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, kind, "epoch", epoch)))
+def _permutation(n: int, seed: int, kind: str, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, kind, "epoch", epoch))).tolist())
 
 
 def _uniform(*parts: int | str) -> float:

@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from dreambooth.devices import to_device
 from dreambooth.seeding import RowRandom
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,7 +49,8 @@ class TextConditioning:
     """Pooled prompt embedding [b, d_pooled] (SDXL, SD3, FLUX), or None."""
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TextConditioning:
-        return self._map(lambda t: t.to(device, dtype) if dtype is not None else t.to(device))
+        device = torch.device(device)
+        return self._map(lambda t: to_device(t, device).to(dtype) if dtype is not None else to_device(t, device))
 
     def unbind(self) -> list[TextConditioning]:
         """One unbatched conditioning per row."""

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,8 +100,9 @@ def train_stage(
     prepared = accelerator.prepare(*modules.values(), optimizer)
     wrapped, optimizer = dict(zip(modules, prepared[:-1])), prepared[-1]
     model = with_modules(stage, wrapped)                          # forward passes go through the wrappers
-    ema = EMAModel(params, decay=train.ema_decay) if train.ema_decay else None
+    ema = EMAModel(params, decay=train.ema_decay, foreach=True) if train.ema_decay else None
 
+    data = data.to(device)                                        # batches are then drawn without host-device copies
     step = _resume(paths.checkpoints, modules, optimizer, schedule, ema, accelerator.scaler)
     if on_start is not None:
         on_start()
@@ -118,25 +120,24 @@ def train_stage(
                 ).to(device)
                 with accelerator.accumulate(*wrapped.values()), _dropout_rng(train.seed, step, micro, accelerator.process_index):
                     loss, terms = compute_loss(model, batch, plan.prior_weight)
-                    _check_finite(loss, accelerator, step, paths.checkpoints)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and plan.optim.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, plan.optim.max_grad_norm)
+                    micro_losses.append(loss.detach())
+                    micro_terms.append(terms)
+                    if accelerator.sync_gradients:
+                        # The step's one host-device synchronisation: its metrics, read before the update.
+                        metrics = step_metrics(micro_losses, micro_terms, accelerator)
+                        _check_finite(metrics, step, paths.checkpoints)
+                        if plan.optim.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(params, plan.optim.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                micro_losses.append(loss.detach())
-                micro_terms.append(terms)
             schedule.step()
             if ema is not None:
                 ema.step(params)
             step += 1
 
-            # Logged: the mean over micro-batches and processes, i.e. the global batch.
-            loss = accelerator.reduce(torch.stack(micro_losses).mean(), "mean")
-            terms = {key: torch.cat([t[key] for t in micro_terms]) for key in micro_terms[0]}
-            terms = {key: accelerator.gather(value) if value.numel() else value for key, value in terms.items()}
             if accelerator.is_main_process:
-                metrics = step_metrics(float(loss), terms, schedule.get_last_lr()[0])
+                metrics["lr"] = schedule.get_last_lr()[0]
                 recorder.log(step, metrics)
                 bar.update()
                 bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
@@ -237,13 +238,14 @@ def _validate(validate, step: int, plan: StagePlan, paths: StagePaths, modules, 
     accelerator.wait_for_everyone()
 
 
-def _check_finite(loss: torch.Tensor, accelerator: Accelerator, step: int, checkpoints: Path) -> None:
-    if bool(accelerator.gather(loss.detach().reshape(1)).isfinite().all()):
+def _check_finite(metrics: dict[str, float], step: int, checkpoints: Path) -> None:
+    """Raise before the update when any process's loss of this step is NaN or infinite."""
+    if math.isfinite(metrics["loss/total"]):  # the mean over processes: non-finite if any process's loss is
         return
     last = latest_checkpoint(checkpoints)
     where = f"the last good checkpoint is {last} (continue from it with --resume)" if last else "no checkpoint was written yet"
     raise TrainingDiverged(
-        f"loss became {loss.item()} at step {step + 1}; the update was not applied and {where}. "
+        f"loss became {metrics['loss/total']} at step {step + 1}; the update was not applied and {where}. "
         "Try a lower learning rate, bf16 instead of fp16, or a smaller max_grad_norm"
     )
 

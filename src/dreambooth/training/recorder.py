@@ -76,18 +76,22 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def step_metrics(loss: float, terms: dict[str, torch.Tensor], lr: float) -> dict[str, float]:
-    """Scalars of one step: total and per-term losses, and the instance loss by noise-level quartile
-    (`loss/t0` the least noisy quarter of the range, `loss/t3` the noisiest)."""
-    out = {"loss/total": loss, "lr": lr}
-    for key in ("loss/instance", "loss/prior"):
-        if terms[key].numel():
-            out[key] = float(terms[key].mean())
-    quartile = (terms["level/instance"].cpu() * 4).floor().clamp(max=3)
-    for q in range(4):
-        mask = quartile == q
-        if mask.any():
-            out[f"loss/t{q}"] = float(terms["loss/instance"].cpu()[mask].mean())
+def step_metrics(micro_losses: list[torch.Tensor], micro_terms: list[dict[str, torch.Tensor]], accelerator) -> dict[str, float]:
+    """Scalars of one optimizer step over its micro-batches and processes (the global batch): the total
+    and per-term losses, and the instance loss by noise-level quartile (`loss/t0` the least noisy quarter
+    of the range, `loss/t3` the noisiest). Computed on the device and read by the host in one copy."""
+    loss = accelerator.reduce(torch.stack(micro_losses).mean(), "mean")
+    terms = {key: torch.cat([t[key] for t in micro_terms]) for key in micro_terms[0]}
+    terms = {key: accelerator.gather(value) if value.numel() else value for key, value in terms.items()}
+    instance = terms["loss/instance"].float()
+    quartile = (terms["level/instance"].float() * 4).floor().clamp(0, 3).long()
+    sums = torch.zeros(4, device=instance.device).index_add_(0, quartile, instance)
+    counts = torch.bincount(quartile, minlength=4).float()
+    means = {key: terms[key].float().mean().reshape(1) for key in ("loss/instance", "loss/prior") if terms[key].numel()}
+    values = torch.cat([loss.float().reshape(1), *means.values(), sums, counts]).tolist()
+    out = dict(zip(["loss/total", *means], values))
+    quartile_sums, quartile_counts = values[-8:-4], values[-4:]
+    out |= {f"loss/t{q}": total / count for q, (total, count) in enumerate(zip(quartile_sums, quartile_counts)) if count}
     return out
 
 

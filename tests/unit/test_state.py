@@ -13,6 +13,7 @@ from dreambooth.training.state import (
     OPTIMIZER_FILE,
     PROGRESS_FILE,
     TRAINABLE_FILE,
+    CheckpointWriter,
     latest_checkpoint,
     load_checkpoint,
     load_latest,
@@ -35,6 +36,37 @@ def test_save_then_load_restores_trainable_weights_and_state(tmp_path: Path) -> 
     assert step == 5 and state == {"optimizer": {"x": 1}}
     assert torch.equal(restored["unet"][0].weight, saved["unet"][0].weight)
     assert not torch.equal(restored["unet"][1].weight, saved["unet"][1].weight)  # frozen: untouched
+
+
+def test_a_background_checkpoint_holds_the_values_of_its_step(tmp_path: Path, monkeypatch) -> None:
+    import dreambooth.training.state as state
+
+    modules, moments = _modules(0), {"exp_avg": torch.ones(3)}
+    at_save = modules["unet"][0].weight.detach().clone()
+    release = __import__("threading").Event()
+    write = state._write_checkpoint
+    monkeypatch.setattr(state, "_write_checkpoint", lambda *a: release.wait(10) and write(*a))
+    writer, plotted = CheckpointWriter(), []
+    writer.save(tmp_path, 3, modules, {"optimizer": moments}, {}, keep_last=2, then=lambda: plotted.append(3))
+    with torch.no_grad():  # training goes on while the files are written
+        modules["unet"][0].weight.add_(1.0)
+        moments["exp_avg"].add_(1.0)
+    assert latest_checkpoint(tmp_path) is None
+    release.set()
+    writer.close()
+    restored = _modules(1)
+    step, saved = load_checkpoint(latest_checkpoint(tmp_path), restored)
+    assert step == 3 and plotted == [3] and torch.equal(restored["unet"][0].weight, at_save)
+    assert torch.equal(saved["optimizer"]["exp_avg"], torch.ones(3))
+
+
+def test_a_failed_background_write_is_raised(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    writer = CheckpointWriter()
+    writer.save(blocker, 1, _modules(0), {}, {}, keep_last=1)
+    with pytest.raises(OSError):
+        writer.close()
 
 
 def test_only_the_last_k_are_kept_and_latest_points_at_the_newest(tmp_path: Path) -> None:

@@ -29,14 +29,14 @@ from dreambooth.models.lora import add_lora
 from dreambooth.models.spec import Stage, frozen_modules, is_text_encoder, trainable_modules, with_modules
 from dreambooth.seeding import derive_seed
 from dreambooth.training.optim import build_lr_schedule, build_optimizer
-from dreambooth.training.recorder import Recorder, step_metrics
+from dreambooth.training.recorder import Recorder, plot_curves, step_metrics
 from dreambooth.training.state import (
+    CheckpointWriter,
     best_record,
     latest_checkpoint,
     load_best,
     load_latest,
     save_best,
-    save_checkpoint,
 )
 from dreambooth.training.step import compute_loss
 
@@ -109,7 +109,8 @@ def train_stage(
     recorder = Recorder(paths.log, accelerator, resume_step=step)
     eval_recorder = Recorder(paths.eval_log, accelerator, resume_step=step)
     bar = tqdm(total=train.max_steps, initial=step, desc=f"train {stage.name}", disable=not accelerator.is_main_process)
-    with _StopOnSigint() as stop:
+    writer = CheckpointWriter()
+    with _StopOnSigint() as stop, contextlib.closing(writer):  # closing: every checkpoint started is complete on exit
         while step < train.max_steps:
             micro_losses, micro_terms = [], []
             for micro in range(train.gradient_accumulation_steps):
@@ -126,7 +127,7 @@ def train_stage(
                     if accelerator.sync_gradients:
                         # The step's one host-device synchronisation: its metrics, read before the update.
                         metrics = step_metrics(micro_losses, micro_terms, accelerator)
-                        _check_finite(metrics, step, paths.checkpoints)
+                        _check_finite(metrics, step, paths.checkpoints, writer)
                         if plan.optim.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(params, plan.optim.max_grad_norm)
                     optimizer.step()
@@ -143,7 +144,7 @@ def train_stage(
                 bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
             done = step == train.max_steps
             if done or stop.requested or _due(step, plan.checkpoint.every_n_steps):
-                _save(paths, step, modules, optimizer, schedule, ema, plan.checkpoint.keep_last, accelerator, recorder, stage.name)
+                _save(writer, paths, step, modules, optimizer, schedule, ema, plan.checkpoint.keep_last, accelerator, recorder, stage.name)
             if stop.requested:
                 raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved in {paths.checkpoints}: rerun with --resume")
             if validate is not None and (done or any(_due(step, every) for every in plan.validate_every)):
@@ -213,7 +214,8 @@ def _resume(root: Path, modules, optimizer, schedule, ema, scaler) -> int:
     return step
 
 
-def _save(paths: StagePaths, step, modules, optimizer, schedule, ema, keep_last, accelerator, recorder, name) -> None:
+def _save(writer: CheckpointWriter, paths: StagePaths, step, modules, optimizer, schedule, ema, keep_last, accelerator, recorder, name) -> None:
+    """Checkpoint the step (the files and the loss plot are written in the background)."""
     if accelerator.is_main_process:
         state = {
             "optimizer": optimizer.state_dict(), "lr_schedule": schedule.state_dict(), "ema": ema.state_dict() if ema else None,
@@ -221,8 +223,9 @@ def _save(paths: StagePaths, step, modules, optimizer, schedule, ema, keep_last,
         }
         unwrapped = {k: accelerator.unwrap_model(m) for k, m in modules.items()}
         loss = recorder.rows[-1].get("loss/total") if recorder.rows else None
-        save_checkpoint(paths.checkpoints, step, unwrapped, state, {"loss": loss}, keep_last)
-        recorder.plot(paths.loss_plot, f"stage {name}")
+        rows = list(recorder.rows)
+        plot = functools.partial(plot_curves, rows, paths.loss_plot, f"stage {name}")
+        writer.save(paths.checkpoints, step, unwrapped, state, {"loss": loss}, keep_last, then=plot)
     accelerator.wait_for_everyone()
 
 
@@ -238,10 +241,11 @@ def _validate(validate, step: int, plan: StagePlan, paths: StagePaths, modules, 
     accelerator.wait_for_everyone()
 
 
-def _check_finite(metrics: dict[str, float], step: int, checkpoints: Path) -> None:
+def _check_finite(metrics: dict[str, float], step: int, checkpoints: Path, writer: CheckpointWriter) -> None:
     """Raise before the update when any process's loss of this step is NaN or infinite."""
     if math.isfinite(metrics["loss/total"]):  # the mean over processes: non-finite if any process's loss is
         return
+    writer.wait()
     last = latest_checkpoint(checkpoints)
     where = f"the last good checkpoint is {last} (continue from it with --resume)" if last else "no checkpoint was written yet"
     raise TrainingDiverged(

@@ -37,28 +37,34 @@ class Recorder:
         self.accelerator.log(values, step=step)
 
     def plot(self, png: Path, title: str, keys: tuple[str, ...] = ("loss/instance", "loss/prior"), log_scale: bool = True) -> None:
-        """Curves of `keys` over steps: raw and smoothed when there are many points, markers when few."""
-        import matplotlib
+        plot_curves(self.rows, png, title, keys, log_scale)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        for key in keys:
-            steps = [r["step"] for r in self.rows if key in r]
-            values = [r[key] for r in self.rows if key in r]
-            if len(values) > 20:
-                (line,) = ax.plot(steps, values, alpha=0.25)
-                ax.plot(steps, _smooth(values), color=line.get_color(), label=key)
-            elif values:
-                ax.plot(steps, values, marker="o", label=key)
-        ax.set(xlabel="step", title=title, yscale="log" if log_scale else "linear")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png)
-        plt.close(fig)
+def plot_curves(rows: list[dict], png: Path, title: str, keys: tuple[str, ...] = ("loss/instance", "loss/prior"), log_scale: bool = True) -> None:
+    """Curves of `keys` over steps: raw and smoothed when there are many points, markers when few.
+
+    Drawn without pyplot's global state, so that it may run in a background thread.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key in keys:
+        steps = [r["step"] for r in rows if key in r]
+        values = [r[key] for r in rows if key in r]
+        if len(values) > 20:
+            (line,) = ax.plot(steps, values, alpha=0.25)
+            ax.plot(steps, _smooth(values), color=line.get_color(), label=key)
+        elif values:
+            ax.plot(steps, values, marker="o", label=key)
+    ax.set(xlabel="step", title=title, yscale="log" if log_scale else "linear")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -9,14 +9,18 @@ never leaves a half-written checkpoint as "latest".
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from dreambooth.files import atomic_write_text, read_json, write_json
 
@@ -47,11 +51,57 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module], traini
         training_state: state dicts of the optimizer, schedule and EMA, saved with torch.save.
         extra: JSON-able facts recorded in progress.json (e.g. the loss).
     """
+    return _write_checkpoint(root, step, *_host_copy(modules, training_state), extra, keep_last)
+
+
+class CheckpointWriter:
+    """Saves checkpoints in a background thread: training waits only for the copy to host memory.
+
+    One checkpoint is written at a time, in order; `wait()` returns once the last one is complete
+    (and re-raises its error, e.g. a full disk).
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future | None = None
+
+    def save(self, root: Path, step: int, modules: dict[str, nn.Module], training_state: dict, extra: dict, keep_last: int,
+             then: Callable[[], None] | None = None) -> None:
+        """`save_checkpoint` with the tensors copied now and the files written in the background, then `then()`."""
+        weights, state = _host_copy(modules, training_state)
+        self.wait()
+
+        def write() -> None:
+            _write_checkpoint(root, step, weights, state, extra, keep_last)
+            if then is not None:
+                then()
+
+        self._pending = self._pool.submit(write)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
+
+
+def _host_copy(modules: dict[str, nn.Module], training_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trainable weights and the training state as host copies that later steps cannot change."""
+    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trainable_state(modules).items()}
+    state = tree_map(lambda v: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else copy.deepcopy(v), training_state)
+    return weights, state
+
+
+def _write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], training_state: dict, extra: dict, keep_last: int) -> Path:
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trainable_state(modules).items()}
     save_file(weights, tmp / TRAINABLE_FILE)
     torch.save(training_state, tmp / OPTIMIZER_FILE)
     write_json(tmp / PROGRESS_FILE, {STEP_KEY: step, **extra})

@@ -194,6 +194,9 @@ class TrainConfig:
     """Autocast precision; frozen parts are stored in it too. fp16 needs a GPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% slower."""
+    compile: bool = False
+    """torch.compile the denoiser's repeated blocks (regional compilation): faster steps on a GPU after
+    a first step that compiles (cached by torch for later runs); needs a C++ compiler on CPU."""
     train_text_encoder: bool = False
     """Fine-tune the text encoder(s) too (the paper fine-tunes all layers)."""
     text_encoders: tuple[str, ...] | None = None

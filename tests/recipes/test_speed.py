@@ -79,7 +79,8 @@ def test_at_most_one_host_device_synchronisation_per_optimizer_step(options, tin
     (["--no-cache-latents"], 1e-5),
     (["--mixed-precision", "bf16"], 0.05),
     (["--use-8bit-adam"], 0.05),
-], ids=["gradient-checkpointing", "no-cache-latents", "bf16", "8bit-adam"])
+    (["--compile"], 1e-4),  # ~50 s the first time on 2 cores (inductor compiles C++), seconds once cached
+], ids=["gradient-checkpointing", "no-cache-latents", "bf16", "8bit-adam", "compile"])
 def test_speed_and_memory_options_keep_the_loss_curve_of_the_plain_path(options, rtol, tiny_sd: Path, photos: Path, tmp_path: Path) -> None:
     assert train(tiny_sd, photos, tmp_path / "plain", "--max-steps", "4") == 0
     assert train(tiny_sd, photos, tmp_path / "option", "--max-steps", "4", *options) == 0

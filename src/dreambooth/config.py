@@ -284,7 +284,7 @@ class ValidationConfig:
     every_n_steps: int = field(default=100, metadata={"flag": "validation-every"})
     """Sample validation images every N steps (and at the end); 0: only at the end."""
     num_images: int = field(default=4, metadata={"flag": "validation-images"})
-    """Images per validation prompt."""
+    """Images per validation prompt; 0: no validation samples at all (not even at the end)."""
     steps: int = field(default=25, metadata={"flag": "validation-steps"})
     """Denoising steps of validation samples."""
     guidance_scale: float | None = field(default=None, metadata={"flag": "validation-guidance"})
@@ -295,7 +295,7 @@ class ValidationConfig:
     def __post_init__(self) -> None:
         raise_problems([
             (self.every_n_steps >= 0, "validation.every_n_steps must be >= 0"),
-            (self.num_images >= 1 and self.steps >= 1, "validation.num_images and validation.steps must be >= 1"),
+            (self.num_images >= 0 and self.steps >= 1, "validation.num_images must be >= 0 and validation.steps >= 1"),
         ])
 
 

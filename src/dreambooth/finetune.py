@@ -253,7 +253,7 @@ def _validator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subje
         modes = {m: m.training for m in (stage.denoiser, *stage.text_encoders.values())}
         for module in modes:
             module.eval()  # no dropout in what is sampled and scored (a trained text encoder has some)
-        if done or (v.every_n_steps and step % v.every_n_steps == 0):
+        if v.num_images and (done or (v.every_n_steps and step % v.every_n_steps == 0)):
             with stages_on(cascade, accelerator.device):
                 images = generate(
                     pipelines, *expand_prompts(prompts, v.num_images, v.seed),

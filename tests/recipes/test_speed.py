@@ -16,7 +16,7 @@ from dreambooth.training.recorder import Recorder
 
 FAST = [
     "--class-noun", "dog", "--num-class-images", "2", "--class-steps", "1", "--class-batch-size", "2",
-    "--validation-every", "0", "--validation-images", "1", "--validation-steps", "1", "--checkpoint-every", "0",
+    "--validation-every", "0", "--validation-images", "0", "--checkpoint-every", "0",
     "--logger", "none", "--learning-rate", "1e-3", "--no-save-pipeline",
 ]
 
@@ -72,6 +72,7 @@ def test_at_most_one_host_device_synchronisation_per_optimizer_step(options, tin
         assert train(tiny_sd, photos, tmp_path / "run", "--max-steps", "6", *options) == 0
     per_step = [after - before for before, after in zip(at_step, at_step[1:])]  # between the logs of consecutive steps
     assert len(per_step) == 5 and max(per_step) <= 1, per_step
+    assert not (tmp_path / "run" / "samples").exists()  # --validation-images 0: no sampling at all
 
 
 @pytest.mark.parametrize(("options", "rtol"), [

@@ -103,6 +103,7 @@ def train_stage(
     ema = EMAModel(params, decay=train.ema_decay, foreach=True) if train.ema_decay else None
 
     data = data.to(device)                                        # batches are then drawn without host-device copies
+    dropout = _draws_dropout(modules)
     step = _resume(paths.checkpoints, modules, optimizer, schedule, ema, accelerator.scaler)
     if on_start is not None:
         on_start()
@@ -119,7 +120,8 @@ def train_stage(
                     rank=accelerator.process_index, world=accelerator.num_processes, batch_size=train.batch_size,
                     seed=train.seed, caption_dropout=train.caption_dropout,
                 ).to(device)
-                with accelerator.accumulate(*wrapped.values()), _dropout_rng(train.seed, step, micro, accelerator.process_index):
+                draws = _dropout_rng(train.seed, step, micro, accelerator.process_index) if dropout else contextlib.nullcontext()
+                with accelerator.accumulate(*wrapped.values()), draws:
                     loss, terms = compute_loss(model, batch, plan.prior_weight)
                     accelerator.backward(loss)
                     micro_losses.append(loss.detach())
@@ -263,6 +265,14 @@ def _check_finite(metrics: dict[str, float], step: int, checkpoints: Path, write
     raise TrainingDiverged(
         f"loss became {metrics['loss/total']} at step {step + 1}; the update was not applied and {where}. "
         "Try a lower learning rate, bf16 instead of fp16, or a smaller max_grad_norm"
+    )
+
+
+def _draws_dropout(modules: dict[str, torch.nn.Module]) -> bool:
+    """Whether a module that trains drops activations (nn.Dropout, or attention dropout as a rate)."""
+    return any(
+        (isinstance(m, torch.nn.Dropout) and m.p > 0) or (isinstance(getattr(m, "dropout", None), float) and m.dropout > 0)
+        for module in modules.values() for m in module.modules()
     )
 
 

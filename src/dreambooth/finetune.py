@@ -90,16 +90,13 @@ def finetune(cfg: RunConfig) -> RunLayout:
 
     @functools.cache
     def record_start() -> None:
-        """Record the config and run.json (once). A resumed run does it only when its first checkpoint has
-        loaded, so that a resume that fails (a damaged or foreign checkpoint) leaves the folder as it was."""
+        """Record the config and run.json (once), when the first stage's checkpoint (if any) has loaded:
+        a command that fails before (a bad input, a damaged or foreign checkpoint) records no run."""
         if accelerator.is_main_process:
             record_config(layout, cfg, subject.identifier)
             write_json(layout.run_info, info)
         if accelerator.log_with:
             accelerator.init_trackers("dreambooth")
-
-    if not resuming:
-        record_start()
     # The stages wait on the CPU: sampling class images brings the cascade onto the device, training one stage at a time.
     class_images = None
     if cfg.prior.enabled:  # made before any stage trains, so that every stage's prior is the frozen model's

@@ -31,7 +31,7 @@ def open_run_folder(cfg: RunConfig) -> tuple[RunLayout, bool]:
             cannot be written.
     """
     layout = RunLayout(cfg.run_dir)
-    exists = layout.root.is_dir() and any(layout.root.iterdir())
+    exists = _holds_run(layout)
     if exists and not (cfg.output.resume or cfg.output.overwrite):
         raise ValueError(
             f"run folder {str(layout.root)!r} already exists{_describe(layout)}. "
@@ -51,6 +51,12 @@ def open_run_folder(cfg: RunConfig) -> tuple[RunLayout, bool]:
 def record_config(layout: RunLayout, cfg: RunConfig, identifier: str | None = None) -> None:
     """Write the run's config.resolved.toml, with the identifier the run uses (chosen or resumed)."""
     save_toml(resolve(cfg, identifier), layout.config)
+
+
+def _holds_run(layout: RunLayout) -> bool:
+    """Whether a run was recorded in the folder: a start that failed before training leaves only
+    reusable parts (its class images, an error log), and the folder is then opened as new."""
+    return layout.config.is_file() or layout.run_info.is_file() or any((layout.root / "checkpoints").glob("*/step-*"))
 
 
 def _describe(layout: RunLayout) -> str:

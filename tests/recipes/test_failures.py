@@ -224,3 +224,15 @@ def test_every_file_argument_names_a_wrong_file_before_any_model_loads(kind: str
         err = capsys.readouterr().err
         assert "Traceback" not in err and str(wrong) in err, f"{argument} given {kind}: {err}"
         assert _snapshot(tmp_path) == before, f"{argument} given {kind} changed files"
+
+
+def test_a_first_start_that_fails_records_no_run_and_the_next_start_needs_no_flag(tiny_sd: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    photos, foreign = write_photos(tmp_path / "photos", n=2), tmp_path / "foreign"
+    foreign.mkdir()
+    Image.new("RGB", (32, 32)).save(foreign / "dog.png")  # class images of unknown origin: refused after the model loads
+    argv = ["train", "--model", str(tiny_sd), "--instance-dir", str(photos), "--run-dir", str(tmp_path / "run"), *TRAIN]
+    _fails_cleanly([*argv, "--class-dir", str(foreign)], capsys, str(foreign))
+    assert not (tmp_path / "run" / "run.json").exists() and not (tmp_path / "run" / "config.resolved.toml").exists()
+    assert main(argv) == 0  # not "already exists: pass --resume or --overwrite"

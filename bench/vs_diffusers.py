@@ -1,0 +1,399 @@
+"""Our `dreambooth train` against diffusers' DreamBooth example, on one tiny offline SD 1.x workload, timed by one harness.
+
+Run: python bench/vs_diffusers.py --diffusers-script /path/to/diffusers/examples/dreambooth/train_dreambooth.py
+     (about 3.5 minutes on 2 CPU cores, the first time 20 s more to build the cache; `--steps 20 --repeats 1`
+     for a quick look; `--json runs.json` keeps every run and figure)
+
+The script comes from a diffusers source checkout (it must suit the installed diffusers, whose
+version it checks on start):
+    git clone https://github.com/huggingface/diffusers
+    -> diffusers/examples/dreambooth/train_dreambooth.py
+
+How it is measured. Every run is a fresh Python process that the harness starts itself,
+`python -m dreambooth.cli train ...` or `python train_dreambooth.py ...` (no `accelerate launch`), so
+the process timed is the training process: wall time around it, peak RSS its `ru_maxrss` from
+wait4. Nothing is instrumented inside either program. Per repeat, three runs of each program,
+interleaved (ours, diffusers, ours, diffusers, ...):
+    cold   `--steps` steps, empty class-image folder    -> end-to-end wall time, peak RSS
+    warm   `--steps` steps, the folder cold filled       -> class images: wall(cold) - wall(warm)
+    long   5 x `--steps` steps, the same folder          -> steps/s: 4 x steps / (wall(long) - wall(warm))
+Each wall time in a figure is the best (lowest) of its `--repeats` runs. Steps/s includes the
+checkpoints written every steps / 2 steps, as a real run does. The progress lines also give each
+run's CPU time (user + system), kept in the JSON: a run that lost the CPUs to another program shows
+a wall time out of line with it. On a shared 2-core machine a run's wall time moves by a second or
+two: the class-image figure (a second or a few, against runs of about 12 s) moves as much, and
+`--class-images 32` steadies it.
+
+The workload, the same for both wherever their flags allow: a tiny random SD 1.x model
+(tests/tiny_models.py `build_tiny_sd`, 32x32 px), 3 photos of a coloured disc, "a photo of sks dog";
+prior preservation with 8 class images of "a photo of dog" (classifier-free guidance 7.5, 8 per
+batch, fp32); batch 1, learning rate 5e-6 constant, full UNet fine-tuning (text encoder frozen),
+fp32, seed 0; a checkpoint every steps / 2 (30) steps; TensorBoard logging (diffusers' script
+always logs, to TensorBoard by default); the fine-tuned pipeline saved at the end. Model and photos
+are built once in bench/.cache/vs_diffusers/ (gitignored), where the runs' logs also go.
+
+What still differs, by design of the programs:
+  - Class images: ours samples 25 DPM++ steps (its default `--class-steps`); diffusers' script calls
+    the pipeline with its default 50 steps of the model's own scheduler. The time per image per
+    denoising step compares equal work; it still carries that phase's fixed costs (diffusers loads
+    a second copy of the pipeline for it).
+  - Ours encodes photos and class images to latents once; diffusers' script runs the VAE encoder on
+    every batch. Both encode the prompts once (diffusers: `--pre_compute_text_embeddings`).
+  - Neither samples validation images (ours `--validation-images 0`; diffusers' script without
+    `--validation_prompt`).
+  - Ours keeps the last 2 checkpoints (its default) and deletes older ones; diffusers' keeps all.
+
+torchvision. Diffusers' script imports `torchvision.transforms` (pure Python). The harness installs
+the torchvision release paired with the installed torch (`pip install --no-deps --target`, about 7 MB,
+once) into the cache and puts it on the PYTHONPATH of the diffusers process only. PyPI's Linux
+wheel is built against CUDA torch: beside a CPU build of torch its compiled ops cannot load, which
+torchvision tolerates, except for two fake-kernel registrations (`torchvision::nms`, `qnms`) that
+fail because the ops do not exist. A `sitecustomize.py` on the same PYTHONPATH declares these two op
+schemas, with no kernels, so `import torchvision` goes through; nothing the script runs calls them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from _timing import Timed, load_average, run_timed, tail
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(__file__).resolve().parent / ".cache" / "vs_diffusers"
+PROGRAMS = ("ours", "diffusers")
+KINDS = ("cold", "warm", "long")
+LONG = 5                # the long run trains LONG x --steps: steps/s comes from the (LONG - 1) x --steps more
+RESOLUTION = 32         # build_tiny_sd's images (16x16 latents)
+CLASS_BATCH = 8         # ours' default --class-batch-size; diffusers' script gets it as --sample_batch_size
+DIFFUSERS_CLASS_STEPS = 50   # the script calls the pipeline without num_inference_steps: its default, 50
+INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of dog"
+WEIGHTS = {  # the fine-tuned UNet each program saves at the end, relative to its output folder
+    "ours": Path("pipeline/unet/diffusion_pytorch_model.safetensors"),
+    "diffusers": Path("unet/diffusion_pytorch_model.safetensors"),
+}
+IMAGE_SUFFIXES = (".png", ".jpg")
+BUSY_LOAD = 0.25        # x CPU count: the 1-minute load before the runs above which the figures are suspect
+# Declares the two ops whose fake kernels `import torchvision` registers unconditionally (see the module docstring).
+TORCHVISION_SHIM = '''"""Lets torchvision import beside a torch it was not built against: declares two op schemas, no kernels."""
+import torch
+
+_lib = torch.library.Library("torchvision", "DEF")
+for _name in ("nms", "qnms"):
+    _lib.define(f"{_name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+'''
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: Path
+    photos: Path
+    steps: int
+    class_images: int
+
+    @property
+    def checkpoint_every(self) -> int:
+        return max(1, self.steps // 2)
+
+
+@dataclass(frozen=True)
+class Job:
+    program: str
+    kind: str
+    repeat: int
+
+    def steps(self, workload: Workload) -> int:
+        return workload.steps * (LONG if self.kind == "long" else 1)
+
+    @property
+    def folder(self) -> Path:
+        return CACHE / "runs" / f"{self.repeat}-{self.program}-{self.kind}"
+
+    @property
+    def class_dir(self) -> Path:
+        """Filled by the cold run of the same repeat, reused by its warm and long runs."""
+        return CACHE / "runs" / f"{self.repeat}-{self.program}-class"
+
+
+@dataclass(frozen=True)
+class Run:
+    program: str
+    kind: str
+    repeat: int
+    steps: int
+    wall_s: float
+    peak_rss_mb: float
+    cpu_s: float
+
+
+def ours_command(job: Job, w: Workload) -> list[str]:
+    return [
+        sys.executable, "-m", "dreambooth.cli", "train", "--model", str(w.model), "--instance-dir", str(w.photos),
+        "--identifier", "sks", "--class-noun", "dog",
+        "--instance-prompt", "a photo of {identifier} {class_noun}", "--class-prompt", "a photo of {class_noun}",
+        "--prior-preservation", "--num-class-images", str(w.class_images), "--class-dir", str(job.class_dir),
+        "--class-batch-size", str(CLASS_BATCH), "--resolution", str(RESOLUTION),
+        "--max-steps", str(job.steps(w)), "--batch-size", "1", "--learning-rate", "5e-6", "--mixed-precision", "no",
+        "--seed", "0", "--checkpoint-every", str(w.checkpoint_every), "--logger", "tensorboard",
+        "--validation-images", "0",  # no validation samples, as diffusers' script without --validation_prompt
+        "--run-dir", str(job.folder / "out"),
+    ]
+
+
+def diffusers_command(script: Path, job: Job, w: Workload) -> list[str]:
+    return [
+        sys.executable, str(script), "--pretrained_model_name_or_path", str(w.model),
+        "--instance_data_dir", str(w.photos), "--instance_prompt", INSTANCE_PROMPT, "--class_prompt", CLASS_PROMPT,
+        "--with_prior_preservation", "--num_class_images", str(w.class_images), "--class_data_dir", str(job.class_dir),
+        "--sample_batch_size", str(CLASS_BATCH), "--prior_generation_precision", "fp32",
+        "--resolution", str(RESOLUTION), "--max_train_steps", str(job.steps(w)), "--train_batch_size", "1",
+        "--learning_rate", "5e-6", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--mixed_precision", "no",
+        "--seed", "0", "--checkpointing_steps", str(w.checkpoint_every), "--report_to", "tensorboard",
+        "--pre_compute_text_embeddings", "--output_dir", str(job.folder / "out"),
+    ]
+
+
+def torchvision_release() -> str:
+    """The torchvision minor release built with the installed torch (torch 2.N pairs with torchvision 0.N+15)."""
+    major, minor = importlib.metadata.version("torch").split(".")[:2]
+    if major != "2":
+        raise ValueError(f"torch {major}.{minor}: no known torchvision pairing; this harness knows torch 2.x")
+    return f"0.{int(minor) + 15}"
+
+
+def setup_step(cmd: list[str], env: dict[str, str], what: str) -> None:
+    """Run one preparation command, its output kept in the cache; raise with its stderr tail on failure."""
+    logs = CACHE / "setup" / what.replace(" ", "_")
+    result = run_timed(cmd, env, logs)
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {result.returncode}):\n{tail(logs / 'stderr.txt')}")
+
+
+def prepare_model() -> Path:
+    """The tiny SD 1.x pipeline folder, built on first use (in a child process: the harness stays light)."""
+    path = CACHE / "model"
+    if not (path / "model_index.json").exists():
+        print("building the tiny SD 1.x model (once) ...", flush=True)
+        partial = path.with_name("model.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        code = (f"import sys; from pathlib import Path; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
+                f"from tiny_models import build_tiny_sd; build_tiny_sd(Path({str(partial)!r}))")
+        setup_step([sys.executable, "-c", code], dict(os.environ), "build model")
+        partial.rename(path)
+    return path
+
+
+def prepare_photos() -> Path:
+    """Three 64x64 PNGs of a disc, one colour each (square: diffusers' random crop then crops nothing)."""
+    folder = CACHE / "photos"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, colour in enumerate(("red", "green", "blue")):
+        image = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(image).ellipse((8 + 4 * i, 12, 48 + 4 * i, 52), fill=colour)
+        image.save(folder / f"{i}.png")
+    return folder
+
+
+def prepare_torchvision() -> tuple[Path, Path]:
+    """torchvision for the diffusers process, installed once, and the shim that lets it import.
+
+    Returns:
+        The folder holding the `torchvision` package and the folder holding `sitecustomize.py`.
+    """
+    release = torchvision_release()
+    target, shim = CACHE / f"torchvision-{release}", CACHE / "torchvision_shim"
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "sitecustomize.py").write_text(TORCHVISION_SHIM)
+    if not (target / "torchvision" / "__init__.py").exists():
+        print(f"installing torchvision {release}.* into {target.relative_to(ROOT)} (once) ...", flush=True)
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        setup_step([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(partial),
+                    f"torchvision=={release}.*"], dict(os.environ), "pip install torchvision")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), str(partial)])}
+        setup_step([sys.executable, "-c", "from torchvision import transforms"], env, "import torchvision")
+        partial.rename(target)
+    return target, shim
+
+
+def environments(torchvision: Path, shim: Path) -> dict[str, dict[str, str]]:
+    """Each program's environment: offline, and torchvision for diffusers' script only."""
+    base = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    paths = [str(shim), str(torchvision), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"ours": base, "diffusers": {**base, "PYTHONPATH": os.pathsep.join(paths)}}
+
+
+def problems_with(job: Job, w: Workload, timed: Timed) -> list[str]:
+    """What shows that the run did not train: exit code, steps never reached, missing weights or class images."""
+    problems = [] if timed.returncode == 0 else [f"exit code {timed.returncode}"]
+    steps = job.steps(w)
+    if f"{steps}/{steps} [" not in (job.folder / "stderr.txt").read_text(errors="replace"):
+        problems.append(f"its progress bar never reached {steps}/{steps} steps")
+    if not (job.folder / "out" / WEIGHTS[job.program]).is_file():
+        problems.append(f"no {WEIGHTS[job.program]} in {job.folder / 'out'}")
+    found = [p for p in job.class_dir.glob("*") if p.suffix in IMAGE_SUFFIXES]
+    if len(found) < w.class_images:
+        problems.append(f"{len(found)} class images in {job.class_dir}, expected {w.class_images}")
+    return problems
+
+
+def execute(job: Job, cmd: list[str], env: dict[str, str], w: Workload) -> Run:
+    """Run one job, check that it trained, drop its outputs (its logs stay)."""
+    shutil.rmtree(job.folder, ignore_errors=True)
+    timed = run_timed(cmd, env, job.folder)
+    problems = problems_with(job, w, timed)
+    if problems:
+        raise SystemExit(f"\n{job.program} {job.kind} run failed: {'; '.join(problems)}\ncommand: {' '.join(cmd)}\n"
+                         f"--- stderr tail ({job.folder / 'stderr.txt'}) ---\n{tail(job.folder / 'stderr.txt')}")
+    shutil.rmtree(job.folder / "out")
+    return Run(job.program, job.kind, job.repeat, job.steps(w), timed.wall_s, timed.peak_rss_mb, timed.cpu_s)
+
+
+def class_sampling(program: str, class_dir: Path, model: Path) -> tuple[int, str]:
+    """Denoising steps and sampler of a program's class images: ours as the folder's manifest records
+    them; diffusers' script uses its pipeline's defaults, with the scheduler the model ships."""
+    if program == "diffusers":
+        return DIFFUSERS_CLASS_STEPS, json.loads((model / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    spec = json.loads((class_dir / "manifest.json").read_text()).get("spec", {})
+    if "steps" not in spec:
+        raise ValueError(f"{class_dir / 'manifest.json'} has no spec.steps: its format changed, update this bench")
+    return int(spec["steps"]), str(spec.get("sampler"))
+
+
+def figures(runs: list[Run], w: Workload, class_steps: dict[str, int]) -> dict[str, dict[str, float | None]]:
+    """Each program's figures from the best wall time of each kind of run."""
+    out = {}
+    for program in PROGRAMS:
+        mine = [r for r in runs if r.program == program]
+        cold, warm, long = (min(r.wall_s for r in mine if r.kind == kind) for kind in KINDS)
+        class_s = cold - warm
+        out[program] = {
+            "end_to_end_s": cold,
+            "steps_per_s": (LONG - 1) * w.steps / (long - warm) if long > warm else None,
+            "class_images_s": class_s,
+            "class_ms_per_image_step": 1000 * class_s / (w.class_images * class_steps[program]),
+            "peak_rss_cold_mb": min(r.peak_rss_mb for r in mine if r.kind == "cold"),
+            "peak_rss_long_mb": min(r.peak_rss_mb for r in mine if r.kind == "long"),
+        }
+    return out
+
+
+ROWS = (  # key, label, which way is better
+    ("end_to_end_s", "end-to-end wall, cold run (s)", "lower"),
+    ("steps_per_s", "training speed (steps/s)", "higher"),
+    ("class_images_s", "class images (s)", "lower"),
+    ("class_ms_per_image_step", "class images (ms per image per denoising step)", "lower"),
+    ("peak_rss_cold_mb", "peak RSS, cold run (MB)", "lower"),
+    ("peak_rss_long_mb", "peak RSS, long run (MB)", "lower"),
+)
+
+
+def table(figs: dict[str, dict[str, float | None]]) -> str:
+    def cell(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+
+    lines = [f"{'figure':48s} {'ours':>9s} {'diffusers':>10s} {'ours/theirs':>12s}  better"]
+    for key, label, better in ROWS:
+        ours, theirs = figs["ours"][key], figs["diffusers"][key]
+        ratio = ours / theirs if ours is not None and theirs and theirs > 0 and ours > 0 else None
+        lines.append(f"{label:48s} {cell(ours):>9s} {cell(theirs):>10s} {cell(ratio):>12s}  {better}")
+    return "\n".join(lines)
+
+
+def versions(script: Path) -> dict[str, str]:
+    """What the figures depend on: packages, our commit (and whether src/ has changes), the script's hash."""
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+    packages = {name: importlib.metadata.version(name) for name in ("torch", "diffusers", "transformers", "accelerate")}
+    dirty = " + uncommitted changes in src/" if git("status", "--porcelain", "--", "src") else ""
+    return {
+        "python": platform.python_version(), **packages, "dreambooth": git("rev-parse", "--short", "HEAD") + dirty,
+        "train_dreambooth.py": f"{script} (sha256 {hashlib.sha256(script.read_bytes()).hexdigest()[:12]})",
+    }
+
+
+def warn_if_busy(load: float, when: str) -> None:
+    cpus = os.cpu_count() or 1
+    if load > BUSY_LOAD * cpus:
+        print(f"WARNING: load average {load:.2f} {when} on {cpus} CPUs: other programs compete, the figures are noisy")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--diffusers-script", type=Path, required=True,
+                        help="examples/dreambooth/train_dreambooth.py of a diffusers source checkout")
+    parser.add_argument("--steps", type=int, default=60, help="training steps of the cold and warm runs")
+    parser.add_argument("--class-images", type=int, default=8, help="class images for prior preservation")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each kind per program; the best counts")
+    parser.add_argument("--json", type=Path, default=None, help="write every run and figure here")
+    args = parser.parse_args()
+    script = args.diffusers_script.resolve()
+    if not script.is_file():
+        parser.error(f"--diffusers-script {args.diffusers_script} is not a file; get it with `git clone "
+                     "https://github.com/huggingface/diffusers`: examples/dreambooth/train_dreambooth.py")
+    if min(args.steps, args.class_images, args.repeats) < 1:
+        parser.error("--steps, --class-images and --repeats must be >= 1")
+    start = time.perf_counter()
+
+    info = versions(script)
+    print("\n".join(f"{name}: {value}" for name, value in info.items()))
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    print(f"{os.cpu_count()} CPUs, OMP_NUM_THREADS {threads}")
+    load_before = load_average()
+    print(f"load average before: {load_before:.2f}")
+    warn_if_busy(load_before, "before the runs")
+
+    w = Workload(prepare_model(), prepare_photos(), args.steps, args.class_images)
+    envs = environments(*prepare_torchvision())
+    commands = {"ours": ours_command, "diffusers": functools.partial(diffusers_command, script)}
+    print(f"\nworkload: {RESOLUTION} px, {args.class_images} class images, runs of {w.steps} and {LONG * w.steps} "
+          f"steps, a checkpoint every {w.checkpoint_every}; {args.repeats} repeat(s)")
+
+    shutil.rmtree(CACHE / "runs", ignore_errors=True)
+    jobs = [Job(program, kind, repeat) for repeat in range(args.repeats) for kind in KINDS for program in PROGRAMS]
+    runs, sampling = [], {}
+    for i, job in enumerate(jobs, 1):
+        print(f"[{i:2d}/{len(jobs)}] {job.program:9s} {job.kind:4s} {job.steps(w):4d} steps ...", end=" ", flush=True)
+        run = execute(job, commands[job.program](job, w), envs[job.program], w)
+        print(f"{run.wall_s:6.1f} s (CPU {run.cpu_s:5.1f} s), peak RSS {run.peak_rss_mb:4.0f} MB", flush=True)
+        runs.append(run)
+        if job.kind == "cold" and job.repeat == 0:
+            sampling[job.program] = class_sampling(job.program, job.class_dir, w.model)
+
+    figs = figures(runs, w, {program: steps for program, (steps, _) in sampling.items()})
+    print(f"\n{table(figs)}")
+    print("class images: " + "; ".join(f"{p} {steps} denoising steps ({sampler})" for p, (steps, sampler) in sampling.items())
+          + f"; {CLASS_BATCH} per batch, guidance 7.5 in both")
+    if any(figs[p]["steps_per_s"] is None or figs[p]["class_images_s"] <= 0 for p in PROGRAMS):
+        print("WARNING: a difference of wall times is not positive: noise exceeds the signal; raise --steps or --repeats")
+    load_after = load_average()
+    print(f"\nload average after: {load_after:.2f} (includes these runs)")
+    total = time.perf_counter() - start
+    print(f"{total:.0f} s")
+
+    if args.json:
+        record = {
+            "versions": info, "settings": {**vars(args), "diffusers_script": str(script), "long_factor": LONG,
+                                           "resolution": RESOLUTION, "omp_num_threads": threads},
+            "class_sampling": sampling, "load_average": {"before": load_before, "after": load_after},
+            "runs": [asdict(r) for r in runs], "figures": figs, "total_s": total,
+        }
+        args.json.write_text(json.dumps(record, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

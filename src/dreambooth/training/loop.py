@@ -110,7 +110,7 @@ def train_stage(
     recorder = Recorder(paths.log, accelerator, resume_step=step)
     eval_recorder = Recorder(paths.eval_log, accelerator, resume_step=step)
     bar = tqdm(total=train.max_steps, initial=step, desc=f"train {stage.name}", disable=not accelerator.is_main_process)
-    writer = CheckpointWriter()
+    writer = CheckpointWriter(background=device.type == "cuda")
     with _StopOnSigint() as stop, contextlib.closing(writer):  # closing: every checkpoint started is complete on exit
         while step < train.max_steps:
             micro_losses, micro_terms = [], []

@@ -65,6 +65,7 @@ def plot_curves(rows: list[dict], png: Path, title: str, keys: tuple[str, ...] =
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png)
+    fig.clear()  # its artists hold reference cycles: freed now, not at the next garbage collection
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -55,14 +55,15 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module], traini
 
 
 class CheckpointWriter:
-    """Saves checkpoints in a background thread: training waits only for the copy to host memory.
+    """Saves checkpoints in a background thread: training on a GPU waits only for the copy to host memory.
 
     One checkpoint is written at a time, in order; `wait()` returns once the last one is complete
-    (and re-raises its error, e.g. a full disk).
+    (and re-raises its error, e.g. a full disk). `background=False` writes in `save` itself (on a
+    CPU the writer would compete with training for the same cores).
     """
 
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+    def __init__(self, background: bool = True) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if background else None
         self._pending: Future | None = None
 
     def save(self, root: Path, step: int, modules: dict[str, nn.Module], training_state: dict, extra: dict, keep_last: int,
@@ -76,6 +77,8 @@ class CheckpointWriter:
             if then is not None:
                 then()
 
+        if self._pool is None:
+            return write()
         self._pending = self._pool.submit(write)
 
     def wait(self) -> None:
@@ -87,7 +90,8 @@ class CheckpointWriter:
         try:
             self.wait()
         finally:
-            self._pool.shutdown()
+            if self._pool is not None:
+                self._pool.shutdown()
 
 
 def _host_copy(modules: dict[str, nn.Module], training_state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -28,23 +28,29 @@ OPTIMIZERS = {"adamw8bit": "8-bit AdamW", "adamw": "AdamW"}
 # rms_norm and logsumexp from the fp32 list torch's own CUDA autocast tests check,
 # torch/testing/_internal/autocast_test_lists.py).
 AUTOCAST_LOWER = frozenset((
-    "__matmul__ addbmm addmm addmv addr baddbmm bmm chain_matmul multi_dot conv1d conv2d conv3d conv_transpose1d "
+    "__matmul__ addbmm addmm addmv addr baddbmm bmm chain_matmul multi_dot conv1d conv2d conv3d "
+    "conv_transpose1d "
     "conv_transpose2d conv_transpose3d linear matmul mm mv prelu einsum scaled_dot_product_attention"
 ).split())
 AUTOCAST_FP32 = frozenset((
-    "__pow__ __rdiv__ __rpow__ __rtruediv__ acos asin binary_cross_entropy_with_logits cosh cosine_embedding_loss "
-    "cdist cosine_similarity cross_entropy cumprod cumsum dist erfinv exp expm1 group_norm hinge_embedding_loss "
+    "__pow__ __rdiv__ __rpow__ __rtruediv__ acos asin binary_cross_entropy_with_logits cosh "
+    "cosine_embedding_loss "
+    "cdist cosine_similarity cross_entropy cumprod cumsum dist erfinv exp expm1 group_norm "
+    "hinge_embedding_loss "
     "kl_div l1_loss layer_norm log log_softmax log10 log1p log2 logsumexp margin_ranking_loss mse_loss "
-    "multilabel_margin_loss multi_margin_loss nll_loss norm normalize pdist poisson_nll_loss pow prod reciprocal "
-    "rms_norm rsqrt sinh smooth_l1_loss soft_margin_loss softmax softmin softplus sum renorm tan triplet_margin_loss"
+    "multilabel_margin_loss multi_margin_loss nll_loss norm normalize pdist poisson_nll_loss pow prod "
+    "reciprocal rms_norm rsqrt sinh smooth_l1_loss soft_margin_loss softmax softmin softplus sum renorm tan "
+    "triplet_margin_loss"
 ).split())
 
 # CPU autocast's policy for the ops a UNet calls (probed: it leaves group_norm and layer_norm alone).
 CPU_AUTOCAST_LOWER = frozenset((
-    "__matmul__ addbmm addmm baddbmm bmm mm conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d "
-    "linear matmul prelu scaled_dot_product_attention"
+    "__matmul__ addbmm addmm baddbmm bmm mm conv1d conv2d conv3d conv_transpose1d conv_transpose2d "
+    "conv_transpose3d linear matmul prelu scaled_dot_product_attention"
 ).split())
-CPU_AUTOCAST_FP32 = frozenset("mse_loss l1_loss nll_loss cross_entropy kl_div binary_cross_entropy_with_logits".split())
+CPU_AUTOCAST_FP32 = frozenset(
+    "mse_loss l1_loss nll_loss cross_entropy kl_div binary_cross_entropy_with_logits".split()
+)
 
 
 class EmulatedAutocast(TorchFunctionMode):
@@ -72,7 +78,8 @@ class EmulatedAutocast(TorchFunctionMode):
         super().__init__()
         self.dtype, self.attention = dtype, attention
         self.lower, self.fp32 = (
-            (AUTOCAST_LOWER, AUTOCAST_FP32) if attention == "cuda" else (CPU_AUTOCAST_LOWER, CPU_AUTOCAST_FP32)
+            (AUTOCAST_LOWER, AUTOCAST_FP32) if attention == "cuda"
+            else (CPU_AUTOCAST_LOWER, CPU_AUTOCAST_FP32)
         )
         self.weight_copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cast_ops: set[str] = set()
@@ -129,7 +136,9 @@ def _fused_attention(kernel, query, key, value, attn_mask=None, dropout_p=0.0, i
         return torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, grad, dropout_p, is_causal, scale=scale)[0]
     if kernel == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, is_causal, scale=scale
+        )[0]
     return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
 
 
@@ -256,8 +265,13 @@ class MetaKernelCache(TorchDispatchMode):
             return func(*args, **kwargs)
         if hit is not None:
             outputs, out_spec = hit
-            return tree_unflatten([None if o is None else torch.empty(o[0], dtype=o[1], device="meta").as_strided(*o[2:])
-                                   for o in outputs], out_spec)
+            return tree_unflatten(
+                [
+                    None if o is None else torch.empty(o[0], dtype=o[1], device="meta").as_strided(*o[2:])
+                    for o in outputs
+                ],
+                out_spec,
+            )
         out = func(*args, **kwargs)
         flat_out, out_spec = tree_flatten(out)
         outputs, storages = [], set()
@@ -271,7 +285,9 @@ class MetaKernelCache(TorchDispatchMode):
             if storage._cdata in storages or storage.nbytes() % o.element_size():
                 return out                      # outputs sharing a storage: not recorded
             storages.add(storage._cdata)
-            outputs.append((storage.nbytes() // o.element_size(), o.dtype, tuple(o.shape), o.stride(), o.storage_offset()))
+            outputs.append((
+                storage.nbytes() // o.element_size(), o.dtype, tuple(o.shape), o.stride(), o.storage_offset(),
+            ))
         self.memo[key] = (outputs, out_spec)
         return out
 
@@ -363,9 +379,11 @@ def storage_bytes(tensors, block: int = 512) -> int:
     return sum(-(-n // block) * block for n in unique.values())
 
 
-def replay_step(model: torch.nn.Module, make_batch: Callable[[], object], loss_of: Callable, autocast: EmulatedAutocast,
-                block: int = 512, frozen_state: Iterable[torch.Tensor] = (),
-                kernels: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, StepMemory]:
+def replay_step(
+    model: torch.nn.Module, make_batch: Callable[[], object], loss_of: Callable, autocast: EmulatedAutocast,
+    block: int = 512, frozen_state: Iterable[torch.Tensor] = (),
+    kernels: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> dict[str, StepMemory]:
     """One steady-state training step of `model` on meta tensors, followed byte by byte, for each optimizer.
 
     Steady state: the optimizer states exist and the gradients start as None (`zero_grad(set_to_none=True)`).
@@ -416,9 +434,11 @@ def replay_step(model: torch.nn.Module, make_batch: Callable[[], object], loss_o
         optimizer = storage_bytes(states[kind], block)
         results[kind] = StepMemory(
             trained=sum(p.numel() for p in trained), weights=weights, grads=tracker.bytes_of(grads),
-            optimizer=optimizer, saved=saved.bytes, saved_fp32=saved.fp32_bytes, activations=tracker.bytes_of(after_forward),
-            peak=weights + optimizer + peak, peak_phase={"AdamW step": "step", "clip": "step"}.get(phase, phase),
-            peak_grads=tracker.bytes_of(at_peak & grads), peak_activations=tracker.bytes_of(at_peak & after_forward),
+            optimizer=optimizer, saved=saved.bytes, saved_fp32=saved.fp32_bytes,
+            activations=tracker.bytes_of(after_forward), peak=weights + optimizer + peak,
+            peak_phase={"AdamW step": "step", "clip": "step"}.get(phase, phase),
+            peak_grads=tracker.bytes_of(at_peak & grads),
+            peak_activations=tracker.bytes_of(at_peak & after_forward),
             forward_backward_peak=max(tracker.peaks["forward"][0], tracker.peaks["backward"][0]),
             cast_ops=frozenset(autocast.cast_ops),
         )

@@ -16,7 +16,8 @@ class Timed:
     peak_rss_mb: float
     """`ru_maxrss` of the process itself (wait4 on its pid), in MB (10**6 bytes)."""
     cpu_s: float
-    """User + system CPU time of the process: far above the wall time x threads when it had to wait for the CPUs."""
+    """User + system CPU time of the process: far above the wall time x threads when it had to wait for the
+    CPUs."""
     returncode: int
 
 

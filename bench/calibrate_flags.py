@@ -59,9 +59,11 @@ BLEEDS = (0.25, 0.5, 0.75, 1.0)
 ENTANGLED_FROM = 0.5
 """A subject counts as entangled when its paint moved at least this far towards the context's colour."""
 OWN_COLOURS = {
-    "snow": {"white"}, "grass": {"green"}, "jungle": {"green"}, "pink_fabric": {"pink"}, "under_water": {"blue"},
+    "snow": {"white"}, "grass": {"green"}, "jungle": {"green"}, "pink_fabric": {"pink"},
+    "under_water": {"blue"},
 }  # fmt: skip
-"""World colours a context is painted with: identity loss to these is the context's colour, so not a negative."""
+"""World colours a context is painted with: identity loss to these is the context's colour, so not a
+negative."""
 FLAGS = (diagnostics.CONTEXT_MISSING, diagnostics.ENTANGLEMENT, diagnostics.OVERFITTING)
 FIELDS = {
     diagnostics.CONTEXT_MISSING: "context_margin",
@@ -103,24 +105,32 @@ def generated(scenes: list[Scene], gen: torch.Generator) -> list[Image.Image]:
     return [Image.fromarray((im.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)) for im in x]
 
 
-def new_poses(subject: Subject, context: str, taken: set[tuple], n: int, rng: np.random.Generator) -> list[Scene]:
+def new_poses(
+    subject: Subject, context: str, taken: set[tuple], n: int, rng: np.random.Generator
+) -> list[Scene]:
     """n scenes of the subject in `context`, none in the (context, position, view) of a photo."""
     poses = [(p, v) for p in POSITIONS for v in VIEWS if (context, p, v) not in taken]
     picks = rng.choice(len(poses), size=n)
     return [subject.scene(context, *poses[i], int(rng.integers(N_VARIANTS))) for i in picks]
 
 
-def pretrained_images(cls: str, context: str, rng: np.random.Generator, gen: torch.Generator) -> list[Image.Image]:
-    """What a pretrained model draws for "a <cls> <context>": ordinary members of the class, anything but the context random."""
+def pretrained_images(
+    cls: str, context: str, rng: np.random.Generator, gen: torch.Generator
+) -> list[Image.Image]:
+    """What a pretrained model draws for "a <cls> <context>": ordinary members of the class, anything but the
+    context random."""
     scenes = [
         Scene(cls, str(rng.choice(list(COLOURS))), str(rng.choice(PATTERNS)), str(rng.choice(list(SIZES))),
-              str(rng.choice(list(POSITIONS))), str(rng.choice(list(VIEWS))), context, int(rng.integers(N_VARIANTS)))
+              str(rng.choice(list(POSITIONS))), str(rng.choice(list(VIEWS))), context,
+              int(rng.integers(N_VARIANTS)))
         for _ in range(IMAGES)
     ]  # fmt: skip
     return generated(scenes, gen)
 
 
-def subject_cases(subject: Subject, photos: list[Scene], rng: np.random.Generator, gen: torch.Generator) -> list[Case]:
+def subject_cases(
+    subject: Subject, photos: list[Scene], rng: np.random.Generator, gen: torch.Generator
+) -> list[Case]:
     """Every labelled case of one subject (see the module docstring)."""
     taken = {(s.context, s.position, s.view) for s in photos}
     truth = dict.fromkeys(FLAGS, False)
@@ -158,13 +168,19 @@ def measure(
     A measure the checks do not report (a pull of 0 or below, a colour gap under
     `entanglement_min_gap`, a CLIP-T drop of 0 or below) is -inf: below every threshold.
     """
-    drawn = {f"a {subject.cls} {phrase}": pretrained_images(subject.cls, c, rng, gen) for c, phrase in CONTEXTS.items()}
+    drawn = {
+        f"a {subject.cls} {phrase}": pretrained_images(subject.cls, c, rng, gen)
+        for c, phrase in CONTEXTS.items()
+    }
     pretrained = Samples("Pretrained", drawn)
     everything = Thresholds(context_margin=0.0, entanglement_pull=1e-9, overfit_similarity=0.0)
     photo_set = SubjectPhotos(subject.name, subject.cls, [Image.fromarray(im) for im in render(photos)])
     cache, values = EmbeddingCache(), [dict.fromkeys(FLAGS, -math.inf) for _ in cases]
     for kind in dict.fromkeys(c.kind for c in cases):  # one prompt per context: one call per kind
-        mine = {f"a {IDENTIFIER} {subject.cls} {CONTEXTS[c.context]}": i for i, c in enumerate(cases) if c.kind == kind}
+        mine = {
+            f"a {IDENTIFIER} {subject.cls} {CONTEXTS[c.context]}": i for i, c in enumerate(cases)
+            if c.kind == kind
+        }
         samples = Samples("DreamBooth", {p: cases[i].images for p, i in mine.items()}, identifier=IDENTIFIER)
         result = score_subject(
             photo_set, [samples], embedders, pretrained=pretrained, thresholds=everything, cache=cache
@@ -220,8 +236,13 @@ def best_threshold(values: np.ndarray, truth: np.ndarray, grid: np.ndarray) -> f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fit-subjects", type=int, default=8, help="subjects that choose the thresholds (seeds 0..)")
-    parser.add_argument("--test-subjects", type=int, default=8, help="subjects that measure precision and recall (seeds 100..)")
+    parser.add_argument(
+        "--fit-subjects", type=int, default=8, help="subjects that choose the thresholds (seeds 0..)"
+    )
+    parser.add_argument(
+        "--test-subjects", type=int, default=8,
+        help="subjects that measure precision and recall (seeds 100..)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="draws of poses, colours and augmentation")
     parser.add_argument("--details", action="store_true", help="also print each measure's range per case")
     args = parser.parse_args()
@@ -231,8 +252,14 @@ def main() -> None:
     fit = labelled(range(args.fit_subjects), rng, gen, embedders)
     test = labelled(range(100, 100 + args.test_subjects), rng, gen, embedders)
     defaults = Thresholds()
-    print(f"{len(fit[0])} + {len(test[0])} prompts of {IMAGES} images (fit + test), {time.perf_counter() - start:.0f} s\n")
-    print(f"{'flag':<16} {'threshold':<19} {'fit: best F1':>12} {'default':>8} {'test: pos/neg':>14} {'precision':>9} {'recall':>6}")
+    print(
+        f"{len(fit[0])} + {len(test[0])} prompts of {IMAGES} images (fit + test), "
+        f"{time.perf_counter() - start:.0f} s\n"
+    )
+    print(
+        f"{'flag':<16} {'threshold':<19} {'fit: best F1':>12} {'default':>8} {'test: pos/neg':>14} "
+        f"{'precision':>9} {'recall':>6}"
+    )
     for flag in FLAGS:
         field, default = FIELDS[flag], getattr(defaults, FIELDS[flag])
         chosen = best_threshold(*arrays(*fit, flag), GRIDS[flag])
@@ -242,7 +269,11 @@ def main() -> None:
         print(f"{flag:<16} {field:<19} {chosen:>12.3f} {default:>8.3f} {counts:>14} {p:>9.2f} {r:>6.2f}")
     cases, values = test
     kinds = list(dict.fromkeys(c.kind for c in cases))
-    print("\nshare of the test prompts flagged at the defaults:\n" + f"{'case':<16}" + "".join(f"{f:>17}" for f in FLAGS))
+    print(
+        "\nshare of the test prompts flagged at the defaults:\n"
+        + f"{'case':<16}"
+        + "".join(f"{f:>17}" for f in FLAGS)
+    )
     for kind in kinds:
         rows = [v for c, v in zip(cases, values) if c.kind == kind]
         rates = [np.mean([v[f] > getattr(defaults, FIELDS[f]) for v in rows]) for f in FLAGS]
@@ -253,7 +284,10 @@ def main() -> None:
             every = np.array([v[flag] for c, v in zip(cases, values) if c.kind == kind])
             v = every[np.isfinite(every)]
             if len(v):
-                print(f"  {kind:<16} {v.min():7.3f} {np.median(v):7.3f} {v.max():7.3f}  ({len(v)} of {len(every)})")
+                print(
+                    f"  {kind:<16} {v.min():7.3f} {np.median(v):7.3f} {v.max():7.3f}  ({len(v)} of "
+                    f"{len(every)})"
+                )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Compute floor of one DreamBooth training step and of class-image sampling, counted on CPU: no GPU, no weights,
-no download.
+"""Compute floor of one DreamBooth training step and of class-image sampling, counted on CPU: no GPU, no
+weights, no download.
 
 Run: OMP_NUM_THREADS=1 python bench/floors.py [--gpu H100] [--json floors.json]   (about 30 s on 2 CPU cores)
 
@@ -50,8 +50,9 @@ class Gpu:
 
 
 # Spec sheets. NVIDIA lists bf16 "with sparsity" figures first; these are the dense halves.
-#   H100 SXM5: H100 datasheet (1,979 TFLOPS with sparsity) and Hopper whitepaper table (989.4 dense); HBM3 3.35 TB/s.
-#   H200 SXM: H200 datasheet (1,979 with sparsity; the same GH100 part and clocks as H100 SXM5); HBM3e 4.8 TB/s.
+# H100 SXM5: H100 datasheet (1,979 TFLOPS with sparsity) and Hopper whitepaper table (989.4 dense); HBM3 3.35
+# TB/s.
+# H200 SXM: H200 datasheet (1,979 with sparsity; the same GH100 part and clocks as H100 SXM5); HBM3e 4.8 TB/s.
 #   A100 80GB SXM4: A100 datasheet (312 dense, 624 with sparsity); HBM2e 2,039 GB/s.
 #   L40S: L40S datasheet (362.05 dense, 733 with sparsity); GDDR6 864 GB/s.
 #   RTX 4090: Ada architecture whitepaper, appendix A, "Peak BF16 Tensor TFLOPS with FP32 Accumulate" 165.2
@@ -77,7 +78,8 @@ SD15_UNET = dict(
     attention_head_dim=8,   # diffusers' name for the number of heads
 )
 SD15_UNET_PARAMS = 859_520_964
-SD15_TEXT = (77, 768)       # tokens of the cached text sequence; a pooled width, which SD 1.5's UNet does not take
+# tokens of the cached text sequence; a pooled width, which SD 1.5's UNet does not take
+SD15_TEXT = (77, 768)
 
 # openai/clip-vit-large-patch14 text model: SD 1.5's text encoder.
 CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -107,7 +109,8 @@ class Workload:
     unet: dict
     text: tuple[int, int]
     rows: int                       # UNet batch: 2 = one instance + one class row (prior preservation)
-    lora: bool = False              # LoRA (sdxl_memory.build_unet: r16 on to_q, to_k, to_v, to_out.0), base frozen
+    # LoRA (sdxl_memory.build_unet: r16 on to_q, to_k, to_v, to_out.0), base frozen
+    lora: bool = False
     train_text: bool = False        # CLIP text encoder trained too (runs forward and backward each step)
     checkpointing: bool = False     # diffusers' gradient checkpointing: blocks recomputed in the backward
 
@@ -116,10 +119,14 @@ TRAINING = (
     Workload("w1", "W1 SD 1.5 full UNet, 512 px", SD15_UNET, SD15_TEXT, 2),
     Workload("w1-te", "W1 SD 1.5 full UNet + text encoder, 512 px", SD15_UNET, SD15_TEXT, 2, train_text=True),
     Workload("w1-lora", f"W1 SD 1.5 LoRA r{LORA_RANK}, 512 px", SD15_UNET, SD15_TEXT, 2, lora=True),
-    Workload("w1-lora-b1", f"W1 SD 1.5 LoRA r{LORA_RANK}, 512 px, batch 1", SD15_UNET, SD15_TEXT, 1, lora=True),
+    Workload(
+        "w1-lora-b1", f"W1 SD 1.5 LoRA r{LORA_RANK}, 512 px, batch 1", SD15_UNET, SD15_TEXT, 1, lora=True
+    ),
     Workload("w2", f"W2 SDXL LoRA r{LORA_RANK}, 1024 px", SDXL_UNET, SDXL_TEXT, 2, lora=True),
-    Workload("w2-gc", f"W2 SDXL LoRA r{LORA_RANK}, 1024 px, grad. checkpointing", SDXL_UNET, SDXL_TEXT, 2,
-             lora=True, checkpointing=True),
+    Workload(
+        "w2-gc", f"W2 SDXL LoRA r{LORA_RANK}, 1024 px, grad. checkpointing", SDXL_UNET, SDXL_TEXT, 2,
+        lora=True, checkpointing=True,
+    ),
     Workload("w2-b1", f"W2 SDXL LoRA r{LORA_RANK}, 1024 px, batch 1", SDXL_UNET, SDXL_TEXT, 1, lora=True),
 )
 
@@ -133,7 +140,8 @@ class Count:
     backward: int
     attention_forward: int          # of `forward`: the attention matmuls (QK^T and PV)
     trained: int                    # trained parameters: what the optimizer updates
-    by_shapes: tuple[int, int, int] | None = None   # (forward, backward, attention forward) from module shapes
+    # (forward, backward, attention forward) from module shapes
+    by_shapes: tuple[int, int, int] | None = None
 
     @property
     def optimizer_bytes(self) -> int:
@@ -193,7 +201,8 @@ def counted_by_shapes(model: nn.Module) -> Iterator[dict[str, int]]:
     def on_attention(m: Attention, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         context = kwargs.get("encoder_hidden_states")
-        q_tokens = hidden.shape[1] if hidden.ndim == 3 else math.prod(hidden.shape[2:])   # [b, s, c] or [b, c, h, w]
+        # [b, s, c] or [b, c, h, w]
+        q_tokens = hidden.shape[1] if hidden.ndim == 3 else math.prod(hidden.shape[2:])
         kv_tokens = q_tokens if context is None else context.shape[1]
         flops = 4 * hidden.shape[0] * q_tokens * kv_tokens * m.inner_dim
         tally["attention"] += flops
@@ -297,7 +306,9 @@ def count_sampling() -> tuple[Count, Count]:
 def floor_ms(c: Count, gpu: Gpu) -> float:
     """FLOPs at peak tensor-core throughput, then the optimizer's bytes at full bandwidth: the optimizer
     step starts when the backward has ended, so the two add up."""
-    return 1e3 * (c.forward + c.backward) / (gpu.bf16_tflops * 1e12) + 1e3 * c.optimizer_bytes / (gpu.tb_per_s * 1e12)
+    return 1e3 * (c.forward + c.backward) / (gpu.bf16_tflops * 1e12) + 1e3 * c.optimizer_bytes / (
+        gpu.tb_per_s * 1e12
+    )
 
 
 def check_parameter_counts() -> None:
@@ -313,8 +324,10 @@ def check_parameter_counts() -> None:
 
 
 def print_table(counts: list[Count], gpus: list[Gpu]) -> None:
-    print("| workload | UNet rows | trained params | forward TFLOP | backward TFLOP | total TFLOP | backward/forward "
-          "| optimizer GB | " + " | ".join(f"{g.label} ms" for g in gpus) + " |")
+    print(
+        "| workload | UNet rows | trained params | forward TFLOP | backward TFLOP | total TFLOP | "
+        "backward/forward | optimizer GB | " + " | ".join(f"{g.label} ms" for g in gpus) + " |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(gpus))
     for c in counts:
         ratio = f"{c.backward / c.forward:.2f}" if c.backward else "-"
@@ -326,7 +339,9 @@ def print_table(counts: list[Count], gpus: list[Gpu]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--gpu", type=str.upper, choices=list(GPUS), help="only this GPU's floors (default: all)")
+    parser.add_argument(
+        "--gpu", type=str.upper, choices=list(GPUS), help="only this GPU's floors (default: all)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the counts and floors to this JSON file")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -337,26 +352,39 @@ def main() -> None:
     counts = [count_training_step(w) for w in TRAINING] + list(count_sampling())
     gpus = [GPUS[args.gpu]] if args.gpu else list(GPUS.values())
 
-    print(f"\nPer step. TFLOP = 10**12 FLOPs (matmuls, convolutions, attention; 2 per multiply-add). Optimizer: fused "
-          f"AdamW, {ADAMW_BYTES_PER_PARAM} bytes per trained fp32 parameter, GB = 10**9 bytes. Floor = TFLOP / peak "
-          f"dense bf16 + optimizer bytes / bandwidth: a lower bound.\n")
+    print(
+        "\nPer step. TFLOP = 10**12 FLOPs (matmuls, convolutions, attention; 2 per multiply-add). "
+        "Optimizer: fused "
+        f"AdamW, {ADAMW_BYTES_PER_PARAM} bytes per trained fp32 parameter, GB = 10**9 bytes. Floor = TFLOP "
+        f"/ peak dense bf16 + optimizer bytes / bandwidth: a lower bound.\n"
+    )
     print_table(counts, gpus)
 
     print("\nPeak figures (spec sheets, dense bf16 with FP32 accumulate): " + ", ".join(
         f"{g.label} {g.bf16_tflops:g} TFLOPS {g.tb_per_s:g} TB/s" for g in gpus))
-    print("\nNot in the floor: flash attention's backward recomputes QK^T (the count is of the math path, which "
-          "keeps the attention matrix):")
+    print(
+        "\nNot in the floor: flash attention's backward recomputes QK^T (the count is of the math path, "
+        "which keeps the attention matrix):"
+    )
     for c in counts:
         if c.flash_recompute:
             print(f"  {c.label:58s} +{c.flash_recompute / 1e12:.3f} TFLOP "
                   f"(+{100 * c.flash_recompute / (c.forward + c.backward):.1f} %)")
 
-    print("\nCheck: the counter against a count from module shapes (nn.Linear, nn.Conv2d, diffusers Attention), TFLOP:")
+    print(
+        "\nCheck: the counter against a count from module shapes (nn.Linear, nn.Conv2d, diffusers "
+        "Attention), TFLOP:"
+    )
     for c in counts:
         if c.by_shapes is not None:
             counted = (c.forward, c.backward, c.attention_forward)
-            print(f"  {c.label:58s} " + "   ".join(f"{name} {n / 1e12:.4f} / {m / 1e12:.4f}" for name, n, m in zip(
-                ("forward", "backward", "of which attention"), counted, c.by_shapes)))
+            print(
+                f"  {c.label:58s} "
+                + "   ".join(
+                    f"{name} {n / 1e12:.4f} / {m / 1e12:.4f}"
+                    for name, n, m in zip(("forward", "backward", "of which attention"), counted, c.by_shapes)
+                )
+            )
             assert counted == c.by_shapes, f"{c.label}: the counter and the shapes disagree"
 
     h100 = GPUS["H100"]

@@ -59,13 +59,15 @@ LATENT_CHANNELS, VAE_SCALE = 16, 8
 
 # black-forest-labs/FLUX.1-dev transformer/config.json (arguments at diffusers' defaults left out).
 FLUX_TRANSFORMER = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
 )
 FLUX_TRANSFORMER_PARAMS = 11_901_408_320   # the published checkpoint's count
 CLIP_TOKENS, POOLED = 77, 768
 
-# black-forest-labs/FLUX.1-dev vae/config.json: caches latents, decodes class and validation images; loads in the
+# black-forest-labs/FLUX.1-dev vae/config.json: caches latents, decodes class and validation images; loads in
+# the
 # weights dtype (bf16 for a bf16 LoRA run) and stays on the GPU while training (`_store_frozen`).
 FLUX_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, layers_per_block=2, norm_num_groups=32,
@@ -84,7 +86,8 @@ CLIP_L_PARAMS = 123_060_480
 
 BASES = {"bf16": "bf16", "nf4": "NF4", "int8": "int8"}
 DIFFUSERS_RECIPE_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
-"""LoRA targets of diffusers' FLUX QLoRA recipe (examples/research_projects/flux_lora_quantization), rank 4."""
+"""LoRA targets of diffusers' FLUX QLoRA recipe (examples/research_projects/flux_lora_quantization), rank
+4."""
 
 
 def quantization_config(method: str):
@@ -92,7 +95,9 @@ def quantization_config(method: str):
     from diffusers import BitsAndBytesConfig
 
     if method == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=COMPUTE_DTYPE)
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=COMPUTE_DTYPE
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -117,7 +122,9 @@ class BnbKernelBuffers(TorchDispatchMode):
             out = func(*args, **kwargs)
             del weight
             return out
-        if name == "bitsandbytes::int8_vectorwise_quant" and (args[1] if len(args) > 1 else kwargs.get("threshold", 0)):
+        if name == "bitsandbytes::int8_vectorwise_quant" and (
+            args[1] if len(args) > 1 else kwargs.get("threshold", 0)
+        ):
             A = args[0]
             outliers = A.abs() >= 6.0
             columns = outliers.any(dim=0)
@@ -136,8 +143,10 @@ class BnbKernelBuffers(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def build_transformer(base: str, *, lora_rank: int | None = LORA_RANK, targets: tuple[str, ...] = TRANSFORMER_LORA_TARGETS,
-                      weights_dtype: torch.dtype = torch.bfloat16):
+def build_transformer(
+    base: str, *, lora_rank: int | None = LORA_RANK, targets: tuple[str, ...] = TRANSFORMER_LORA_TARGETS,
+    weights_dtype: torch.dtype = torch.bfloat16,
+):
     """FLUX.1-dev's transformer on meta as a LoRA run holds it.
 
     Args:
@@ -174,7 +183,8 @@ def build_transformer(base: str, *, lora_rank: int | None = LORA_RANK, targets: 
 
 
 def quantization_state(model) -> list[torch.Tensor]:
-    """The tensors besides parameters that hold quantised weights: NF4's absmax and code book, LLM.int8's row scales."""
+    """The tensors besides parameters that hold quantised weights: NF4's absmax and code book, LLM.int8's row
+    scales."""
     tensors = []
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -188,7 +198,8 @@ def quantization_state(model) -> list[torch.Tensor]:
 
 
 def text_conditioning(rows: int, dtype: torch.dtype) -> TextConditioning:
-    """Cached text conditioning as the step gets it: T5's sequence [rows, 512, 4096] and CLIP's pooled output."""
+    """Cached text conditioning as the step gets it: T5's sequence [rows, 512, 4096] and CLIP's pooled
+    output."""
     return TextConditioning(torch.randn(rows, MAX_SEQUENCE_LENGTH, FLUX_TRANSFORMER["joint_attention_dim"],
                                         device="meta", dtype=dtype),
                             torch.randn(rows, POOLED, device="meta", dtype=dtype))
@@ -204,8 +215,10 @@ def make_batch(rows: int, resolution: int, dtype: torch.dtype = torch.float32) -
     noise = torch.randn_like(x0)
     sigma = torch.rand(rows, device="meta")
     s = sigma.view(-1, 1, 1, 1)
-    return dict(encoded=(mean, std), noisy=((1 - s) * x0 + s * noise).to(dtype), target=noise - x0, sigma=sigma,
-                text=text_conditioning(rows, dtype))
+    return dict(
+        encoded=(mean, std), noisy=((1 - s) * x0 + s * noise).to(dtype), target=noise - x0, sigma=sigma,
+        text=text_conditioning(rows, dtype),
+    )
 
 
 def denoiser(model, autocast):
@@ -264,7 +277,9 @@ def replay_training(setups: list[Setup], cache: MetaKernelCache, inputs: torch.d
             else:
                 model.disable_gradient_checkpointing()
             batch = functools.partial(make_batch, setup.rows, setup.resolution, inputs)
-            results[setup] = replay_step(model, batch, loss_of, EmulatedAutocast(), frozen_state=state, kernels=kernels)
+            results[setup] = replay_step(
+                model, batch, loss_of, EmulatedAutocast(), frozen_state=state, kernels=kernels
+            )
         model.disable_gradient_checkpointing()
     return results, models
 
@@ -275,7 +290,8 @@ def _kernels(cache: MetaKernelCache | None):
         yield
 
 
-# --- Outside the training step: class images, caches, validation ------------------------------------------------
+# --- Outside the training step: class images, caches, validation
+# ------------------------------------------------
 
 
 def build_frozen_parts() -> dict[str, torch.nn.Module]:
@@ -338,8 +354,11 @@ def sampling_peaks(parts: dict, transformer, rows: int, resolution: int, dtype: 
     kernels = functools.partial(_kernels, cache)
     transformer.eval()
     peaks = dict(
-        t5=peak_of(parts["t5"].parameters(), encode_t5), clip=peak_of(parts["clip"].parameters(), encode_clip),
-        transformer=peak_of([*transformer.parameters(), *quantization_state(transformer)], step, kernels=kernels),
+        t5=peak_of(parts["t5"].parameters(), encode_t5),
+        clip=peak_of(parts["clip"].parameters(), encode_clip),
+        transformer=peak_of(
+            [*transformer.parameters(), *quantization_state(transformer)], step, kernels=kernels
+        ),
         vae=peak_of(parts["vae"].parameters(), decode),
     )
     transformer.train()
@@ -348,11 +367,14 @@ def sampling_peaks(parts: dict, transformer, rows: int, resolution: int, dtype: 
 
 def encode_peak(vae, rows: int, resolution: int) -> int:
     """Peak bytes on top of the weights of `encode_examples`: `rows` images through the VAE encoder at once,
-    in the VAE's dtype, and the latent distribution's mean and std made fp32 (`encode_latent_distribution`)."""
+    in the VAE's dtype, and the latent distribution's mean and std made fp32
+    (`encode_latent_distribution`)."""
     dtype = next(vae.parameters()).dtype
 
     def encode():
-        dist = vae.encode(torch.empty(rows, 3, resolution, resolution, device="meta", dtype=dtype)).latent_dist
+        dist = vae.encode(
+            torch.empty(rows, 3, resolution, resolution, device="meta", dtype=dtype)
+        ).latent_dist
         return dist.mean.float(), dist.std.float()
 
     with EmulatedAutocast(None):
@@ -393,8 +415,10 @@ def phases(parts: dict, models: dict, training: dict, cache: MetaKernelCache) ->
         return storage_bytes(list(module.parameters()))
 
     def resident(model, **more):
-        return dict(t5=weights(t5), clip=weights(clip), transformer=weight_bytes(model, adapters=False), vae=weights(vae),
-                    **more)
+        return dict(
+            t5=weights(t5), clip=weights(clip), transformer=weight_bytes(model, adapters=False),
+            vae=weights(vae), **more,
+        )
 
     encode = {resolution: encode_peak(vae, 16, resolution) for resolution in RESOLUTIONS}
     for base, model in models.items():
@@ -403,14 +427,21 @@ def phases(parts: dict, models: dict, training: dict, cache: MetaKernelCache) ->
             stages = sampling_peaks(parts, model, rows, 1024, torch.bfloat16, False, cache)
             out.append(Phase(f"class images, batch {rows}", BASES[base], resident(model), stages))
         for resolution in RESOLUTIONS:
-            out.append(Phase(f"latent cache: the VAE encodes 16 images at {resolution} px", BASES[base], resident(model),
-                             dict(vae=encode[resolution])))
+            out.append(
+                Phase(
+                    f"latent cache: the VAE encodes 16 images at {resolution} px", BASES[base],
+                    resident(model), dict(vae=encode[resolution]),
+                )
+            )
         model.enable_adapters()
 
     # Validation (flux_lora.toml: 3 prompts x 2 images, one batch of 6) next to 8-bit AdamW's training state.
     for base, model in models.items():
         step = training[Setup(base, True, 1024, 2)]["adamw8bit"]
-        state = dict(t5=weights(t5), clip=weights(clip), transformer=step.weights, vae=weights(vae), optimizer=step.optimizer)
+        state = dict(
+            t5=weights(t5), clip=weights(clip), transformer=step.weights, vae=weights(vae),
+            optimizer=step.optimizer,
+        )
         stages = sampling_peaks(parts, model, 6, 1024, torch.bfloat16, True, cache)
         out.append(Phase("validation during training, 6 images", BASES[base], state, stages))
 
@@ -428,7 +459,8 @@ def phases(parts: dict, models: dict, training: dict, cache: MetaKernelCache) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check-cache", action="store_true",
-                        help="also replay one setup without MetaKernelCache and check the figures are the same")
+                        help="also replay one setup without MetaKernelCache and check the figures are the "
+                             "same")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -439,58 +471,80 @@ def main() -> None:
               for resolution in RESOLUTIONS for rows in (1, 2)]
     training, models = replay_training(setups, cache)
     n_params = sum(p.numel() for n, p in models["bf16"].named_parameters() if "lora_" not in n)
-    print(f"FLUX.1-dev transformer parameters: {n_params:,} (published checkpoint: {FLUX_TRANSFORMER_PARAMS:,})")
+    print(
+        f"FLUX.1-dev transformer parameters: {n_params:,} (published checkpoint: {FLUX_TRANSFORMER_PARAMS:,})"
+    )
     assert n_params == FLUX_TRANSFORMER_PARAMS, "the inline config does not rebuild FLUX.1-dev's transformer"
     parts = build_frozen_parts()
     vae_bytes = storage_bytes(list(parts["vae"].parameters()))
     print_storage(models)
 
-    print(f"\nLoRA r{LORA_RANK} on {', '.join(TRANSFORMER_LORA_TARGETS)}; bf16 autocast; T5 {MAX_SEQUENCE_LENGTH} tokens; "
-          f"GiB = 2**30 bytes. Peak allocated = step peak + the bf16 VAE the run keeps on the GPU "
-          f"({gib(vae_bytes)} GiB). Total = peak allocated + {CUDA_CONTEXT_GIB} GiB CUDA context.\n")
+    print(
+        f"\nLoRA r{LORA_RANK} on {', '.join(TRANSFORMER_LORA_TARGETS)}; bf16 autocast; T5 "
+        f"{MAX_SEQUENCE_LENGTH} tokens; "
+        f"GiB = 2**30 bytes. Peak allocated = step peak + the bf16 VAE the run keeps on the GPU "
+        f"({gib(vae_bytes)} GiB). Total = peak allocated + {CUDA_CONTEXT_GIB} GiB CUDA context.\n"
+    )
     print("| frozen base | grad. ckpt | px | rows | 8-bit AdamW | AdamW |")
     print("|---|---|---:|---:|---:|---:|")
     for s in setups:
         totals = [(training[s][kind].peak + vae_bytes) / GIB + CUDA_CONTEXT_GIB for kind in OPTIMIZERS]
         print(f"| {BASES[s.base]} | {'on' if s.checkpointing else 'off'} | {s.resolution} | {s.rows} | "
               + " | ".join(f"{t:.1f}" for t in totals) + " |")
-    print("\n| frozen base | grad. ckpt | px | rows | optimizer | trained params | weights | grads | optimizer states "
-          "| activations | step peak (when) | of which transient | peak allocated | total |")
+    print(
+        "\n| frozen base | grad. ckpt | px | rows | optimizer | trained params | weights | grads | optimizer "
+        "states | activations | step peak (when) | of which transient | peak allocated | total |"
+    )
     print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in setups:
         for kind, m in training[s].items():
-            print(f"| {BASES[s.base]} | {'on' if s.checkpointing else 'off'} | {s.resolution} | {s.rows} | {OPTIMIZERS[kind]} "
-                  f"| {m.trained / 1e6:,.1f} M | {gib(m.weights)} | {gib(m.grads)} | {gib(m.optimizer)} "
-                  f"| {gib(m.activations)} | {gib(m.peak)} ({m.peak_phase}) | {gib(m.transient)} "
-                  f"| {gib(m.peak + vae_bytes)} | **{(m.peak + vae_bytes) / GIB + CUDA_CONTEXT_GIB:.1f}** |", flush=True)
+            print(
+                f"| {BASES[s.base]} | {'on' if s.checkpointing else 'off'} | {s.resolution} | {s.rows} | "
+                f"{OPTIMIZERS[kind]} "
+                f"| {m.trained / 1e6:,.1f} M | {gib(m.weights)} | {gib(m.grads)} | {gib(m.optimizer)} "
+                f"| {gib(m.activations)} | {gib(m.peak)} ({m.peak_phase}) | {gib(m.transient)} "
+                f"| {gib(m.peak + vae_bytes)} | **{(m.peak + vae_bytes) / GIB + CUDA_CONTEXT_GIB:.1f}** |",
+                flush=True,
+            )
     casts = set().union(*(m.cast_ops for r in training.values() for m in r.values()))
     print(f"\nOps the emulated autocast cast in the forward: {', '.join(sorted(casts))}")
     print("Saved for backward (hooks) against alive after the forward, GiB, 2 rows at 1024 px:")
     for base in BASES:
         for gc in (True, False):
             m = training[Setup(base, gc, 1024, 2)]["adamw8bit"]
-            print(f"  {BASES[base]:5s} ckpt {'on ' if gc else 'off'}  saved {gib(m.saved):>6s} (fp32 {gib(m.saved_fp32):>6s})"
-                  f"   alive after the forward {gib(m.activations):>6s}")
+            print(
+                f"  {BASES[base]:5s} ckpt {'on ' if gc else 'off'}  saved {gib(m.saved):>6s} (fp32 "
+                f"{gib(m.saved_fp32):>6s})   alive after the forward {gib(m.activations):>6s}"
+            )
 
     print_anchors(cache)
 
-    print("\nOutside the training step (1024 px unless the row says otherwise): the weights on the GPU, and the peak "
-          "of each stage on top of them, GiB. Peak allocated = weights + the largest stage.\n")
+    print(
+        "\nOutside the training step (1024 px unless the row says otherwise): the weights on the GPU, and "
+        "the peak of each stage on top of them, GiB. Peak allocated = weights + the largest stage.\n"
+    )
     print("| phase | transformer | T5 | CLIP | transformer weights | VAE | optimizer states | T5 encode "
           "| transformer step | VAE | peak allocated | total |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for phase in phases(parts, models, training, cache):
         r, st = phase.resident, phase.stages
-        cells = [r["t5"], r["clip"], r["transformer"], r["vae"], r.get("optimizer"), st.get("t5"), st.get("transformer"),
-                 st["vae"]]
-        print(f"| {phase.name} | {phase.transformer} | " + " | ".join("-" if c is None else gib(c) for c in cells)
-              + f" | {gib(phase.peak)} | **{phase.peak / GIB + CUDA_CONTEXT_GIB:.1f}** |", flush=True)
+        cells = [
+            r["t5"], r["clip"], r["transformer"], r["vae"], r.get("optimizer"), st.get("t5"),
+            st.get("transformer"), st["vae"],
+        ]
+        print(
+            f"| {phase.name} | {phase.transformer} | "
+            + " | ".join("-" if c is None else gib(c) for c in cells)
+            + f" | {gib(phase.peak)} | **{phase.peak / GIB + CUDA_CONTEXT_GIB:.1f}** |", flush=True,
+        )
 
     if args.check_cache:
         setup = Setup("nf4", True, 1024, 2)
         uncached, _ = replay_training([setup], None)
         assert uncached[setup] == training[setup], "MetaKernelCache changed the figures"
-        print("\nMetaKernelCache check: NF4, checkpointing, 1024 px, 2 rows replayed without it: same figures")
+        print(
+            "\nMetaKernelCache check: NF4, checkpointing, 1024 px, 2 rows replayed without it: same figures"
+        )
     print(f"\n{time.perf_counter() - start:.0f} s")
 
 
@@ -499,13 +553,21 @@ def print_storage(models: dict) -> None:
     linear = [m for m in models["bf16"].modules() if isinstance(m, torch.nn.Linear) and not _is_adapter(m)]
     weights = sum(m.weight.numel() for m in linear)
     rows = sum(m.weight.shape[0] for m in linear)
-    analytic = dict(bf16=2 * FLUX_TRANSFORMER_PARAMS, nf4=weights // 2 + 4 * (weights // 64), int8=weights + 4 * rows)
-    print(f"\nFrozen transformer storage, GiB: replayed (all weights, quantisation state, unquantised parameters) "
-          f"against the analytic count of its {len(linear)} linear layers ({weights:,} weights):")
+    analytic = dict(
+        bf16=2 * FLUX_TRANSFORMER_PARAMS, nf4=weights // 2 + 4 * (weights // 64), int8=weights + 4 * rows
+    )
+    print(
+        "\nFrozen transformer storage, GiB: replayed (all weights, quantisation state, unquantised "
+        f"parameters) against the analytic count of its {len(linear)} linear layers ({weights:,} weights):"
+    )
     for base, model in models.items():
-        print(f"  {BASES[base]:5s} {gib(weight_bytes(model, adapters=False))}   analytic {gib(analytic[base])} "
-              + {"bf16": "(2 bytes per parameter)", "nf4": "(0.5 byte per weight + one fp32 absmax per 64)",
-                 "int8": "(1 byte per weight + one fp32 scale per output row)"}[base])
+        print(
+            f"  {BASES[base]:5s} {gib(weight_bytes(model, adapters=False))}   analytic {gib(analytic[base])} "
+            + {
+                "bf16": "(2 bytes per parameter)", "nf4": "(0.5 byte per weight + one fp32 absmax per 64)",
+                "int8": "(1 byte per weight + one fp32 scale per output row)",
+            }[base]
+        )
     double = weights // 2 + weights // 64 + 4 * (weights // 64 // 256)
     print(f"  NF4 with double quantisation (bnb_4bit_use_double_quant, not set by models/_quantize.py): "
           f"{gib(double)} analytic (8-bit absmax per 64 weights + one fp32 per 256 blocks)")
@@ -516,22 +578,29 @@ def _is_adapter(module: torch.nn.Module) -> bool:
 
 
 def print_anchors(cache: MetaKernelCache) -> None:
-    """diffusers' FLUX QLoRA recipe as published (rank 4 on attention, weights loaded in 16 bits, inputs cast to
-    the compute dtype, VAE deleted after caching), and this repo's NF4 run with its inputs cast to bf16
+    """diffusers' FLUX QLoRA recipe as published (rank 4 on attention, weights loaded in 16 bits, inputs cast
+    to the compute dtype, VAE deleted after caching), and this repo's NF4 run with its inputs cast to bf16
     (the repo feeds the transformer fp32 latents and text from its caches)."""
     recipe = [Setup("nf4", True, resolution, 1) for resolution in RESOLUTIONS]
-    steps, _ = replay_training(recipe, cache, inputs=torch.bfloat16, lora_rank=4, targets=DIFFUSERS_RECIPE_TARGETS)
+    steps, _ = replay_training(
+        recipe, cache, inputs=torch.bfloat16, lora_rank=4, targets=DIFFUSERS_RECIPE_TARGETS
+    )
     cast = Setup("nf4", True, 1024, 2)
     ours, _ = replay_training([cast], cache, inputs=torch.bfloat16)
     print("\nAnchors, 8-bit AdamW, gradient checkpointing, GiB (no VAE on the GPU in the recipe):")
     for setup in recipe:
         m = steps[setup]["adamw8bit"]
-        print(f"  diffusers recipe (NF4, r4 on {', '.join(DIFFUSERS_RECIPE_TARGETS)}), {setup.resolution} px, 1 row: "
-              f"{m.trained / 1e6:.2f} M trained, weights {gib(m.weights)}, activations {gib(m.activations)}, "
-              f"peak allocated {gib(m.peak)}")
+        print(
+            f"  diffusers recipe (NF4, r4 on {', '.join(DIFFUSERS_RECIPE_TARGETS)}), {setup.resolution} px, "
+            "1 row: "
+            f"{m.trained / 1e6:.2f} M trained, weights {gib(m.weights)}, activations {gib(m.activations)}, "
+            f"peak allocated {gib(m.peak)}"
+        )
     m = ours[cast]["adamw8bit"]
-    print(f"  this repo's NF4 run (r{LORA_RANK}), 1024 px, 2 rows, inputs cast to bf16: activations {gib(m.activations)}, "
-          f"step peak {gib(m.peak)}")
+    print(
+        f"  this repo's NF4 run (r{LORA_RANK}), 1024 px, 2 rows, inputs cast to bf16: activations "
+        f"{gib(m.activations)}, step peak {gib(m.peak)}"
+    )
 
 
 if __name__ == "__main__":

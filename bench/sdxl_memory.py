@@ -61,18 +61,19 @@ SDXL_TEXT = (77, 1280)             # tokens of the text sequence, width of the p
 
 # stabilityai/stable-diffusion-xl-base-1.0 vae/config.json: only used to cache latents, in fp32.
 SDXL_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=1024,
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    sample_size=1024, block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, force_upcast=True,
 )
 
 # Small enough for a real CPU forward/backward in a second, with the same block kinds as SDXL's.
 TINY_UNET = dict(
     sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(32, 64), transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4),
-    cross_attention_dim=64, use_linear_projection=True, norm_num_groups=16,
-    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64),
+    transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=64,
+    use_linear_projection=True, norm_num_groups=16, addition_embed_type="text_time",
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
 )
 TINY_TEXT = (77, 32)
 
@@ -92,7 +93,8 @@ class Setup:
 
 
 def build_unet(config: dict, lora: bool, frozen_dtype: torch.dtype, device: str = "meta"):
-    """The UNet on `device`: all of it trained in fp32, or frozen in `frozen_dtype` with fp32 LoRA adapters."""
+    """The UNet on `device`: all of it trained in fp32, or frozen in `frozen_dtype` with fp32 LoRA
+    adapters."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
@@ -104,7 +106,8 @@ def build_unet(config: dict, lora: bool, frozen_dtype: torch.dtype, device: str 
     unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
                                 target_modules=list(LORA_TARGETS)))
     for p in unet.parameters():
-        if p.requires_grad:                    # peft gives the adapters the base dtype: keep an fp32 master copy
+        # peft gives the adapters the base dtype: keep an fp32 master copy
+        if p.requires_grad:
             p.data = p.data.float()
     return unet.train()
 
@@ -123,7 +126,9 @@ def make_batch(rows: int, config: dict, text: tuple[int, int], device: str) -> d
     )
 
 
-def loss_of(unet, batch: dict[str, torch.Tensor], autocast: contextlib.AbstractContextManager) -> torch.Tensor:
+def loss_of(
+    unet, batch: dict[str, torch.Tensor], autocast: contextlib.AbstractContextManager
+) -> torch.Tensor:
     """Forward in autocast, then the fp32 loss, instance and class rows weighted alike."""
     with autocast:
         pred = unet(batch["noisy"], batch["t"], batch["text"],
@@ -172,7 +177,8 @@ def measured_on_cpu(setup: Setup, autocast: bool) -> tuple[int, int, int]:
             loss.backward()
             del loss, batch                               # free in the session all it allocated
         unet.zero_grad(set_to_none=True)
-    sizes, totals = cpu_allocation_totals(prof)  # running sums: the allocator's total carries over between sessions
+    # running sums: the allocator's total carries over between sessions
+    sizes, totals = cpu_allocation_totals(prof)
     assert totals[-1] == 0, f"{totals[-1]} bytes allocated in the session outlive it"
     after_forward = next(total - size for size, total in zip(sizes, totals) if size == marker)
     return after_forward, max(totals), max(peak for peak, _ in tracker.peaks.values())
@@ -182,7 +188,9 @@ def sanity_check() -> list[tuple]:
     """The meta replay against real CPU allocations: tiny UNet, 2 rows. In fp32, and under bf16
     autocast (CPU's policy, emulated on meta as CUDA's is for SDXL: this checks the emulation)."""
     rows = []
-    cases = [(lora, gc, autocast) for autocast in (False, True) for lora in (True, False) for gc in (False, True)]
+    cases = [
+        (lora, gc, autocast) for autocast in (False, True) for lora in (True, False) for gc in (False, True)
+    ]
     for lora, checkpointing, autocast in cases:
         setup = Setup(lora, checkpointing, 2, torch.bfloat16 if autocast else torch.float32)
         meta = replay_step(setup, TINY_UNET, TINY_TEXT, dtype=torch.bfloat16 if autocast else None, block=1,
@@ -204,8 +212,12 @@ def frozen_parts() -> dict[str, int]:
 
     with torch.device("meta"):
         vae = AutoencoderKL(**SDXL_VAE)
-        clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                              num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"))
+        clip_l = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                projection_dim=768, hidden_act="quick_gelu",
+            )
+        )
         clip_g = CLIPTextModelWithProjection(CLIPTextConfig(
             hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
             projection_dim=1280, hidden_act="gelu"))
@@ -216,8 +228,13 @@ def frozen_parts() -> dict[str, int]:
         loss_of(unet, batch, EmulatedAutocast())
 
     with EmulatedAutocast(None):               # the flash attention stand-in only (see caveats)
-        encode = peak_of(vae.parameters(), lambda: vae.encode(torch.empty(1, 3, 1024, 1024, device="meta")).latent_dist.mean)
-        decode = peak_of(vae.parameters(), lambda: vae.decode(torch.empty(1, 4, 128, 128, device="meta")).sample)
+        encode = peak_of(
+            vae.parameters(),
+            lambda: vae.encode(torch.empty(1, 3, 1024, 1024, device="meta")).latent_dist.mean,
+        )
+        decode = peak_of(
+            vae.parameters(), lambda: vae.decode(torch.empty(1, 4, 128, 128, device="meta")).sample
+        )
     return dict(
         vae_weights=storage_bytes(list(vae.parameters())), vae_encode=encode, vae_decode=decode,
         text_params=sum(p.numel() for m in (clip_l, clip_g) for p in m.parameters()),
@@ -227,7 +244,9 @@ def frozen_parts() -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--skip-sanity", action="store_true", help="skip the tiny-UNet check against real CPU memory")
+    parser.add_argument(
+        "--skip-sanity", action="store_true", help="skip the tiny-UNet check against real CPU memory"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -237,19 +256,27 @@ def main() -> None:
     print(f"SDXL UNet parameters: {n_params:,} (published checkpoint: {SDXL_UNET_PARAMS:,})")
     assert n_params == SDXL_UNET_PARAMS, "the inline config does not rebuild SDXL's UNet"
 
-    print(f"\nSDXL UNet, 1024x1024 px (latents 128x128), bf16 autocast. GiB = 2**30 bytes. Total = peak allocated "
-          f"+ {CUDA_CONTEXT_GIB} GiB CUDA context.\n")
-    print("| method | grad. ckpt | optimizer | UNet rows | trained params | weights | grads | optimizer states "
-          "| activations | peak allocated (when) | of which transient | total |")
+    print(
+        "\nSDXL UNet, 1024x1024 px (latents 128x128), bf16 autocast. GiB = 2**30 bytes. Total = peak "
+        f"allocated + {CUDA_CONTEXT_GIB} GiB CUDA context.\n"
+    )
+    print(
+        "| method | grad. ckpt | optimizer | UNet rows | trained params | weights | grads | optimizer states "
+        "| activations | peak allocated (when) | of which transient | total |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     setups = [Setup(lora, gc, rows) for lora in (True, False) for gc in (True, False) for rows in (1, 2)]
     setups += [Setup(True, gc, 2, torch.float32) for gc in (True, False)]
     checks = []
     for setup in setups:
         for kind, m in replay_step(setup).items():
-            print(f"| {setup.label} | {OPTIMIZERS[kind]} | {setup.rows} | {m.trained / 1e6:,.1f} M | {gib(m.weights)} "
-                  f"| {gib(m.grads)} | {gib(m.optimizer)} | {gib(m.activations)} | {gib(m.peak)} ({m.peak_phase}) "
-                  f"| {gib(m.transient)} | **{m.peak / GIB + CUDA_CONTEXT_GIB:.1f}** |", flush=True)
+            print(
+                f"| {setup.label} | {OPTIMIZERS[kind]} | {setup.rows} | {m.trained / 1e6:,.1f} M | "
+                f"{gib(m.weights)} "
+                f"| {gib(m.grads)} | {gib(m.optimizer)} | {gib(m.activations)} | {gib(m.peak)} "
+                f"({m.peak_phase}) "
+                f"| {gib(m.transient)} | **{m.peak / GIB + CUDA_CONTEXT_GIB:.1f}** |", flush=True,
+            )
         checks.append((f"{setup.label} | {setup.rows}", m.saved, m.saved_fp32, m.activations))
     print(f"\nOps the emulated autocast cast in the forward: {', '.join(sorted(m.cast_ops))}")
     print("\nSaved for backward (autograd hooks, once per storage, weights left out) against all the forward "
@@ -259,11 +286,13 @@ def main() -> None:
               f"{gib(activations):>6s}")
 
     parts = frozen_parts()
-    print(f"\nOff the GPU during training. VAE weights in fp32: {gib(parts['vae_weights'])} GiB; its peak on top "
-          f"of them, encoding one 1024x1024 image: {gib(parts['vae_encode'])} GiB, decoding one latent: "
-          f"{gib(parts['vae_decode'])} GiB. Text encoders: {parts['text_params']:,} parameters "
-          f"({gib(2 * parts['text_params'])} GiB in bf16). One UNet sampling step with guidance (2 rows, no grad) "
-          f"on top of its weights: {gib(parts['unet_sample_step'])} GiB.")
+    print(
+        f"\nOff the GPU during training. VAE weights in fp32: {gib(parts['vae_weights'])} GiB; its peak on "
+        f"top of them, encoding one 1024x1024 image: {gib(parts['vae_encode'])} GiB, decoding one latent: "
+        f"{gib(parts['vae_decode'])} GiB. Text encoders: {parts['text_params']:,} parameters "
+        f"({gib(2 * parts['text_params'])} GiB in bf16). One UNet sampling step with guidance (2 rows, no "
+        f"grad) on top of its weights: {gib(parts['unet_sample_step'])} GiB."
+    )
 
     if not args.skip_sanity:
         print("\nSanity check: tiny UNet, 2 rows, MiB. Meta replay against a real CPU run measured by the "

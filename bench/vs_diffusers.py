@@ -1,6 +1,8 @@
-"""Our `dreambooth train` against diffusers' DreamBooth example, on one tiny offline SD 1.x workload, timed by one harness.
+"""Our `dreambooth train` against diffusers' DreamBooth example, on one tiny offline SD 1.x workload, timed by
+one harness.
 
-Run: python bench/vs_diffusers.py --diffusers-script /path/to/diffusers/examples/dreambooth/train_dreambooth.py
+Run: python bench/vs_diffusers.py --diffusers-script
+/path/to/diffusers/examples/dreambooth/train_dreambooth.py
      (about 3.5 minutes on 2 CPU cores, the first time 20 s more to build the cache; `--steps 20 --repeats 1`
      for a quick look; `--json runs.json` keeps every run and figure)
 
@@ -86,14 +88,17 @@ WEIGHTS = {  # the fine-tuned UNet each program saves at the end, relative to it
 }
 IMAGE_SUFFIXES = (".png", ".jpg")
 BUSY_LOAD = 0.25        # x CPU count: the 1-minute load before the runs above which the figures are suspect
-# Declares the two ops whose fake kernels `import torchvision` registers unconditionally (see the module docstring).
-TORCHVISION_SHIM = '''"""Lets torchvision import beside a torch it was not built against: declares two op schemas, no kernels."""
-import torch
+# Declares the two ops whose fake kernels `import torchvision` registers unconditionally (see the module
+# docstring).
+TORCHVISION_SHIM = (
+    '"""Lets torchvision import beside a torch it was not built against: declares two op schemas, '
+    'no kernels."""\n'
+    '''import torch
 
 _lib = torch.library.Library("torchvision", "DEF")
 for _name in ("nms", "qnms"):
     _lib.define(f"{_name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-'''
+''')
 
 
 @dataclass(frozen=True)
@@ -140,33 +145,36 @@ class Run:
 
 def ours_command(job: Job, w: Workload) -> list[str]:
     return [
-        sys.executable, "-m", "dreambooth.cli", "train", "--model", str(w.model), "--instance-dir", str(w.photos),
-        "--identifier", "sks", "--class-noun", "dog",
-        "--instance-prompt", "a photo of {identifier} {class_noun}", "--class-prompt", "a photo of {class_noun}",
+        sys.executable, "-m", "dreambooth.cli", "train", "--model", str(w.model), "--instance-dir",
+        str(w.photos), "--identifier", "sks", "--class-noun", "dog", "--instance-prompt",
+        "a photo of {identifier} {class_noun}", "--class-prompt", "a photo of {class_noun}",
         "--prior-preservation", "--num-class-images", str(w.class_images), "--class-dir", str(job.class_dir),
-        "--class-batch-size", str(CLASS_BATCH), "--resolution", str(RESOLUTION),
-        "--max-steps", str(job.steps(w)), "--batch-size", "1", "--learning-rate", "5e-6", "--mixed-precision", "no",
+        "--class-batch-size", str(CLASS_BATCH), "--resolution", str(RESOLUTION), "--max-steps",
+        str(job.steps(w)), "--batch-size", "1", "--learning-rate", "5e-6", "--mixed-precision", "no",
         "--seed", "0", "--checkpoint-every", str(w.checkpoint_every), "--logger", "tensorboard",
-        "--validation-images", "0",  # no validation samples, as diffusers' script without --validation_prompt
+        "--validation-images",
+        "0",  # no validation samples, as diffusers' script without --validation_prompt
         "--run-dir", str(job.folder / "out"),
     ]
 
 
 def diffusers_command(script: Path, job: Job, w: Workload) -> list[str]:
     return [
-        sys.executable, str(script), "--pretrained_model_name_or_path", str(w.model),
-        "--instance_data_dir", str(w.photos), "--instance_prompt", INSTANCE_PROMPT, "--class_prompt", CLASS_PROMPT,
-        "--with_prior_preservation", "--num_class_images", str(w.class_images), "--class_data_dir", str(job.class_dir),
-        "--sample_batch_size", str(CLASS_BATCH), "--prior_generation_precision", "fp32",
+        sys.executable, str(script), "--pretrained_model_name_or_path", str(w.model), "--instance_data_dir",
+        str(w.photos), "--instance_prompt", INSTANCE_PROMPT, "--class_prompt", CLASS_PROMPT,
+        "--with_prior_preservation", "--num_class_images", str(w.class_images), "--class_data_dir",
+        str(job.class_dir), "--sample_batch_size", str(CLASS_BATCH), "--prior_generation_precision", "fp32",
         "--resolution", str(RESOLUTION), "--max_train_steps", str(job.steps(w)), "--train_batch_size", "1",
-        "--learning_rate", "5e-6", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--mixed_precision", "no",
-        "--seed", "0", "--checkpointing_steps", str(w.checkpoint_every), "--report_to", "tensorboard",
-        "--pre_compute_text_embeddings", "--output_dir", str(job.folder / "out"),
+        "--learning_rate", "5e-6", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+        "--mixed_precision", "no", "--seed", "0", "--checkpointing_steps", str(w.checkpoint_every),
+        "--report_to", "tensorboard", "--pre_compute_text_embeddings", "--output_dir",
+        str(job.folder / "out"),
     ]
 
 
 def torchvision_release() -> str:
-    """The torchvision minor release built with the installed torch (torch 2.N pairs with torchvision 0.N+15)."""
+    """The torchvision minor release built with the installed torch (torch 2.N pairs with torchvision
+    0.N+15)."""
     major, minor = importlib.metadata.version("torch").split(".")[:2]
     if major != "2":
         raise ValueError(f"torch {major}.{minor}: no known torchvision pairing; this harness knows torch 2.x")
@@ -236,7 +244,8 @@ def environments(torchvision: Path, shim: Path) -> dict[str, dict[str, str]]:
 
 
 def problems_with(job: Job, w: Workload, timed: Timed) -> list[str]:
-    """What shows that the run did not train: exit code, steps never reached, missing weights or class images."""
+    """What shows that the run did not train: exit code, steps never reached, missing weights or class
+    images."""
     problems = [] if timed.returncode == 0 else [f"exit code {timed.returncode}"]
     steps = job.steps(w)
     if f"{steps}/{steps} [" not in (job.folder / "stderr.txt").read_text(errors="replace"):
@@ -255,8 +264,11 @@ def execute(job: Job, cmd: list[str], env: dict[str, str], w: Workload) -> Run:
     timed = run_timed(cmd, env, job.folder)
     problems = problems_with(job, w, timed)
     if problems:
-        raise SystemExit(f"\n{job.program} {job.kind} run failed: {'; '.join(problems)}\ncommand: {' '.join(cmd)}\n"
-                         f"--- stderr tail ({job.folder / 'stderr.txt'}) ---\n{tail(job.folder / 'stderr.txt')}")
+        raise SystemExit(
+            f"\n{job.program} {job.kind} run failed: {'; '.join(problems)}\ncommand: {' '.join(cmd)}\n"
+            f"--- stderr tail ({job.folder / 'stderr.txt'}) "
+            f"---\n{tail(job.folder / 'stderr.txt')}"
+        )
     shutil.rmtree(job.folder / "out")
     return Run(job.program, job.kind, job.repeat, job.steps(w), timed.wall_s, timed.peak_rss_mb, timed.cpu_s)
 
@@ -265,10 +277,14 @@ def class_sampling(program: str, class_dir: Path, model: Path) -> tuple[int, str
     """Denoising steps and sampler of a program's class images: ours as the folder's manifest records
     them; diffusers' script uses its pipeline's defaults, with the scheduler the model ships."""
     if program == "diffusers":
-        return DIFFUSERS_CLASS_STEPS, json.loads((model / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+        return DIFFUSERS_CLASS_STEPS, json.loads((model / "scheduler" / "scheduler_config.json").read_text())[
+            "_class_name"
+        ]
     spec = json.loads((class_dir / "manifest.json").read_text()).get("spec", {})
     if "steps" not in spec:
-        raise ValueError(f"{class_dir / 'manifest.json'} has no spec.steps: its format changed, update this bench")
+        raise ValueError(
+            f"{class_dir / 'manifest.json'} has no spec.steps: its format changed, update this bench"
+        )
     return int(spec["steps"]), str(spec.get("sampler"))
 
 
@@ -318,10 +334,14 @@ def versions(script: Path) -> dict[str, str]:
         result = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
         return result.stdout.strip() if result.returncode == 0 else "unknown"
 
-    packages = {name: importlib.metadata.version(name) for name in ("torch", "diffusers", "transformers", "accelerate")}
+    packages = {
+        name: importlib.metadata.version(name)
+        for name in ("torch", "diffusers", "transformers", "accelerate")
+    }
     dirty = " + uncommitted changes in src/" if git("status", "--porcelain", "--", "src") else ""
     return {
-        "python": platform.python_version(), **packages, "dreambooth": git("rev-parse", "--short", "HEAD") + dirty,
+        "python": platform.python_version(), **packages,
+        "dreambooth": git("rev-parse", "--short", "HEAD") + dirty,
         "train_dreambooth.py": f"{script} (sha256 {hashlib.sha256(script.read_bytes()).hexdigest()[:12]})",
     }
 
@@ -329,7 +349,10 @@ def versions(script: Path) -> dict[str, str]:
 def warn_if_busy(load: float, when: str) -> None:
     cpus = os.cpu_count() or 1
     if load > BUSY_LOAD * cpus:
-        print(f"WARNING: load average {load:.2f} {when} on {cpus} CPUs: other programs compete, the figures are noisy")
+        print(
+            f"WARNING: load average {load:.2f} {when} on {cpus} CPUs: other programs compete, the figures "
+            "are noisy"
+        )
 
 
 def main() -> None:
@@ -338,7 +361,9 @@ def main() -> None:
                         help="examples/dreambooth/train_dreambooth.py of a diffusers source checkout")
     parser.add_argument("--steps", type=int, default=60, help="training steps of the cold and warm runs")
     parser.add_argument("--class-images", type=int, default=8, help="class images for prior preservation")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each kind per program; the best counts")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs of each kind per program; the best counts"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every run and figure here")
     args = parser.parse_args()
     script = args.diffusers_script.resolve()
@@ -360,14 +385,21 @@ def main() -> None:
     w = Workload(prepare_model(), prepare_photos(), args.steps, args.class_images)
     envs = environments(*prepare_torchvision())
     commands = {"ours": ours_command, "diffusers": functools.partial(diffusers_command, script)}
-    print(f"\nworkload: {RESOLUTION} px, {args.class_images} class images, runs of {w.steps} and {LONG * w.steps} "
-          f"steps, a checkpoint every {w.checkpoint_every}; {args.repeats} repeat(s)")
+    print(
+        f"\nworkload: {RESOLUTION} px, {args.class_images} class images, runs of {w.steps} and "
+        f"{LONG * w.steps} steps, a checkpoint every {w.checkpoint_every}; {args.repeats} repeat(s)"
+    )
 
     shutil.rmtree(CACHE / "runs", ignore_errors=True)
-    jobs = [Job(program, kind, repeat) for repeat in range(args.repeats) for kind in KINDS for program in PROGRAMS]
+    jobs = [
+        Job(program, kind, repeat) for repeat in range(args.repeats) for kind in KINDS for program in PROGRAMS
+    ]
     runs, sampling = [], {}
     for i, job in enumerate(jobs, 1):
-        print(f"[{i:2d}/{len(jobs)}] {job.program:9s} {job.kind:4s} {job.steps(w):4d} steps ...", end=" ", flush=True)
+        print(
+            f"[{i:2d}/{len(jobs)}] {job.program:9s} {job.kind:4s} {job.steps(w):4d} steps ...", end=" ",
+            flush=True,
+        )
         run = execute(job, commands[job.program](job, w), envs[job.program], w)
         print(f"{run.wall_s:6.1f} s (CPU {run.cpu_s:5.1f} s), peak RSS {run.peak_rss_mb:4.0f} MB", flush=True)
         runs.append(run)
@@ -376,10 +408,16 @@ def main() -> None:
 
     figs = figures(runs, w, {program: steps for program, (steps, _) in sampling.items()})
     print(f"\n{table(figs)}")
-    print("class images: " + "; ".join(f"{p} {steps} denoising steps ({sampler})" for p, (steps, sampler) in sampling.items())
-          + f"; {CLASS_BATCH} per batch, guidance 7.5 in both")
+    print(
+        "class images: "
+        + "; ".join(f"{p} {steps} denoising steps ({sampler})" for p, (steps, sampler) in sampling.items())
+        + f"; {CLASS_BATCH} per batch, guidance 7.5 in both"
+    )
     if any(figs[p]["steps_per_s"] is None or figs[p]["class_images_s"] <= 0 for p in PROGRAMS):
-        print("WARNING: a difference of wall times is not positive: noise exceeds the signal; raise --steps or --repeats")
+        print(
+            "WARNING: a difference of wall times is not positive: noise exceeds the signal; raise --steps or "
+            "--repeats"
+        )
     load_after = load_average()
     print(f"\nload average after: {load_after:.2f} (includes these runs)")
     total = time.perf_counter() - start

@@ -44,7 +44,8 @@ def write_photos(folder: Path, n: int = 4, size: tuple[int, int] = (40, 48), see
 
 
 def overfit(stage, batch, modules, *, steps: int, lr: float) -> tuple[list[float], dict]:
-    """Train `modules` on one fixed batch with AdamW (prior weight 1): each step's loss, and the last step's terms."""
+    """Train `modules` on one fixed batch with AdamW (prior weight 1): each step's loss, and the last step's
+    terms."""
     from dreambooth.training.step import compute_loss
 
     optimizer = torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=lr)
@@ -59,7 +60,8 @@ def overfit(stage, batch, modules, *, steps: int, lr: float) -> tuple[list[float
 
 
 def record_unet_inputs(unet, calls: list) -> None:
-    """Append every call's input sample, timestep and class_labels to `calls` (training and sampling alike)."""
+    """Append every call's input sample, timestep and class_labels to `calls` (training and sampling
+    alike)."""
     forward = unet.forward
 
     def recording(sample, timestep, *args, class_labels=None, **kwargs):
@@ -84,7 +86,8 @@ def tiny_cascade(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_if(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny DeepFloyd IF cascade with the released models' properties (learned variance, cased T5; tiny_if.py)."""
+    """A tiny DeepFloyd IF cascade with the released models' properties (learned variance, cased T5;
+    tiny_if.py)."""
     from tiny_if import build_tiny_if
 
     return build_tiny_if(tmp_path_factory.mktemp("models") / "tiny-if")

@@ -19,21 +19,25 @@ WORDS = (
     "mountain street grass floor fabric red blue green purple pink white shiny wet background water rug"
 ).split()
 # Short strings seen only a few times: whole-word tokens with a weak prior, as in a real vocabulary.
-RARE = ("xon", "qak", "vip", "zor", "tep", "rin", "mok", "dax", "wug", "fep", "lom", "sks", "jib", "kel", "pov")
+RARE = (
+    "xon", "qak", "vip", "zor", "tep", "rin", "mok", "dax", "wug", "fep", "lom", "sks", "jib", "kel", "pov",
+)
 
 
 @cache
 def _clip_vocab(variant: int = 0) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     # variant 1 learns from the words in another order and repeats the rare ones more: the same
     # words get other ids, as two real tokenizers trained on different data would give them.
-    words, rare_repeats = (WORDS, 3) if variant == 0 else (tuple(reversed(WORDS)) + ("zebra", "yacht", "quilt"), 5)
+    words, rare_repeats = (
+        (WORDS, 3) if variant == 0 else (tuple(reversed(WORDS)) + ("zebra", "yacht", "quilt"), 5)
+    )
     corpus = [" ".join(words)] * 40 + [" ".join(RARE)] * rare_repeats
     alphabet = [chr(c) for c in range(33, 127)]
     tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(
-        vocab_size=320 + 40 * variant, special_tokens=["<|startoftext|>", "<|endoftext|>"], initial_alphabet=alphabet,
-        end_of_word_suffix="</w>", min_frequency=1, show_progress=False,
+        vocab_size=320 + 40 * variant, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=alphabet, end_of_word_suffix="</w>", min_frequency=1, show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
     model = json.loads(tokenizer.to_str())["model"]
@@ -57,8 +61,8 @@ def tiny_clip_tokenizer(variant: int = 0, **kwargs) -> CLIPTokenizer:
 def tiny_clip_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
     torch.manual_seed(seed)
     config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )
     return CLIPTextModel(config)
 
@@ -72,15 +76,18 @@ def build_tiny_sd(path: Path, *, prediction_type: str = "epsilon", seed: int = 0
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+        norm_num_groups=8,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         norm_num_groups=8, sample_size=32,
     )
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type
+    )
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -110,16 +117,18 @@ def build_tiny_sdxl(path: Path, *, seed: int = 0) -> Path:
     text_encoder = tiny_clip_text_encoder(len(tokenizer), seed)
     torch.manual_seed(seed + 1)
     config_2 = CLIPTextConfig(
-        vocab_size=len(tokenizer_2), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=24, hidden_act="gelu",
+        vocab_size=len(tokenizer_2), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        projection_dim=24, hidden_act="gelu",
     )
     text_encoder_2 = CLIPTextModelWithProjection(config_2)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32 + 48, attention_head_dim=4, norm_num_groups=8, transformer_layers_per_block=(1, 2),
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32 + 48, attention_head_dim=4,
+        norm_num_groups=8, transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8,
         use_linear_projection=True,
     )
     vae = AutoencoderKL(
@@ -128,19 +137,20 @@ def build_tiny_sdxl(path: Path, *, seed: int = 0) -> Path:
         norm_num_groups=8, sample_size=64, scaling_factor=0.13025, force_upcast=True,
     )
     scheduler = EulerDiscreteScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading",
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+        timestep_spacing="leading",
     )
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-        unet=unet, scheduler=scheduler, add_watermarker=False,
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
     )
     pipe.save_pretrained(path)
     return path
 
 
 TINY_CASCADE = dict(
-    base_resolution=16, sr_resolution=32, text_width=32, text_layers=1, base_channels=(16, 32), sr_channels=(16, 32), head_dim=8,
-    english_words=1500,
+    base_resolution=16, sr_resolution=32, text_width=32, text_layers=1, base_channels=(16, 32),
+    sr_channels=(16, 32), head_dim=8, english_words=1500,
 )
 
 
@@ -151,11 +161,15 @@ def build_tiny_cascade(path: Path, seed: int = 0) -> Path:
     return build_cascade(path, PocketArchitecture(**TINY_CASCADE), seed)
 
 
-_TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, "image_size": 32, "patch_size": 8}
+_TINY_VIT = {
+    "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+    "image_size": 32, "patch_size": 8,
+}
 
 
 def build_tiny_dino(path: Path, seed: int = 0) -> Path:
-    """A tiny random ViT saved like facebook/dino-vits16 (no pooler; 32 px input: the embedders crop to the model's size)."""
+    """A tiny random ViT saved like facebook/dino-vits16 (no pooler; 32 px input: the embedders crop to the
+    model's size)."""
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(seed)
@@ -164,7 +178,8 @@ def build_tiny_dino(path: Path, seed: int = 0) -> Path:
 
 
 def build_tiny_clip(path: Path, seed: int = 0) -> Path:
-    """A tiny random CLIP (text + vision + projections) with the tiny CLIP tokenizer, saved like openai/clip-*."""
+    """A tiny random CLIP (text + vision + projections) with the tiny CLIP tokenizer, saved like
+    openai/clip-*."""
     from transformers import CLIPConfig, CLIPModel
 
     tokenizer = tiny_clip_tokenizer()
@@ -179,4 +194,7 @@ def build_tiny_clip(path: Path, seed: int = 0) -> Path:
 
 def tiny_scorer_flags(folder: Path) -> list[str]:
     """Tiny DINO and CLIP folders, as the CLI flags that select them."""
-    return ["--eval-dino", str(build_tiny_dino(folder / "dino")), "--eval-clip", str(build_tiny_clip(folder / "clip"))]
+    return [
+        "--eval-dino", str(build_tiny_dino(folder / "dino")), "--eval-clip",
+        str(build_tiny_clip(folder / "clip")),
+    ]

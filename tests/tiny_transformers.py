@@ -1,4 +1,5 @@
-"""Tiny, randomly initialised FLUX.1 and SD3.5 pipelines of the real diffusers/transformers classes, built offline.
+"""Tiny, randomly initialised FLUX.1 and SD3.5 pipelines of the real diffusers/transformers classes, built
+offline.
 
 They keep what the released models' training and sampling depend on (text encoders and their
 tokenizers, pooled vs sequence conditioning, 16-channel latents with shift and scale, the 8x VAE,
@@ -23,7 +24,8 @@ FLUX1_SCHEDULER = dict(
     num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
     base_image_seq_len=256, max_image_seq_len=4096,
 )
-"""FLUX.1-dev's scheduler_config.json (FlowMatchEulerDiscreteScheduler); `shift` is unused under dynamic shifting."""
+"""FLUX.1-dev's scheduler_config.json (FlowMatchEulerDiscreteScheduler); `shift` is unused under dynamic
+shifting."""
 
 SD35_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 """SD3.5 Large's scheduler_config.json (FlowMatchEulerDiscreteScheduler)."""
@@ -50,10 +52,12 @@ def _t5_vocab() -> tuple[tuple[str, float], ...]:
 
 
 def tiny_t5_tokenizer() -> T5TokenizerFast:
-    """A case-sensitive T5 tokenizer (tokenizers-library Unigram, '</s>' appended, 100 sentinels), built offline.
+    """A case-sensitive T5 tokenizer (tokenizers-library Unigram, '</s>' appended, 100 sentinels), built
+    offline.
 
     transformers 5's T5Tokenizer (T5TokenizerFast is the same class) takes the Unigram pieces as
-    `vocab=[(piece, log_prob), ...]` and builds the Metaspace pre-tokenizer and the '</s>' post-processor itself.
+    `vocab=[(piece, log_prob), ...]` and builds the Metaspace pre-tokenizer and the '</s>' post-processor
+    itself.
     """
     return T5TokenizerFast(vocab=list(_t5_vocab()), model_max_length=512)
 
@@ -62,25 +66,29 @@ def tiny_t5_encoder(vocab_size: int, d_model: int = 32, seed: int = 0) -> T5Enco
     """A 2-layer T5 v1.1 encoder (gated GELU, as the T5-XXL of FLUX and SD3)."""
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=vocab_size, d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=2, num_heads=4,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=vocab_size, d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=2,
+        num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0,
     )
     return T5EncoderModel(config)
 
 
 def _tiny_vae(latent: dict[str, float]):
-    """A 16-channel AutoencoderKL with 4 blocks (8x downsampling) and no quant convs, as FLUX.1's and SD3's."""
+    """A 16-channel AutoencoderKL with 4 blocks (8x downsampling) and no quant convs, as FLUX.1's and
+    SD3's."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
-        sample_size=TINY_RESOLUTION, use_quant_conv=False, use_post_quant_conv=False, **latent,
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=TINY_RESOLUTION,
+        use_quant_conv=False, use_post_quant_conv=False, **latent,
     )
 
 
 def build_tiny_flux(path: Path, *, seed: int = 0) -> Path:
-    """Save a tiny FLUX.1-dev pipeline (64x64 pixels, 16x8x8 latents packed into 4x4 tokens of 64) in diffusers format.
+    """Save a tiny FLUX.1-dev pipeline (64x64 pixels, 16x8x8 latents packed into 4x4 tokens of 64) in
+    diffusers format.
 
     What matters of the real one: a CLIP text model whose pooled output (768 wide there, 32 here)
     conditions every block, and a T5 encoder (case-sensitive tokenizer) whose sequence is the joint
@@ -95,9 +103,9 @@ def build_tiny_flux(path: Path, *, seed: int = 0) -> Path:
     text_encoder_2 = tiny_t5_encoder(len(tokenizer_2), d_model=32, seed=seed + 1)
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16 * 4, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=text_encoder_2.config.d_model, pooled_projection_dim=text_encoder.config.hidden_size,
-        guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        patch_size=1, in_channels=16 * 4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=text_encoder_2.config.d_model,
+        pooled_projection_dim=text_encoder.config.hidden_size, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
     )
     vae = _tiny_vae(FLUX1_VAE)
     pipe = FluxPipeline(
@@ -121,27 +129,31 @@ def build_tiny_sd3(path: Path, *, seed: int = 0, dual_attention_layers: tuple[in
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
-    tokenizer, tokenizer_2, tokenizer_3 = tiny_clip_tokenizer(0), tiny_clip_tokenizer(1, pad_token="!"), tiny_t5_tokenizer()
+    tokenizer, tokenizer_2, tokenizer_3 = (
+        tiny_clip_tokenizer(0), tiny_clip_tokenizer(1, pad_token="!"), tiny_t5_tokenizer(),
+    )
     encoders = []
     for i, (tok, width) in enumerate(((tokenizer, 32), (tokenizer_2, 48))):
         torch.manual_seed(seed + i)
         config = CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=width,
-            hidden_act=("quick_gelu", "gelu")[i],
+            vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            projection_dim=width, hidden_act=("quick_gelu", "gelu")[i],
         )
         encoders.append(CLIPTextModelWithProjection(config))
-    text_encoder_3 = tiny_t5_encoder(len(tokenizer_3), d_model=96, seed=seed + 2)  # >= 32 + 48: CLIP states are padded to it
+    # >= 32 + 48: CLIP states are padded to it
+    text_encoder_3 = tiny_t5_encoder(len(tokenizer_3), d_model=96, seed=seed + 2)
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
-        sample_size=TINY_RESOLUTION // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=text_encoder_3.config.d_model, caption_projection_dim=32,
-        pooled_projection_dim=32 + 48, pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=dual_attention_layers,
+        sample_size=TINY_RESOLUTION // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=text_encoder_3.config.d_model,
+        caption_projection_dim=32, pooled_projection_dim=32 + 48, pos_embed_max_size=16, qk_norm="rms_norm",
+        dual_attention_layers=dual_attention_layers,
     )
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD35_SCHEDULER), vae=_tiny_vae(SD35_VAE),
-        text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD35_SCHEDULER),
+        vae=_tiny_vae(SD35_VAE), text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1],
+        tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
     pipe.save_pretrained(path)
     return path

@@ -31,7 +31,9 @@ def flag_name(field: dataclasses.Field) -> str:
 def sections(root: type) -> list[tuple[str, type]]:
     """(name, dataclass) of each section of the config tree, in declaration order."""
     hints = get_type_hints(root)
-    return [(f.name, hints[f.name]) for f in dataclasses.fields(root) if dataclasses.is_dataclass(hints[f.name])]
+    return [
+        (f.name, hints[f.name]) for f in dataclasses.fields(root) if dataclasses.is_dataclass(hints[f.name])
+    ]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, root: type) -> None:
@@ -43,7 +45,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, root: type) -> None:
         docs, hints = field_docs(cls), get_type_hints(cls)
         for field in dataclasses.fields(cls):
             if only is None or field.name in only:
-                default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+                default = (
+                    field.default if field.default is not dataclasses.MISSING else field.default_factory()
+                )
                 help_text = f"{docs.get(field.name, '')} (default: {_show(default)})".replace("%", "%%")
                 _add_field(group, f"{section}.{field.name}", field, hints[field.name], help_text, prefix)
 
@@ -57,10 +61,19 @@ def _add_field(group, dest: str, field: dataclasses.Field, hint: Any, help_text:
     if _optional_inner(hint) is bool or "negative" in field.metadata:
         negative = prefix + field.metadata.get("negative", f"no-{flag_name(field)}")
         pair = group.add_mutually_exclusive_group()
-        pair.add_argument(f"--{short}", dest=dest, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text)
-        pair.add_argument(f"--{negative}", dest=dest, action="store_const", const=False, default=argparse.SUPPRESS, help=f"the opposite of --{short}")
+        pair.add_argument(
+            f"--{short}", dest=dest, action="store_const", const=True, default=argparse.SUPPRESS,
+            help=help_text,
+        )
+        pair.add_argument(
+            f"--{negative}", dest=dest, action="store_const", const=False, default=argparse.SUPPRESS,
+            help=f"the opposite of --{short}",
+        )
         for name, value in ((dest, True), (f"no-{dest}", False)):
-            group.add_argument(f"--{name}", dest=dest, action="store_const", const=value, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            group.add_argument(
+                f"--{name}", dest=dest, action="store_const", const=value, default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
         return
     options = _parse_options(hint)
     if field.metadata.get("repeat"):
@@ -70,7 +83,8 @@ def _add_field(group, dest: str, field: dataclasses.Field, hint: Any, help_text:
 
 
 def overrides_from_args(namespace: argparse.Namespace, root: type | None = None) -> dict[str, Any]:
-    """Nested {section: {field: value}} of the config flags given on the command line (only `root`'s sections if given)."""
+    """Nested {section: {field: value}} of the config flags given on the command line (only `root`'s sections
+    if given)."""
     wanted = None if root is None else {name for name, _ in sections(root)}
     nested: dict[str, Any] = {}
     for dest, value in vars(namespace).items():

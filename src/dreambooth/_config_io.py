@@ -40,7 +40,9 @@ def migrate(data: dict[str, Any], current: int) -> dict[str, Any]:
     if problem := _schema_version_problem(version):
         raise ValueError(f"config: {problem}")
     if version > current:
-        raise ValueError(f"config has schema_version {version}, newer than this tool's {current}: upgrade dreambooth")
+        raise ValueError(
+            f"config has schema_version {version}, newer than this tool's {current}: upgrade dreambooth"
+        )
     for step in range(version, current):
         data = _MIGRATIONS[step](data)
     return {**data, "schema_version": current}
@@ -54,7 +56,9 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Recursively merge two nested dicts; `override` wins."""
     out = dict(base)
     for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -66,20 +70,28 @@ def load_file(path: Path) -> dict[str, Any]:
         ValueError: if it cannot be parsed or has an unknown extension.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+        raise FileNotFoundError(
+            f"config file {str(path)!r} does not exist" + (" (it is a folder)" if path.is_dir() else "")
+        )
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise ValueError(f"config file {str(path)!r} must end in .toml, .yaml or .yml")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"config file {str(path)!r} is not a text file (not UTF-8 at byte {error.start})") from error
+        raise ValueError(
+            f"config file {str(path)!r} is not a text file (not UTF-8 at byte {error.start})"
+        ) from error
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else (yaml.safe_load(text) or {})
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
-        raise ValueError(f"config file {str(path)!r} is not valid {path.suffix[1:].upper()}: {error}") from error
+        raise ValueError(
+            f"config file {str(path)!r} is not valid {path.suffix[1:].upper()}: {error}"
+        ) from error
     if not isinstance(data, dict):
-        raise ValueError(f"config file {str(path)!r}: its top level must be sections of keys (e.g. `train:` with "
-                         f"`max_steps: 400` under it), not a {type(data).__name__}")
+        raise ValueError(
+            f"config file {str(path)!r}: its top level must be sections of keys (e.g. `train:` with "
+            f"`max_steps: 400` under it), not a {type(data).__name__}"
+        )
     if "schema_version" in data and (problem := _schema_version_problem(data["schema_version"])):
         raise ValueError(f"config file {str(path)!r}: {problem}")
     return data
@@ -121,7 +133,10 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
-        text = self.problems[0] if len(self.problems) == 1 else "invalid configuration:\n  - " + "\n  - ".join(self.problems)
+        text = (
+            self.problems[0] if len(self.problems) == 1
+            else "invalid configuration:\n  - " + "\n  - ".join(self.problems)
+        )
         super().__init__(text)
 
 
@@ -149,13 +164,17 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError([f"{prefix.rstrip('.') or 'config'} must be a table of settings, got {data!r}"])
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    problems = [f"unknown config key {prefix + key!r}{_suggestion(key, cls, prefix)}" for key in data if key not in fields]
+    problems = [
+        f"unknown config key {prefix + key!r}{_suggestion(key, cls, prefix)}" for key in data
+        if key not in fields
+    ]
     kwargs: dict[str, Any] = {}
     for key, f in fields.items():
         hint = hints[key]
         try:
             if dataclasses.is_dataclass(hint) and (key in data or f.default_factory is hint):
-                kwargs[key] = from_dict(hint, data.get(key, {}), f"{prefix}{key}.")  # absent: its defaults, still checked
+                # absent: its defaults, still checked
+                kwargs[key] = from_dict(hint, data.get(key, {}), f"{prefix}{key}.")
             elif key in data:
                 kwargs[key] = coerce(data[key], hint, prefix + key)
         except ValueError as error:
@@ -169,7 +188,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 
 def load_tree(cls: type[T], path: Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Build the config tree `cls` of a command from its defaults, then a TOML/YAML file, then overrides (flags).
+    """Build the config tree `cls` of a command from its defaults, then a TOML/YAML file, then overrides
+    (flags).
 
     Raises:
         FileNotFoundError: if `path` does not exist.
@@ -205,7 +225,9 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         return tuple(coerce(v, a, key) for v, a in zip(value, args))
     if hint is Path:
         if not isinstance(value, (str, Path)):
-            raise ValueError(f"config key {key!r} must be a path (string), got {type(value).__name__} {value!r}")
+            raise ValueError(
+                f"config key {key!r} must be a path (string), got {type(value).__name__} {value!r}"
+            )
         return Path(value).expanduser()
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -231,7 +253,9 @@ def _suggestion(key: str, cls: type, prefix: str) -> str:
 def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings of a dataclass (the string literal under each field), by field name;
     a subclass inherits those of the fields it does not redeclare."""
-    inherited = {name: doc for base in reversed(cls.__mro__[1:-1]) for name, doc in _own_field_docs(base).items()}
+    inherited = {
+        name: doc for base in reversed(cls.__mro__[1:-1]) for name, doc in _own_field_docs(base).items()
+    }
     return inherited | _own_field_docs(cls)
 
 

@@ -25,16 +25,24 @@ COLUMNS = {
 
 
 def run_ablation(base: AblationConfig) -> dict:
-    """Run every subject with and without prior preservation into `base.run_dir`; write and print the averaged table."""
+    """Run every subject with and without prior preservation into `base.run_dir`; write and print the averaged
+    table."""
     from dreambooth.demo import run_demo
 
-    subjects = [(name, None) for name in SUBJECTS] + [(f"seed{seed}", seed) for seed in base.new_subject_seeds]
+    subjects = [(name, None) for name in SUBJECTS] + [
+        (f"seed{seed}", seed) for seed in base.new_subject_seeds
+    ]
     results: dict[str, dict[str, dict]] = {}
     for name, seed in subjects:
         for setting, prior in (("with prior", True), ("no prior", False)):
             run_dir = base.run_dir / name / setting.replace(" ", "-")
             if not (run_dir / "metrics.json").is_file():
-                run_demo(dataclasses.replace(base, run_dir=run_dir, subject=name if seed is None else base.subject, subject_seed=seed, prior_preservation=prior))
+                run_demo(
+                    dataclasses.replace(
+                        base, run_dir=run_dir, subject=name if seed is None else base.subject,
+                        subject_seed=seed, prior_preservation=prior,
+                    )
+                )
             results.setdefault(name, {})[setting] = read_json(run_dir / "metrics.json")
     table = average(results)
     write_json(base.run_dir / "ablation.json", {"subjects": results, "average": table})
@@ -43,7 +51,8 @@ def run_ablation(base: AblationConfig) -> dict:
 
 
 def average(results: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
-    """Subject -> setting -> its demo metrics.json, averaged over subjects: a column per model, then the SR rows."""
+    """Subject -> setting -> its demo metrics.json, averaged over subjects: a column per model, then the SR
+    rows."""
     scores = [{setting: metrics["scores"] for setting, metrics in r.items()} for r in results.values()]
     table: dict[str, dict[str, float]] = {}
     for column, (setting, model) in COLUMNS.items():
@@ -54,10 +63,14 @@ def average(results: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
         }
     with_prior = [r["with prior"] for r in results.values()]
     table["SR: pretrained vs personalised"] = {
-        "detail (pretrained SR)": statistics.mean(m["scores"]["fine-tuned base + pretrained SR"]["detail"] for m in with_prior),
+        "detail (pretrained SR)": statistics.mean(
+            m["scores"]["fine-tuned base + pretrained SR"]["detail"] for m in with_prior
+        ),
         "detail (personalised SR)": statistics.mean(m["scores"]["fine-tuned"]["detail"] for m in with_prior),
-        **{f"renders: {stage}": statistics.mean(m["sr_detail_on_renders"][stage] for m in with_prior)
-           for stage in with_prior[0]["sr_detail_on_renders"]},
+        **{
+            f"renders: {stage}": statistics.mean(m["sr_detail_on_renders"][stage] for m in with_prior)
+            for stage in with_prior[0]["sr_detail_on_renders"]
+        },
     }
     return table
 
@@ -71,8 +84,15 @@ def format_ablation(table: dict[str, dict[str, float]], n_subjects: int) -> str:
         cells = [f"{table[c][key]:>22.3f}" if key in table[c] else f"{'-':>22}" for c in columns]
         lines.append(f"{label:{width}}  " + "  ".join(cells))
     sr = table["SR: pretrained vs personalised"]
-    renders = ", ".join(f"{key.removeprefix('renders: ')} {value:.3f}" for key, value in sr.items() if key.startswith("renders: "))
-    lines.append(f"\nfine detail at 64x64 (glyph score, with prior), the fine-tuned base's samples: pretrained SR {sr['detail (pretrained SR)']:.3f}, "
-                 f"personalised SR {sr['detail (personalised SR)']:.3f}")
-    lines.append(f"the subject's true renders, downsampled to 32x32 and super-resolved: {renders} (a true render: 1.0)")
+    renders = ", ".join(
+        f"{key.removeprefix('renders: ')} {value:.3f}" for key, value in sr.items()
+        if key.startswith("renders: ")
+    )
+    lines.append(
+        "\nfine detail at 64x64 (glyph score, with prior), the fine-tuned base's samples: pretrained SR "
+        f"{sr['detail (pretrained SR)']:.3f}, personalised SR {sr['detail (personalised SR)']:.3f}"
+    )
+    lines.append(
+        f"the subject's true renders, downsampled to 32x32 and super-resolved: {renders} (a true render: 1.0)"
+    )
     return "\n".join(lines)

@@ -38,7 +38,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     flags = _options(GenerateFlags, args)
     request = flags.generate
     prompts = read_prompts(request.prompts, request.prompts_file)
-    print(f"wrote {generate_to_folder(request.model, prompts, request.out, lora=request.lora, sampling=flags.sampling)}")
+    out = generate_to_folder(request.model, prompts, request.out, lora=request.lora, sampling=flags.sampling)
+    print(f"wrote {out}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -82,7 +83,8 @@ def cmd_pocket_quality(args: argparse.Namespace) -> None:
     cfg = _options(QualityFlags, args).quality
     model = load_model(cfg.model, device="cpu")
     report = {
-        "base": base_accuracy(model, PocketScorer.load()), "super_resolution": super_resolution_agreement(model),
+        "base": base_accuracy(model, PocketScorer.load()),
+        "super_resolution": super_resolution_agreement(model),
         "super_resolution_reads_input": super_resolution_reads_input(model),
     }
     print(report)
@@ -112,8 +114,8 @@ def cmd_dreambench(args: argparse.Namespace) -> None:
     flags = from_dict(BenchFlags, overrides_from_args(args, BenchFlags))
     bench = flags.bench
     evaluation = BenchEval(
-        flags.sampling, ScoringModels.of(cfg.eval, flags.scoring.lpips_weights), live=bench.live, max_prompts=bench.max_prompts,
-        baseline=bench.baseline, use_baseline=bench.use_baseline,
+        flags.sampling, ScoringModels.of(cfg.eval, flags.scoring.lpips_weights), live=bench.live,
+        max_prompts=bench.max_prompts, baseline=bench.baseline, use_baseline=bench.use_baseline,
     )
     summary = run_dreambench(bench.dataset, cfg, bench.out, subjects=bench.subjects, evaluation=evaluation)
     if summary is not None:
@@ -129,61 +131,86 @@ def _command(commands, name: str, root: type | None, func, **texts) -> argparse.
     """A subcommand whose flags come from the option tree `root` (and a --config file of it)."""
     parser = commands.add_parser(name, **texts)
     if root is not None:
-        parser.add_argument("--config", type=Path, help="TOML or YAML file with the same sections as the flags (flags override it)")
+        parser.add_argument(
+            "--config", type=Path,
+            help="TOML or YAML file with the same sections as the flags (flags override it)",
+        )
         add_config_arguments(parser, root)
     parser.set_defaults(func=func)
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreambooth", description="Personalise text-to-image diffusion models (DreamBooth).")
+    parser = argparse.ArgumentParser(
+        prog="dreambooth", description="Personalise text-to-image diffusion models (DreamBooth)."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
         "train", help="fine-tune a model on 3-5 photos of a subject",
-        description="Fine-tune a model on photos of a subject. Settings come from defaults, then --config, then flags.",
+        description="Fine-tune a model on photos of a subject. Settings come from defaults, then --config, "
+                    "then flags.",
     )
     train.add_argument("--config", type=Path, help="TOML or YAML config file (flags override it)")
     add_config_arguments(train, RunConfig)
     train.set_defaults(func=cmd_train)
 
-    _command(commands, "generate", GenerateFlags, cmd_generate, help="sample a model, a run folder or a LoRA", description="Write PNGs and a grid.")
+    _command(
+        commands, "generate", GenerateFlags, cmd_generate, help="sample a model, a run folder or a LoRA",
+        description="Write PNGs and a grid.",
+    )
 
     _command(
-        commands, "export", ExportFlags, cmd_export, help="write a run's weights for diffusers, ComfyUI or AUTOMATIC1111/Forge",
-        description="Write a run's finished weights (or one of its checkpoints) in one format; every input is checked "
-        "before any weights load.",
+        commands, "export", ExportFlags, cmd_export,
+        help="write a run's weights for diffusers, ComfyUI or AUTOMATIC1111/Forge",
+        description="Write a run's finished weights (or one of its checkpoints) in one format; every input "
+        "is checked before any weights load.",
     )
 
     _command(
         commands, "eval", EvalFlags, cmd_eval,
         help="score a model on DreamBench's prompts (DINO, CLIP-I, CLIP-T, PRES, DIV) with an HTML report",
-        description="Sample MODEL on the paper's 25 prompts and 'a [class noun]' (or score --images), beside its "
-        "pretrained base; write metrics.json, report.html and the samples into --out.",
+        description="Sample MODEL on the paper's 25 prompts and 'a [class noun]' (or score --images), beside "
+        "its pretrained base; write metrics.json, report.html and the samples into --out.",
     )
 
     bench = _command(
         commands, "dreambench", None, cmd_dreambench,
         help="train and evaluate every subject of a DreamBench-layout dataset; summary table",
-        description="Train each subject folder of DATASET with --config and the training flags, evaluate it, and "
-        "write a Table-1 summary into --out. Rerun to resume; under `accelerate launch` subjects are spread over processes. "
-        "DINO and CLIP are the training config's (--eval-dino, --eval-clip).",
+        description="Train each subject folder of DATASET with --config and the training flags, evaluate it, "
+        "and write a Table-1 summary into --out. Rerun to resume; under `accelerate launch` subjects are "
+        "spread over processes. DINO and CLIP are the training config's (--eval-dino, --eval-clip).",
     )
-    bench.add_argument("--config", type=Path, help="training config of every subject (TOML or YAML; flags override it)")
+    bench.add_argument(
+        "--config", type=Path, help="training config of every subject (TOML or YAML; flags override it)"
+    )
     add_config_arguments(bench, BenchFlags)
     add_config_arguments(bench, RunConfig)
 
     _command(
-        commands, "demo", DemoFlags, cmd_demo, help="DreamBooth end to end on the built-in pocket model (CPU, a few minutes)",
-        description="Personalise the built-in pocket cascade to a pocket subject and show before/after samples and scores.",
+        commands, "demo", DemoFlags, cmd_demo,
+        help="DreamBooth end to end on the built-in pocket model (CPU, a few minutes)",
+        description="Personalise the built-in pocket cascade to a pocket subject and show before/after "
+        "samples and scores.",
     )
 
-    pocket = commands.add_parser("pocket", help="the built-in pocket world and model").add_subparsers(dest="pocket_command", required=True)
-    pre = _command(pocket, "pretrain", PretrainFlags, cmd_pocket_pretrain, help="pretrain the pocket cascade on the procedural world (resumable)")
-    pre.add_argument("--export-to", type=Path, help="also copy the pretrained cascade here (e.g. src/dreambooth/pocket/weights/cascade)")
-    _command(pocket, "quality", QualityFlags, cmd_pocket_quality, help="class/context accuracy of base samples; SR vs bilinear upsampling")
+    pocket = commands.add_parser("pocket", help="the built-in pocket world and model").add_subparsers(
+        dest="pocket_command", required=True
+    )
+    pre = _command(
+        pocket, "pretrain", PretrainFlags, cmd_pocket_pretrain,
+        help="pretrain the pocket cascade on the procedural world (resumable)",
+    )
+    pre.add_argument(
+        "--export-to", type=Path,
+        help="also copy the pretrained cascade here (e.g. src/dreambooth/pocket/weights/cascade)",
+    )
+    _command(
+        pocket, "quality", QualityFlags, cmd_pocket_quality,
+        help="class/context accuracy of base samples; SR vs bilinear upsampling",
+    )
     _command(
         pocket, "train-scorer", ScorerTrainingFlags, cmd_pocket_train_scorer,
         help="retrain the pocket world's scorer network (deterministic, ~6 min on 1 CPU thread)",
@@ -191,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     _command(
         pocket, "ablation", AblationFlags, cmd_pocket_ablation,
         help="the paper's prior-preservation ablation and SR finding, in miniature (resumable)",
-        description="Personalise every ready subject and new ones, with and without prior preservation; average the scores.",
+        description="Personalise every ready subject and new ones, with and without prior preservation; "
+                    "average the scores.",
     )
 
     return parser
@@ -203,7 +231,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 def main(argv: list[str] | None = None) -> int:
     """Run a command; return its exit code: 0 done, 2 a wrong input, 3 diverged, 130 interrupted, 1 a bug."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "accelerate", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from dreambooth.training.loop import TrainingDiverged, TrainingInterrupted
@@ -221,12 +251,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except Exception as error:  # a bug, or a failure the checks did not foresee: one line, the traceback in a file
+    # a bug, or a failure the checks did not foresee: one line, the traceback in a file
+    except Exception as error:
         if args.debug:
             raise
         log = _write_traceback(getattr(args, "crash_log_dir", None))
         print(f"error: {type(error).__name__}: {error}\n"
-              f"This is not an input the checks know of. The full traceback is in {log}; rerun with --debug to see it here, "
+              f"This is not an input the checks know of. The full traceback is in {log}; rerun with --debug "
+              "to see it here, "
               "and please report it on the project's issue tracker with that file attached", file=sys.stderr)
         return 1
     return 0

@@ -36,13 +36,16 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 @dataclass(frozen=True)
 class ModelConfig:
     source: str = field(default="pocket", metadata={"flag": "model"})
-    """Model to personalise: a hub id, a local diffusers folder, a single-file .safetensors checkpoint, a cascade folder (stage_1/, stage_2/), or 'pocket' (the built-in model)."""
+    """Model to personalise: a hub id, a local diffusers folder, a single-file .safetensors checkpoint, a
+    cascade folder (stage_1/, stage_2/), or 'pocket' (the built-in model)."""
     sr_source: str | None = field(default=None, metadata={"flag": "sr-model"})
     """Super-resolution stage of a cascade given separately (e.g. DeepFloyd/IF-II-L-v1.0)."""
     upscaler_source: str | None = field(default=None, metadata={"flag": "upscaler-model"})
-    """Third stage of a cascade, 256 -> 1024 px (e.g. stabilityai/stable-diffusion-x4-upscaler); needs the SR stage."""
+    """Third stage of a cascade, 256 -> 1024 px (e.g. stabilityai/stable-diffusion-x4-upscaler); needs the SR
+    stage."""
     single_file_config: str | None = field(default=None, metadata={"flag": "model-config"})
-    """For a single-file checkpoint: a local diffusers folder of the same architecture giving configs and tokenizer (needed offline)."""
+    """For a single-file checkpoint: a local diffusers folder of the same architecture giving configs and
+    tokenizer (needed offline)."""
     allow_pickle: bool = False
     """Allow .ckpt (pickle) checkpoints. Unpickling runs arbitrary code: only for files you trust."""
     revision: str | None = None
@@ -50,12 +53,14 @@ class ModelConfig:
     variant: str | None = None
     """Weights variant to load, e.g. 'fp16'."""
     vae: str | None = None
-    """A VAE to use instead of the model's (folder, hub id or single file), e.g. an fp16-safe SDXL VAE; latent models only."""
+    """A VAE to use instead of the model's (folder, hub id or single file), e.g. an fp16-safe SDXL VAE; latent
+    models only."""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={"flag": "weights-dtype"})
     """Dtype the weights load in. auto: bf16 for a LoRA run under --mixed-precision bf16 (the frozen base;
     adapters train in fp32), else fp32 (full fine-tuning keeps fp32 master weights)."""
     quantize: Literal["none", "nf4", "int8", "fp8"] = "none"
-    """Quantise the frozen denoiser at load for LoRA training (bitsandbytes nf4/int8, torchao fp8): FLUX/SD3 on 24 GB."""
+    """Quantise the frozen denoiser at load for LoRA training (bitsandbytes nf4/int8, torchao fp8): FLUX/SD3
+    on 24 GB."""
 
     def __post_init__(self) -> None:
         raise_problems([(bool(self.source.strip()), "model.source must not be empty")])
@@ -74,7 +79,8 @@ class SubjectConfig:
     use_captions: bool = True
     """Use <image>.txt caption files next to the photos when present ({identifier}/{class_noun} allowed)."""
     resolution: int | None = None
-    """Training and sampling size in pixels (SD, SDXL: a multiple of 8; SD3, FLUX: of 16); None: the model's own. Cascades: not settable."""
+    """Training and sampling size in pixels (SD, SDXL: a multiple of 8; SD3, FLUX: of 16); None: the model's
+    own. Cascades: not settable."""
     random_flip: bool = False
     """Also train on horizontally flipped photos (not for asymmetric subjects: text, logos)."""
     on_bad_file: Literal["skip", "error"] = "skip"
@@ -82,8 +88,14 @@ class SubjectConfig:
 
     def __post_init__(self) -> None:
         raise_problems([
-            (self.resolution is None or self.resolution >= 8, f"subject.resolution must be >= 8, got {self.resolution}"),
-            (self.class_noun is None or bool(self.class_noun.strip()), "subject.class_noun must not be empty"),
+            (
+                self.resolution is None or self.resolution >= 8,
+                f"subject.resolution must be >= 8, got {self.resolution}",
+            ),
+            (
+                self.class_noun is None or bool(self.class_noun.strip()),
+                "subject.class_noun must not be empty",
+            ),
         ])
 
 
@@ -97,7 +109,9 @@ class IdentifierConfig:
     """Seed of the automatic identifier choice."""
 
     def __post_init__(self) -> None:
-        raise_problems([(1 <= self.num_tokens <= 3, f"identifier.num_tokens must be 1..3, got {self.num_tokens}")])
+        raise_problems([
+            (1 <= self.num_tokens <= 3, f"identifier.num_tokens must be 1..3, got {self.num_tokens}")
+        ])
 
 
 @dataclass(frozen=True)
@@ -111,7 +125,8 @@ class PriorConfig:
     loss_weight: float = field(default=1.0, metadata={"flag": "prior-loss-weight"})
     """Weight lambda of the prior term; the paper uses 1."""
     sampler: Sampler = field(default="dpm++", metadata={"flag": "class-sampler"})
-    """Solver for class images: 'ddpm' is the paper's ancestral sampler; 'dpm++' is as good in 4x fewer steps."""
+    """Solver for class images: 'ddpm' is the paper's ancestral sampler; 'dpm++' is as good in 4x fewer
+    steps."""
     steps: int = field(default=25, metadata={"flag": "class-steps"})
     """Denoising steps per class image."""
     guidance_scale: float | None = field(default=None, metadata={"flag": "class-guidance"})
@@ -152,7 +167,8 @@ class OptimConfig:
     text_encoder_learning_rate: float | None = None
     """Learning rate of the text encoder(s) when they train; None: same as learning_rate."""
     text_encoder_2_learning_rate: float | None = None
-    """Learning rate of SDXL's second text encoder (OpenCLIP bigG) when it trains; None: text_encoder_learning_rate."""
+    """Learning rate of SDXL's second text encoder (OpenCLIP bigG) when it trains; None:
+    text_encoder_learning_rate."""
     weight_decay: float = 1e-2
     """AdamW decoupled weight decay."""
     adam_beta1: float = 0.9
@@ -164,7 +180,8 @@ class OptimConfig:
     use_8bit_adam: bool = False
     """8-bit AdamW from bitsandbytes: 1/4 of the optimizer memory."""
     use_adafactor: bool = False
-    """Adafactor (factored second moments, no first moment): the least optimizer memory, for full fine-tuning."""
+    """Adafactor (factored second moments, no first moment): the least optimizer memory, for full
+    fine-tuning."""
     lr_scheduler: LrSchedule = "constant"
     """Learning-rate schedule after warm-up."""
     lr_warmup_steps: int = 0
@@ -175,10 +192,19 @@ class OptimConfig:
     def __post_init__(self) -> None:
         rates = ("learning_rate", "text_encoder_learning_rate", "text_encoder_2_learning_rate")
         raise_problems([
-            *((getattr(self, name) is None or getattr(self, name) > 0, f"optim.{name} must be > 0, got {getattr(self, name)}") for name in rates),
+            *(
+                (
+                    getattr(self, name) is None or getattr(self, name) > 0,
+                    f"optim.{name} must be > 0, got {getattr(self, name)}",
+                )
+                for name in rates
+            ),
             (self.lr_warmup_steps >= 0, f"optim.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}"),
             (self.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm}"),
-            (not (self.use_8bit_adam and self.use_adafactor), "optim.use_8bit_adam and optim.use_adafactor contradict each other: pick one"),
+            (
+                not (self.use_8bit_adam and self.use_adafactor),
+                "optim.use_8bit_adam and optim.use_adafactor contradict each other: pick one",
+            ),
         ])
 
 
@@ -200,7 +226,8 @@ class TrainConfig:
     train_text_encoder: bool = False
     """Fine-tune the text encoder(s) too (the paper fine-tunes all layers)."""
     text_encoders: tuple[str, ...] | None = None
-    """Which text encoders --train-text-encoder trains, by component name; None: all the family's (SDXL: text_encoder text_encoder_2)."""
+    """Which text encoders --train-text-encoder trains, by component name; None: all the family's (SDXL:
+    text_encoder text_encoder_2)."""
     cache_latents: bool = True
     """Encode the prompts once, before training, when the text encoders are frozen (so they leave the GPU
     while training); off: encode them every step. Only the prompts: the photos (and class images) are
@@ -217,8 +244,14 @@ class TrainConfig:
             (self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}"),
             (self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}"),
             (self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
-            (0 <= self.caption_dropout < 1, f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}"),
-            (self.ema_decay is None or 0 < self.ema_decay < 1, f"train.ema_decay must be in (0, 1), got {self.ema_decay}"),
+            (
+                0 <= self.caption_dropout < 1,
+                f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}",
+            ),
+            (
+                self.ema_decay is None or 0 < self.ema_decay < 1,
+                f"train.ema_decay must be in (0, 1), got {self.ema_decay}",
+            ),
         ])
 
 
@@ -233,8 +266,9 @@ so the stage learns the subject's fine detail from inputs close to the photo (me
 @dataclass(frozen=True)
 class CascadeConfig:
     stages: tuple[str, ...] = ("base", "sr")
-    """Stages of a cascade to fine-tune (ignored for single-stage models): base, sr, upscaler (the third stage, when
-    the model has one). Personalised SR is the paper's finding; the upscaler helps subjects with very fine texture."""
+    """Stages of a cascade to fine-tune (ignored for single-stage models): base, sr, upscaler (the third
+    stage, when the model has one). Personalised SR is the paper's finding; the upscaler helps subjects with
+    very fine texture."""
     sr_max_steps: int | None = None
     """Optimizer steps of each super-resolution stage (sr, upscaler); None: train.max_steps."""
     sr_learning_rate: float | None = None
@@ -246,9 +280,14 @@ class CascadeConfig:
     def __post_init__(self) -> None:
         low, high = self.noise_level_range
         raise_problems([
-            (len(self.stages) >= 1 and set(self.stages) <= set(CASCADE_STAGES),
-             f"cascade.stages must be a subset of {', '.join(CASCADE_STAGES)}; got {self.stages}"),
-            (0 <= low < high, f"cascade.noise_level_range must be 0 <= low < high, got {self.noise_level_range}"),
+            (
+                len(self.stages) >= 1 and set(self.stages) <= set(CASCADE_STAGES),
+                f"cascade.stages must be a subset of {', '.join(CASCADE_STAGES)}; got {self.stages}",
+            ),
+            (
+                0 <= low < high,
+                f"cascade.noise_level_range must be 0 <= low < high, got {self.noise_level_range}",
+            ),
         ])
 
 
@@ -256,15 +295,20 @@ class CascadeConfig:
 class FlowConfig:
     """Rectified-flow training of flow-matching transformers (SD3, FLUX); DDPM families ignore it."""
 
-    density: Literal["logit_normal", "uniform", "mode"] = field(default="logit_normal", metadata={"flag": "flow-density"})
-    """How noise levels sigma are drawn (before the model's shift); logit-normal(0, 1) is SD3's (Esser et al. 2024)."""
+    density: Literal["logit_normal", "uniform", "mode"] = field(
+        default="logit_normal", metadata={"flag": "flow-density"}
+    )
+    """How noise levels sigma are drawn (before the model's shift); logit-normal(0, 1) is SD3's (Esser et al.
+    2024)."""
     logit_mean: float = 0.0
     """Mean of the logit-normal density."""
     logit_std: float = 1.0
     """Standard deviation of the logit-normal density."""
     mode_scale: float = 1.29
     """Scale of the 'mode' density."""
-    weighting: Literal["none", "sigma_sqrt", "cosmap"] = field(default="none", metadata={"flag": "flow-weighting"})
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = field(
+        default="none", metadata={"flag": "flow-weighting"}
+    )
     """Per-sample loss weighting."""
     guidance: float = field(default=1.0, metadata={"flag": "train-guidance"})
     """Guidance value fed to a guidance-distilled model's guidance embedding while training (FLUX.1-dev)."""
@@ -295,29 +339,36 @@ class ValidationConfig:
     def __post_init__(self) -> None:
         raise_problems([
             (self.every_n_steps >= 0, "validation.every_n_steps must be >= 0"),
-            (self.num_images >= 0 and self.steps >= 1, "validation.num_images must be >= 0 and validation.steps >= 1"),
+            (
+                self.num_images >= 0 and self.steps >= 1,
+                "validation.num_images must be >= 0 and validation.steps >= 1",
+            ),
         ])
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     eval_every: int = 0
-    """Score samples with the paper's metrics every N steps (and at the end) and export the best checkpoint; 0: off."""
+    """Score samples with the paper's metrics every N steps (and at the end) and export the best checkpoint;
+    0: off."""
     eval_prompts: tuple[str, ...] = (
         "a {identifier} {class_noun} in the snow",
         "a {identifier} {class_noun} on the beach",
         "a {identifier} {class_noun} with a city in the background",
         "a red {identifier} {class_noun}",
     )
-    """Prompts scored during training (DreamBench's first prompts); "a {class_noun}" is always added for PRES."""
+    """Prompts scored during training (DreamBench's first prompts); "a {class_noun}" is always added for
+    PRES."""
     num_images: int = field(default=4, metadata={"flag": "eval-images"})
     """Images per prompt at each evaluation."""
     best_metric: Literal["dino", "clip_i", "clip_t"] = "dino"
     """Metric that picks the best checkpoint (higher is better)."""
     max_pres_increase: float = 0.1
-    """Prior-collapse guard: a checkpoint whose PRES exceeds the pretrained model's by more is never the best."""
+    """Prior-collapse guard: a checkpoint whose PRES exceeds the pretrained model's by more is never the
+    best."""
     embedders: Literal["auto", "paper"] = field(default="auto", metadata={"flag": "eval-embedders"})
-    """'paper': DINO, CLIP and LPIPS; 'auto': the model's own scorers where it ships them (the pocket model), else the paper's."""
+    """'paper': DINO, CLIP and LPIPS; 'auto': the model's own scorers where it ships them (the pocket model),
+    else the paper's."""
     dino: str = field(default=DEFAULT_DINO, metadata={"flag": "eval-dino"})
     """DINO ViT-S/16 hub id or local folder (the DINO and PRES metrics)."""
     clip: str = field(default=DEFAULT_CLIP, metadata={"flag": "eval-clip"})
@@ -355,7 +406,8 @@ class OutputConfig:
     save_pipeline: bool = True
     """Write the full fine-tuned pipeline (LoRA merged in for LoRA runs) to <run_dir>/pipeline."""
     save_single_file: bool = False
-    """Also write <run_dir>/model.safetensors in the original SD/SDXL layout (fp16) for A1111/ComfyUI (`dreambooth export` does the same later)."""
+    """Also write <run_dir>/model.safetensors in the original SD/SDXL layout (fp16) for A1111/ComfyUI
+    (`dreambooth export` does the same later)."""
     logger: Literal["auto", "tensorboard", "none"] = "auto"
     """Metrics logger; auto: TensorBoard when installed."""
 
@@ -403,7 +455,8 @@ class RunConfig:
 
 
 def validate(cfg: RunConfig, *, has_gpu: bool | None = None) -> None:
-    """Check the rules that span sections, and what the machine must offer; raise one ValueError listing every problem.
+    """Check the rules that span sections, and what the machine must offer; raise one ValueError listing every
+    problem.
 
     Harmless leftovers (a setting that has no effect) only warn.
 
@@ -428,15 +481,23 @@ def validate(cfg: RunConfig, *, has_gpu: bool | None = None) -> None:
         problems.append("subject.instance_dir is required (--instance-dir DIR: a folder of 3-5 photos)")
     if cfg.subject.class_noun is None:
         problems.append("subject.class_noun is required (--class-noun NOUN, e.g. 'dog')")
-    for flag, folder in (("--class-dir", cfg.prior.class_dir if cfg.prior.enabled else None), ("--run-dir", cfg.output.run_dir)):
+    for flag, folder in (
+        ("--class-dir", cfg.prior.class_dir if cfg.prior.enabled else None),
+        ("--run-dir", cfg.output.run_dir),
+    ):
         if folder is not None and folder.exists() and not folder.is_dir():
-            problems.append(f"{flag} {str(folder)!r} is a file, not a folder: name a folder (it is created if missing)")
+            problems.append(
+                f"{flag} {str(folder)!r} is a file, not a folder: name a folder (it is created if missing)"
+            )
     if cfg.output.resume and cfg.output.overwrite:
         problems.append("output.resume and output.overwrite contradict each other: pick one")
     for template in (cfg.subject.instance_prompt, *cfg.validation.validation_prompts, *cfg.eval.eval_prompts):
         problems += _template_problems(template)
     if "{identifier}" not in cfg.subject.instance_prompt:
-        problems.append(f"subject.instance_prompt {cfg.subject.instance_prompt!r} lacks {{identifier}}: the subject would have no key")
+        problems.append(
+            f"subject.instance_prompt {cfg.subject.instance_prompt!r} lacks {{identifier}}: the subject "
+            "would have no key"
+        )
     problems += _template_problems(cfg.subject.class_prompt)
     if problems:
         raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
@@ -463,9 +524,13 @@ def resolve(cfg: RunConfig, identifier: str | None = None) -> RunConfig:
     if cfg.train.train_text_encoder:
         text_rate = cfg.optim.text_encoder_learning_rate or rate
         optim = dataclasses.replace(
-            optim, text_encoder_learning_rate=text_rate, text_encoder_2_learning_rate=cfg.optim.text_encoder_2_learning_rate or text_rate,
+            optim, text_encoder_learning_rate=text_rate,
+            text_encoder_2_learning_rate=cfg.optim.text_encoder_2_learning_rate or text_rate,
         )
-    chosen = dataclasses.replace(cfg.identifier, identifier=identifier) if identifier is not None else cfg.identifier
+    chosen = (
+        dataclasses.replace(cfg.identifier, identifier=identifier) if identifier is not None
+        else cfg.identifier
+    )
     output = dataclasses.replace(cfg.output, run_dir=cfg.run_dir)
     return dataclasses.replace(cfg, optim=optim, identifier=chosen, output=output)
 
@@ -474,8 +539,11 @@ def _template_problems(template: str) -> list[str]:
     # Placeholders are replaced literally (a caption may hold any other braces); a misspelt one is an error.
     unknown = sorted(set(re.findall(r"\{(\w*)\}", template)) - {"identifier", "class_noun"})
     if unknown:
-        return [f"prompt template {template!r}: unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; "
-                "only {identifier} and {class_noun} are filled in"]
+        return [
+            f"prompt template {template!r}: unknown placeholder(s) "
+            f"{', '.join('{' + u + '}' for u in unknown)}; "
+            "only {identifier} and {class_noun} are filled in"
+        ]
     return []
 
 

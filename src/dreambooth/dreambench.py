@@ -118,7 +118,9 @@ def read_class_nouns(path: Path) -> dict[str, str]:
     """
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     if _CLASSES_HEADER not in lines:
-        raise ValueError(f"{str(path)!r} has no {_CLASSES_HEADER!r} table (one 'subject,class noun' line per subject)")
+        raise ValueError(
+            f"{str(path)!r} has no {_CLASSES_HEADER!r} table (one 'subject,class noun' line per subject)"
+        )
     table: dict[str, str] = {}
     for line in lines[lines.index(_CLASSES_HEADER) + 1 :]:
         if "," not in line:  # the blank line that ends the table
@@ -136,13 +138,19 @@ def find_subjects(dataset: Path, names: Sequence[str] = ()) -> list[BenchSubject
         ValueError: if it has no subject folder, a name is not one of them, or a subject has no class noun.
     """
     if not dataset.is_dir():
-        raise FileNotFoundError(f"dataset folder {str(dataset)!r} does not exist (one folder of photos per subject)")
+        raise FileNotFoundError(
+            f"dataset folder {str(dataset)!r} does not exist (one folder of photos per subject)"
+        )
     folders = {p.name: p for p in sorted(dataset.iterdir()) if p.is_dir() and not p.name.startswith(".")}
     if not folders:
-        raise ValueError(f"dataset {str(dataset)!r} has no subject folders (one folder of photos per subject)")
+        raise ValueError(
+            f"dataset {str(dataset)!r} has no subject folders (one folder of photos per subject)"
+        )
     unknown = [name for name in names if name not in folders]
     if unknown:
-        raise ValueError(f"dataset {str(dataset)!r} has no subject {unknown[0]!r} (found: {', '.join(folders)})")
+        raise ValueError(
+            f"dataset {str(dataset)!r} has no subject {unknown[0]!r} (found: {', '.join(folders)})"
+        )
     classes_file = dataset / CLASSES_FILE
     classes = read_class_nouns(classes_file) if classes_file.is_file() else DREAMBENCH_CLASSES
     chosen = [name for name in folders if not names or name in names]
@@ -175,7 +183,8 @@ def subject_status(run_dir: Path) -> Status:
 
 
 def run_dreambench(
-    dataset: Path, config: RunConfig, out: Path, *, subjects: Sequence[str] = (), evaluation: BenchEval = BenchEval()
+    dataset: Path, config: RunConfig, out: Path, *, subjects: Sequence[str] = (),
+    evaluation: BenchEval = BenchEval(),
 ) -> EvalResult | None:
     """Train and evaluate every subject of `dataset` (this process's share), then summarise.
 
@@ -210,7 +219,9 @@ def run_dreambench(
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    requests = [_from_samples(evaluation.request(subject, cfg.run_dir)) for subject, cfg in zip(chosen, configs)]
+    requests = [
+        _from_samples(evaluation.request(subject, cfg.run_dir)) for subject, cfg in zip(chosen, configs)
+    ]
     summary = summarise([score(plan_eval(request), embedders, cache) for request in requests], embedders)
     write_report(summary, out)
     return summary
@@ -224,11 +235,13 @@ def _check_inputs(base: RunConfig, subjects: list[BenchSubject], configs: list[R
     }  # fmt: skip
     for key, value in leftovers.items():
         if value is not None:
-            logger.warning("%s = %r is ignored: dreambench sets it per subject (and resumes by itself)", key, value)
+            logger.warning(
+                "%s = %r is ignored: dreambench sets it per subject (and resumes by itself)", key, value
+            )
     if base.prior.enabled and base.prior.class_dir is not None and len({s.class_noun for s in subjects}) > 1:
         raise ValueError(
-            f"prior.class_dir {str(base.prior.class_dir)!r} would be shared by subjects of different classes; "
-            "leave it unset so that every run keeps its own class images"
+            f"prior.class_dir {str(base.prior.class_dir)!r} would be shared by subjects of different "
+            "classes; leave it unset so that every run keeps its own class images"
         )
     for cfg in configs:
         validate(cfg)
@@ -278,7 +291,10 @@ def _train(cfg: RunConfig, state: PartialState) -> None:
     config_file = cfg.run_dir.parent / f".{cfg.run_dir.name}.train.toml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     save_toml(cfg, config_file)
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES and not k.startswith(("TORCHELASTIC_", "ACCELERATE_"))}
+    env = {
+        k: v for k, v in os.environ.items()
+        if k not in _LAUNCH_VARIABLES and not k.startswith(("TORCHELASTIC_", "ACCELERATE_"))
+    }
     if state.device.type == "cuda":
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
@@ -291,7 +307,10 @@ def _train(cfg: RunConfig, state: PartialState) -> None:
         config_file.unlink()  # the run folder keeps its own copy: config.resolved.toml
     if code != 0:
         error = {130: TrainingInterrupted, 3: TrainingDiverged}.get(code, RuntimeError)
-        raise error(f"training {str(cfg.run_dir)!r} stopped with exit code {code} (its messages are above); rerun to resume")
+        raise error(
+            f"training {str(cfg.run_dir)!r} stopped with exit code {code} (its messages are above); rerun to "
+            "resume"
+        )
 
 
 def _wait(child: subprocess.Popen) -> int:

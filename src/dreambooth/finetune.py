@@ -76,11 +76,18 @@ def finetune(cfg: RunConfig) -> RunLayout:
     source = resolve_source(cfg.model)
     family = FAMILIES[source.family]
     if problems := option_problems(cfg, family) + cascade_problems(cfg, source):
-        raise ValueError(f"options that do not fit {cfg.model.source!r} (a {family.name} model):\n  - " + "\n  - ".join(problems))
+        raise ValueError(
+            f"options that do not fit {cfg.model.source!r} (a {family.name} model):\n  - "
+            + "\n  - ".join(problems)
+        )
     accelerator = _make_accelerator(cfg)
     evaluating = cfg.eval.eval_every > 0 and accelerator.is_main_process
-    embedders = load_eval_embedders(cfg.eval, cfg.model.source, str(accelerator.device)) if evaluating else None
-    layout, resuming = open_run_folder(cfg) if accelerator.is_main_process else (RunLayout(cfg.run_dir), cfg.output.resume)
+    embedders = (
+        load_eval_embedders(cfg.eval, cfg.model.source, str(accelerator.device)) if evaluating else None
+    )
+    layout, resuming = (
+        open_run_folder(cfg) if accelerator.is_main_process else (RunLayout(cfg.run_dir), cfg.output.resume)
+    )
     accelerator.wait_for_everyone()
 
     stages = load_stages(source, cfg)
@@ -97,7 +104,8 @@ def finetune(cfg: RunConfig) -> RunLayout:
             write_json(layout.run_info, info)
         if accelerator.log_with:
             accelerator.init_trackers("dreambooth")
-    # The stages wait on the CPU: sampling class images brings the cascade onto the device, training one stage at a time.
+    # The stages wait on the CPU: sampling class images brings the cascade onto the device, training one stage
+    # at a time.
     class_images = None
     if cfg.prior.enabled:  # made before any stage trains, so that every stage's prior is the frozen model's
         cascade = stages[: stages.index(trained[-1]) + 1]
@@ -105,18 +113,26 @@ def finetune(cfg: RunConfig) -> RunLayout:
             class_images = _class_images(cfg, cascade, subject, family, layout, accelerator)
     for stage in trained:
         warn_small_images(photos, stage.resolution)
-        with stages_on([stage], accelerator.device):  # train_stage sends the parts the step never runs back to the CPU
+        # train_stage sends the parts the step never runs back to the CPU
+        with stages_on([stage], accelerator.device):
             data = _training_set(cfg, stage, photos, subject, class_images, family)
-            evaluator = _evaluator(cfg, stages, stage, subject, photos, embedders, accelerator.device) if evaluating else None
-            stage.pipeline.scheduler = without_learned_variance(stage.pipeline.scheduler)  # its variance channels do not train
+            evaluator = (
+                _evaluator(cfg, stages, stage, subject, photos, embedders, accelerator.device) if evaluating
+                else None
+            )
+            # its variance channels do not train
+            stage.pipeline.scheduler = without_learned_variance(stage.pipeline.scheduler)
             validator = _validator(cfg, stages, stage, subject, layout, accelerator, evaluator)
-            train_stage(stage, data, _plan(cfg, stage, family), layout.stage(stage.name), accelerator, validator, on_start=record_start)
+            train_stage(
+                stage, data, _plan(cfg, stage, family), layout.stage(stage.name), accelerator, validator,
+                on_start=record_start,
+            )
         accelerator.free_memory()
 
     if accelerator.is_main_process:
         written = export_run(
-            stages, layout, family, save_pipeline=cfg.output.save_pipeline, save_single_file=cfg.output.save_single_file,
-            run_info=info,
+            stages, layout, family, save_pipeline=cfg.output.save_pipeline,
+            save_single_file=cfg.output.save_single_file, run_info=info,
         )
         write_json(layout.run_info, _run_info(cfg, source, subject, trained, status="done", outputs=written))
     accelerator.end_training()
@@ -124,19 +140,24 @@ def finetune(cfg: RunConfig) -> RunLayout:
 
 
 def _make_accelerator(cfg: RunConfig) -> Accelerator:
-    use_tb = cfg.output.logger == "tensorboard" or (cfg.output.logger == "auto" and importlib.util.find_spec("tensorboard"))
+    use_tb = cfg.output.logger == "tensorboard" or (
+        cfg.output.logger == "auto" and importlib.util.find_spec("tensorboard")
+    )
     # accelerate keeps process-wide state; a previous run in this process (a test, a DreamBench
     # loop over subjects) must not impose its precision or accumulation on this one.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # so that torchrun / accelerate launch start gloo processes on CPU
-        mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with="tensorboard" if use_tb else None, project_dir=str(RunLayout(cfg.run_dir).tensorboard),
     )
 
 
-def _resolve_subject(cfg: RunConfig, stages: list[Stage], family: Family, layout: RunLayout, resuming: bool) -> Subject:
+def _resolve_subject(
+    cfg: RunConfig, stages: list[Stage], family: Family, layout: RunLayout, resuming: bool
+) -> Subject:
     """The identifier: the resumed run's, the user's (checked), or chosen from the model's rare tokens."""
     class_noun = cfg.subject.class_noun
     if (problem := unknown_class_noun(cfg.model.source, class_noun)) is not None:
@@ -144,24 +165,41 @@ def _resolve_subject(cfg: RunConfig, stages: list[Stage], family: Family, layout
     if resuming and layout.run_info.is_file():
         recorded = read_json(layout.run_info)["identifier"]
         if cfg.identifier.identifier not in (None, recorded):
-            logger.warning("resume: keeping the run's identifier %r, not %r", recorded, cfg.identifier.identifier)
+            logger.warning(
+                "resume: keeping the run's identifier %r, not %r", recorded, cfg.identifier.identifier
+            )
         return Subject(recorded, class_noun)
     if cfg.identifier.identifier is not None:
         text = cfg.identifier.identifier
         if (seen := family.preprocess_prompt(text)) != text:
-            logger.warning("identifier: %s models read prompts as %r; %r is trained and sampled as %r", family.name, seen, text, seen)
+            logger.warning(
+                "identifier: %s models read prompts as %r; %r is trained and sampled as %r", family.name,
+                seen, text, seen,
+            )
         for stage in stages:
-            for message in check_identifier(list(stage.tokenizers), family.preprocess_prompt(text), class_noun):
+            for message in check_identifier(
+                list(stage.tokenizers), family.preprocess_prompt(text), class_noun
+            ):
                 logger.warning("identifier: %s", message)
     else:
-        text = choose_identifier(list(stages[0].tokenizers), class_noun, num_tokens=cfg.identifier.num_tokens, seed=cfg.identifier.seed).text
-    logger.info("identifier [V] = %r: prompts read %r", text, cfg.subject.instance_prompt.format(identifier=text, class_noun=class_noun))
-    print(f"identifier [V] = {text!r}  (prompt: {cfg.subject.instance_prompt.format(identifier=text, class_noun=class_noun)!r})")
+        text = choose_identifier(
+            list(stages[0].tokenizers), class_noun, num_tokens=cfg.identifier.num_tokens,
+            seed=cfg.identifier.seed,
+        ).text
+    logger.info(
+        "identifier [V] = %r: prompts read %r", text,
+        cfg.subject.instance_prompt.format(identifier=text, class_noun=class_noun),
+    )
+    print(
+        f"identifier [V] = {text!r}  (prompt: "
+        f"{cfg.subject.instance_prompt.format(identifier=text, class_noun=class_noun)!r})"
+    )
     return Subject(text, class_noun)
 
 
 def _class_images(
-    cfg: RunConfig, cascade: list[Stage], subject: Subject, family: Family, layout: RunLayout, accelerator: Accelerator,
+    cfg: RunConfig, cascade: list[Stage], subject: Subject, family: Family, layout: RunLayout,
+    accelerator: Accelerator,
 ) -> list[Image.Image]:
     """Generate (once) and load the frozen model's class images, sampled through every stage of `cascade`.
 
@@ -176,10 +214,14 @@ def _class_images(
     spec = ClassImageSpec(
         model=model_fingerprint(*pipelines), prompt=prompt, prompt_tokenized=family.preprocess_prompt(prompt),
         resolution=cascade[-1].resolution, sampler=_class_sampler(cfg, cascade), steps=cfg.prior.steps,
-        guidance=(cfg.prior.guidance_scale or cascade[0].default_guidance, *(s.default_guidance for s in cascade[1:])),
+        guidance=(
+            cfg.prior.guidance_scale or cascade[0].default_guidance,
+            *(s.default_guidance for s in cascade[1:]),
+        ),
         seed=cfg.prior.seed,
         # A GPU run samples under its mixed precision; on a CPU bf16 is slower than fp32.
-        precision=cfg.train.mixed_precision if accelerator.device.type == "cuda" and cfg.train.mixed_precision != "no" else "fp32",
+        precision=cfg.train.mixed_precision
+        if accelerator.device.type == "cuda" and cfg.train.mixed_precision != "no" else "fp32",
     )
     root = cfg.prior.class_dir or layout.class_images
     class_dir = root if len(cascade) == 1 else root / cascade[-1].name
@@ -196,19 +238,26 @@ def _class_images(
 
 
 def _class_sampler(cfg: RunConfig, cascade: list[Stage]) -> str:
-    """The sampler class images are made with, as the manifest records it: a flow-matching model keeps its own."""
+    """The sampler class images are made with, as the manifest records it: a flow-matching model keeps its
+    own."""
     scheduler = cascade[0].pipeline.scheduler
     return type(scheduler).__name__ if is_flow_matching(scheduler) else cfg.prior.sampler
 
 
 def _training_set(
-    cfg: RunConfig, stage: Stage, photos: list[LoadedImage], subject: Subject, class_images: list[Image.Image] | None, family: Family,
+    cfg: RunConfig, stage: Stage, photos: list[LoadedImage], subject: Subject,
+    class_images: list[Image.Image] | None, family: Family,
 ) -> TrainingSet:
-    captions = [subject.fill(p.caption if (p.caption and cfg.subject.use_captions) else cfg.subject.instance_prompt) for p in photos]
+    captions = [
+        subject.fill(p.caption if (p.caption and cfg.subject.use_captions) else cfg.subject.instance_prompt)
+        for p in photos
+    ]
     instance = encode_examples(stage, [p.image for p in photos], captions, flip=cfg.subject.random_flip)
     classes = None
     if class_images is not None:
-        classes = encode_examples(stage, class_images, [subject.fill(cfg.subject.class_prompt)] * len(class_images))
+        classes = encode_examples(
+            stage, class_images, [subject.fill(cfg.subject.class_prompt)] * len(class_images)
+        )
     text_cache = None
     if not trained_text_encoders(cfg, family) and cfg.train.cache_latents:
         text_cache = encode_captions(stage, instance.captions + (classes.captions if classes else []))
@@ -228,13 +277,20 @@ def _plan(cfg: RunConfig, stage: Stage, family: Family) -> StagePlan:
     rates = {"text_encoder_2": cfg.optim.text_encoder_2_learning_rate or text_lr}
     return StagePlan(
         train=train, optim=cfg.optim, lora=cfg.lora, checkpoint=cfg.checkpoint, learning_rate=lr,
-        text_encoder_learning_rates={name: rates.get(name, text_lr) for name in trained_text_encoders(cfg, family)},
-        prior_weight=cfg.prior.loss_weight, validate_every=(cfg.validation.every_n_steps, cfg.eval.eval_every),
-        keep_best=BestCheckpointPolicy(cfg.eval.best_metric, cfg.eval.max_pres_increase) if cfg.eval.eval_every else None,
+        text_encoder_learning_rates={
+            name: rates.get(name, text_lr) for name in trained_text_encoders(cfg, family)
+        },
+        prior_weight=cfg.prior.loss_weight,
+        validate_every=(cfg.validation.every_n_steps, cfg.eval.eval_every),
+        keep_best=BestCheckpointPolicy(cfg.eval.best_metric, cfg.eval.max_pres_increase)
+        if cfg.eval.eval_every else None,
     )
 
 
-def _validator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subject, layout: RunLayout, accelerator: Accelerator, evaluator):
+def _validator(
+    cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subject, layout: RunLayout,
+    accelerator: Accelerator, evaluator,
+):
     """Validation of `stage`: a grid of the validation prompts through the cascade up to it, and the
     paper's metrics when evaluation is on. Runs on the main process only."""
     v = cfg.validation
@@ -253,11 +309,15 @@ def _validator(cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subje
         if v.num_images and (done or (v.every_n_steps and step % v.every_n_steps == 0)):
             with stages_on(cascade, accelerator.device):
                 images = generate(
-                    pipelines, *expand_prompts(prompts, v.num_images, v.seed),
-                    steps=v.steps, guidance=[v.guidance_scale or s.default_guidance for s in stages],
-                    autocast_dtype=DTYPES[cfg.train.mixed_precision], batch_size=sampling_batch(stages[-1].resolution),
+                    pipelines, *expand_prompts(prompts, v.num_images, v.seed), steps=v.steps,
+                    guidance=[v.guidance_scale or s.default_guidance for s in stages],
+                    autocast_dtype=DTYPES[cfg.train.mixed_precision],
+                    batch_size=sampling_batch(stages[-1].resolution),
                 )
-            rows = [[upscale_for_viewing(im) for im in images[i * v.num_images : (i + 1) * v.num_images]] for i in range(len(prompts))]
+            rows = [
+                [upscale_for_viewing(im) for im in images[i * v.num_images : (i + 1) * v.num_images]]
+                for i in range(len(prompts))
+            ]
             out = layout.samples(stage.name) / f"step-{step:06d}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             image_grid(rows, prompts).save(out)
@@ -296,15 +356,18 @@ def stages_on(stages: list[Stage], device):
 
 
 def _evaluator(
-    cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subject, photos: list[LoadedImage], embedders, device,
+    cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subject, photos: list[LoadedImage], embedders,
+    device,
 ) -> TrainingEvaluator:
-    """Scores the cascade up to `stage` during training; its baseline is sampled now, before the stage trains."""
+    """Scores the cascade up to `stage` during training; its baseline is sampled now, before the stage
+    trains."""
     evaluator = TrainingEvaluator(
         pipelines=[s.pipeline for s in stages[: stages.index(stage) + 1]],
-        guidance=[s.default_guidance for s in stages], subject=SubjectPhotos(subject.identifier, subject.class_noun, [p.image for p in photos]),
-        identifier=subject.identifier, prompts=[subject.fill(p) for p in cfg.eval.eval_prompts], embedders=embedders,
-        num_images=cfg.eval.num_images, steps=cfg.validation.steps, seed=cfg.validation.seed,
-        autocast_dtype=DTYPES[cfg.train.mixed_precision],
+        guidance=[s.default_guidance for s in stages],
+        subject=SubjectPhotos(subject.identifier, subject.class_noun, [p.image for p in photos]),
+        identifier=subject.identifier, prompts=[subject.fill(p) for p in cfg.eval.eval_prompts],
+        embedders=embedders, num_images=cfg.eval.num_images, steps=cfg.validation.steps,
+        seed=cfg.validation.seed, autocast_dtype=DTYPES[cfg.train.mixed_precision],
     )
     with stages_on(stages[: stages.index(stage) + 1], device):
         baseline = evaluator.record_baseline()
@@ -312,7 +375,9 @@ def _evaluator(
     return evaluator
 
 
-def _run_info(cfg: RunConfig, source: ModelSource, subject: Subject, trained, *, status: str, outputs=None) -> dict:
+def _run_info(
+    cfg: RunConfig, source: ModelSource, subject: Subject, trained, *, status: str, outputs=None
+) -> dict:
     """run.json: what a later `generate`, `eval` or `export` needs to know about the run."""
     return {
         "identifier": subject.identifier,

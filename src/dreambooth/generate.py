@@ -50,7 +50,8 @@ def using_sampler(pipelines: Sequence, name: str):
                 continue
             scheduler = SAMPLERS[name].from_config(pipeline.scheduler.config)
             if "variance_type" not in inspect.signature(SAMPLERS[name]).parameters:
-                # DDIM and Euler a cannot use a learned variance; IF's pipelines read this key to drop its channels.
+                # DDIM and Euler a cannot use a learned variance; IF's pipelines read this key to drop its
+                # channels.
                 scheduler.register_to_config(variance_type="fixed_small")
             pipeline.scheduler = scheduler
         yield
@@ -64,7 +65,8 @@ SAMPLE_PIXELS = 4 * 512 * 512
 
 
 def sampling_batch(resolution: int, limit: int = 8) -> int:
-    """Images per batch when sampling at `resolution` during training: 4 at 512 px, 1 at 1024 px, at most `limit`."""
+    """Images per batch when sampling at `resolution` during training: 4 at 512 px, 1 at 1024 px, at most
+    `limit`."""
     return max(1, min(limit, SAMPLE_PIXELS // resolution**2))
 
 
@@ -76,8 +78,8 @@ def is_flow_matching(scheduler) -> bool:
 @torch.no_grad()
 def generate(
     pipelines: Sequence, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 25,
-    guidance: Sequence[float], sampler: str = "dpm++", batch_size: int = 8, autocast_dtype: torch.dtype | None = None,
-    progress: str | None = None,
+    guidance: Sequence[float], sampler: str = "dpm++", batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None, progress: str | None = None,
 ) -> list[Image.Image]:
     """One image per (prompt, seed) pair through every stage of `pipelines`.
 
@@ -88,16 +90,16 @@ def generate(
         progress: description of a progress bar over batches, or None for none.
     """
     return generate_cascades(
-        {"": pipelines}, prompts, seeds, steps=steps, guidance=guidance, sampler=sampler, batch_size=batch_size,
-        autocast_dtype=autocast_dtype, progress=progress,
+        {"": pipelines}, prompts, seeds, steps=steps, guidance=guidance, sampler=sampler,
+        batch_size=batch_size, autocast_dtype=autocast_dtype, progress=progress,
     )[""]
 
 
 @torch.no_grad()
 def generate_cascades(
     cascades: Mapping[str, Sequence], prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 25,
-    guidance: Sequence[float], sampler: str = "dpm++", batch_size: int = 8, autocast_dtype: torch.dtype | None = None,
-    progress: str | None = None,
+    guidance: Sequence[float], sampler: str = "dpm++", batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None, progress: str | None = None,
 ) -> dict[str, list[Image.Image]]:
     """`generate` for several cascades that may share their first stages (the same pipeline objects).
 
@@ -114,7 +116,9 @@ def generate_cascades(
     starts = range(0, len(prompts), batch_size)
     with using_sampler(list(every), sampler), _autocast(device, autocast_dtype):
         for start in tqdm(starts, desc=progress, disable=progress is None, unit="batch"):
-            batch_prompts, batch_seeds = list(prompts[start : start + batch_size]), seeds[start : start + batch_size]
+            batch_prompts, batch_seeds = (
+                list(prompts[start : start + batch_size]), seeds[start : start + batch_size],
+            )
             done: dict[tuple, object] = {}  # (ids of the stages so far, final?) -> their output
             for name, pipelines in cascades.items():
                 image = None
@@ -122,7 +126,9 @@ def generate_cascades(
                     last = index == len(pipelines) - 1
                     key = (tuple(id(p) for p in pipelines[: index + 1]), last)
                     if key not in done:
-                        done[key] = _sample_stage(pipeline, index, batch_prompts, batch_seeds, steps, scale, image, last)
+                        done[key] = _sample_stage(
+                            pipeline, index, batch_prompts, batch_seeds, steps, scale, image, last
+                        )
                     image = done[key]
                 images[name] += image
     return images
@@ -130,16 +136,22 @@ def generate_cascades(
 
 @torch.no_grad()
 def super_resolve(
-    sr, lowres: torch.Tensor, prompts: Sequence[str], *, steps: int = 20, guidance: float = 4.0, seed: int = 0, batch_size: int = 32,
+    sr, lowres: torch.Tensor, prompts: Sequence[str], *, steps: int = 20, guidance: float = 4.0,
+    seed: int = 0, batch_size: int = 32,
 ) -> torch.Tensor:
     """Super-resolve low-res images [n, 3, h, w] in [-1, 1] with an IF super-resolution
     pipeline, each with its prompt; image k uses seed + k. Returns [n, 3, H, W] in [-1, 1]."""
     sr.set_progress_bar_config(disable=True)
     outputs = []
     for i in range(0, len(prompts), batch_size):
-        generators = [torch.Generator().manual_seed(seed + k) for k in range(i, min(i + batch_size, len(prompts)))]
-        out = sr(image=lowres[i : i + batch_size].to(sr.device), prompt=list(prompts[i : i + batch_size]), num_inference_steps=steps,
-                 guidance_scale=guidance, generator=generators, output_type="pt", clean_caption=False).images
+        generators = [
+            torch.Generator().manual_seed(seed + k) for k in range(i, min(i + batch_size, len(prompts)))
+        ]
+        out = sr(
+            image=lowres[i : i + batch_size].to(sr.device), prompt=list(prompts[i : i + batch_size]),
+            num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="pt",
+            clean_caption=False,
+        ).images
         outputs.append(out.clamp(-1, 1).cpu())
     return torch.cat(outputs)
 
@@ -148,7 +160,8 @@ def _sample_stage(pipeline, index: int, prompts, seeds, steps: int, scale: float
     """Stage `index` of a cascade: PIL images if it is the last stage, else the pipeline's tensors."""
     generators = [torch.Generator().manual_seed(int(s) + 1_000_003 * index) for s in seeds]
     extra = {} if image is None else {"image": image}
-    if isinstance(pipeline, StableDiffusionUpscalePipeline):  # a cascade's x4 stage: [0, 1] images, IF's noise level
+    # a cascade's x4 stage: [0, 1] images, IF's noise level
+    if isinstance(pipeline, StableDiffusionUpscalePipeline):
         extra = {"image": (image / 2 + 0.5).clamp(0, 1), "noise_level": UPSCALER_NOISE_LEVEL}
     if "clean_caption" in inspect.signature(pipeline.__call__).parameters:
         extra["clean_caption"] = False  # IF's caption cleaning needs bs4 + ftfy, and changes nothing here
@@ -174,7 +187,9 @@ class LoadedModel:
     """A run's identifier and class noun (its run.json); empty for other sources."""
 
 
-def load_model(model: str | ModelConfig, *, lora: str | None = None, device: str | None = None) -> LoadedModel:
+def load_model(
+    model: str | ModelConfig, *, lora: str | None = None, device: str | None = None
+) -> LoadedModel:
     """Load a run folder, diffusers/cascade folder, hub id or 'pocket' (or a `ModelConfig` naming a
     cascade's stages separately) for sampling.
 
@@ -194,7 +209,10 @@ def load_model(model: str | ModelConfig, *, lora: str | None = None, device: str
     if subject and lora is None and not layout.pipeline.is_dir() and (layout.root / "lora").is_dir():
         lora = str(layout.root / "lora")
     # A LoRA may adapt each stage's text encoder: load every stage's own, as a run that trains them does.
-    stages = load_stages(resolve_source(config), RunConfig(model=config, train=TrainConfig(train_text_encoder=lora is not None)))
+    stages = load_stages(
+        resolve_source(config),
+        RunConfig(model=config, train=TrainConfig(train_text_encoder=lora is not None)),
+    )
     pipelines = [stage.pipeline for stage in stages]
     if lora is not None:
         lora_path = Path(lora)
@@ -222,7 +240,9 @@ def read_prompts(prompts: Sequence[str], prompts_file: Path | None) -> list[str]
         try:
             lines = prompts_file.read_bytes().decode("utf-8").splitlines()
         except UnicodeDecodeError as error:
-            raise ValueError(f"prompts file {str(prompts_file)!r} is not a text file (not UTF-8 at byte {error.start})") from error
+            raise ValueError(
+                f"prompts file {str(prompts_file)!r} is not a text file (not UTF-8 at byte {error.start})"
+            ) from error
         out += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not out:
         raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
@@ -230,9 +250,11 @@ def read_prompts(prompts: Sequence[str], prompts_file: Path | None) -> list[str]
 
 
 def generate_to_folder(
-    model: str | ModelConfig, prompts: list[str], out: Path, *, lora: str | None = None, sampling: Sampling = Sampling(),
+    model: str | ModelConfig, prompts: list[str], out: Path, *, lora: str | None = None,
+    sampling: Sampling = Sampling(),
 ) -> Path:
-    """Sample `sampling.num_images` per prompt; write `<prompt index>-<k>.png`, `grid.png` and `prompts.txt`."""
+    """Sample `sampling.num_images` per prompt; write `<prompt index>-<k>.png`, `grid.png` and
+    `prompts.txt`."""
     from dreambooth.grid import image_grid, upscale_for_viewing
 
     num_images, seed, guidance = sampling.num_images, sampling.seed, sampling.guidance
@@ -243,12 +265,16 @@ def generate_to_folder(
         prompts = [p.replace("[V]", name).replace("{identifier}", name) for p in prompts]
     scales = [guidance] * len(loaded.pipelines) if guidance is not None else loaded.guidance
     images = generate(
-        loaded.pipelines, *expand_prompts(prompts, num_images, seed), steps=sampling.steps, guidance=scales, sampler=sampling.sampler, progress="generate",
+        loaded.pipelines, *expand_prompts(prompts, num_images, seed), steps=sampling.steps, guidance=scales,
+        sampler=sampling.sampler, progress="generate",
     )
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         image.save(out / f"{i // num_images:03d}-{i % num_images}.png")
-    rows = [[upscale_for_viewing(im) for im in images[i * num_images : (i + 1) * num_images]] for i in range(len(prompts))]
+    rows = [
+        [upscale_for_viewing(im) for im in images[i * num_images : (i + 1) * num_images]]
+        for i in range(len(prompts))
+    ]
     image_grid(rows, prompts).save(out / "grid.png")
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
     return out
@@ -257,8 +283,11 @@ def generate_to_folder(
 IDENTIFIER_PLACEHOLDERS = ("[V]", "{identifier}")
 
 
-def check_generate(model: str | ModelConfig, prompts: Sequence[str], out: Path, *, lora: str | None = None) -> None:
-    """Check a sampling request before any weights load: the model, the LoRA file, the prompts, the output folder.
+def check_generate(
+    model: str | ModelConfig, prompts: Sequence[str], out: Path, *, lora: str | None = None
+) -> None:
+    """Check a sampling request before any weights load: the model, the LoRA file, the prompts, the output
+    folder.
 
     Raises:
         ValueError / FileNotFoundError: naming the flag or file and what to pass instead.
@@ -270,14 +299,20 @@ def check_generate(model: str | ModelConfig, prompts: Sequence[str], out: Path, 
     resolve_source(config)
     if lora is not None:
         check_lora_file(Path(lora))
-    if not RunLayout(Path(config.source)).run_info.is_file() and any(p in text for text in prompts for p in IDENTIFIER_PLACEHOLDERS):
-        raise ValueError(f"a prompt holds [V], but {config.source!r} is not a run folder, so there is no identifier to put "
-                         "there: write the identifier itself (a run's run.json names it), or pass the run folder as --model")
+    if not RunLayout(Path(config.source)).run_info.is_file() and any(
+        p in text for text in prompts for p in IDENTIFIER_PLACEHOLDERS
+    ):
+        raise ValueError(
+            f"a prompt holds [V], but {config.source!r} is not a run folder, so there is no identifier to "
+            "put there: write the identifier itself (a run's run.json names it), or pass the run "
+            "folder as --model"
+        )
     check_output_folder(out, "--out")
 
 
 def check_lora_file(path: Path) -> None:
-    """A LoRA folder (holding the file diffusers writes) or .safetensors file that exists and whose header reads."""
+    """A LoRA folder (holding the file diffusers writes) or .safetensors file that exists and whose header
+    reads."""
     from safetensors import safe_open
 
     from dreambooth.layout import CASCADE_STAGE_DIRS
@@ -288,15 +323,21 @@ def check_lora_file(path: Path) -> None:
     candidates = (path / LORA_FILE, *(path / stage / LORA_FILE for stage in CASCADE_STAGE_DIRS.values()))
     files = [path] if path.is_file() else [p for p in candidates if p.is_file()]
     if not files:
-        raise FileNotFoundError(f"--lora {str(path)!r} holds no {LORA_FILE} (pass a LoRA run's lora/ folder or the file itself)")
+        raise FileNotFoundError(
+            f"--lora {str(path)!r} holds no {LORA_FILE} (pass a LoRA run's lora/ folder or the file itself)"
+        )
     for file in files:
         try:
             with safe_open(str(file), "pt") as handle:
                 keys = list(handle.keys())
         except Exception as error:  # safetensors raises its own error type for a damaged header
-            raise ValueError(f"--lora: {str(file)!r} is not a readable .safetensors file ({error})") from error
+            raise ValueError(
+                f"--lora: {str(file)!r} is not a readable .safetensors file ({error})"
+            ) from error
         if not any("lora" in key for key in keys):
-            raise ValueError(f"--lora: {str(file)!r} holds no LoRA weights (no 'lora' keys): is it a full model?")
+            raise ValueError(
+                f"--lora: {str(file)!r} holds no LoRA weights (no 'lora' keys): is it a full model?"
+            )
 
 
 def check_output_folder(out: Path, flag: str) -> None:
@@ -307,7 +348,10 @@ def check_output_folder(out: Path, flag: str) -> None:
         raise ValueError(f"{flag} {str(out)!r} is a file, not a folder: pass a folder for the images")
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {str(out)!r} cannot be written ({str(existing)!r} is not a writable folder): choose another {flag}")
+        raise ValueError(
+            f"{flag} {str(out)!r} cannot be written ({str(existing)!r} is not a writable folder): choose "
+            f"another {flag}"
+        )
 
 
 def expand_prompts(prompts: Sequence[str], num_images: int, seed: int) -> tuple[list[str], list[int]]:
@@ -316,4 +360,6 @@ def expand_prompts(prompts: Sequence[str], num_images: int, seed: int) -> tuple[
     The same seeds for every prompt make before/after pairs (pretrained and fine-tuned) start
     from the same noise. Returns (prompts, seeds), one entry per image, for :func:`generate`.
     """
-    return [p for p in prompts for _ in range(num_images)], [seed + k for _ in prompts for k in range(num_images)]
+    return [p for p in prompts for _ in range(num_images)], [
+        seed + k for _ in prompts for k in range(num_images)
+    ]

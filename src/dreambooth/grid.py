@@ -7,7 +7,10 @@ from collections.abc import Sequence
 from PIL import Image, ImageDraw
 
 
-def image_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] | None = None, *, pad: int = 2, label_height: int = 14) -> Image.Image:
+def image_grid(
+    rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] | None = None, *, pad: int = 2,
+    label_height: int = 14,
+) -> Image.Image:
     """Lay out `rows` of images (each row left to right); `labels` caption the rows."""
     width = max(sum(im.width + pad for im in row) for row in rows) + pad
     heights = [max(im.height for im in row) + pad + (label_height if labels else 0) for row in rows]

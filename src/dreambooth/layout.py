@@ -58,8 +58,9 @@ class RunLayout:
     def stage(self, stage: str) -> StagePaths:
         logs = self.root / "logs"
         return StagePaths(
-            checkpoints=self.checkpoints(stage), log=logs / f"{stage}.jsonl", loss_plot=logs / f"loss-{stage}.png",
-            eval_log=logs / f"eval-{stage}.jsonl", eval_plot=logs / f"eval-{stage}.png",
+            checkpoints=self.checkpoints(stage), log=logs / f"{stage}.jsonl",
+            loss_plot=logs / f"loss-{stage}.png", eval_log=logs / f"eval-{stage}.jsonl",
+            eval_plot=logs / f"eval-{stage}.png",
         )
 
     @property

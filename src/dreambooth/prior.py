@@ -83,7 +83,9 @@ def model_fingerprint(*pipelines) -> str:
     return digest.hexdigest()
 
 
-def ensure_class_images(pipelines: list, class_dir: Path, spec: ClassImageSpec, count: int, *, batch_size: int) -> list[Path]:
+def ensure_class_images(
+    pipelines: list, class_dir: Path, spec: ClassImageSpec, count: int, *, batch_size: int
+) -> list[Path]:
     """Make sure `class_dir` holds `count` class images of `pipelines` made under `spec`; return their paths.
 
     `pipelines` is the frozen model up to its last stage that trains: the base alone, or the
@@ -98,7 +100,8 @@ def ensure_class_images(pipelines: list, class_dir: Path, spec: ClassImageSpec, 
 
 
 def generate_class_images(
-    pipelines: list, class_dir: Path, spec: ClassImageSpec, count: int, *, batch_size: int, rank: int = 0, num_ranks: int = 1,
+    pipelines: list, class_dir: Path, spec: ClassImageSpec, count: int, *, batch_size: int, rank: int = 0,
+    num_ranks: int = 1,
 ) -> None:
     """Generate process `rank`'s share of the images `class_dir` lacks.
 
@@ -124,35 +127,47 @@ def generate_class_images(
     if not mine:
         return
     if num_ranks > 1:
-        logger.info("process %d of %d samples %d of the %d batches of class images", rank, num_ranks, len(mine), len(todo))
+        logger.info(
+            "process %d of %d samples %d of the %d batches of class images", rank, num_ranks, len(mine),
+            len(todo),
+        )
     part = class_dir / PARTS.replace("*", f"{rank}-{uuid.uuid4().hex[:12]}")  # never another run's file
     made: list[dict] = []
 
     def save(images: dict[int, Image.Image]) -> None:
         encoded = {i: _png(image) for i, image in images.items()}
         made.extend(_record(i, data, spec) for i, data in encoded.items())
-        # Recorded before written: a record whose file is missing is made again, an image without any record would be refused.
+        # Recorded before written: a record whose file is missing is made again, an image without any record
+        # would be refused.
         write_json(part, {"spec": _as_json(spec), "images": made})
         for i, data in encoded.items():
             atomic_write_bytes(class_dir / _file_name(i), data)
 
     started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=1) as writer:  # PNG encoding and writing overlap the next batch's sampling, in order
+    # PNG encoding and writing overlap the next batch's sampling, in order
+    with ThreadPoolExecutor(max_workers=1) as writer:
         saved = []
-        for block in tqdm(mine, desc="class images" + (f" (process {rank})" if num_ranks > 1 else ""), unit="batch"):
+        for block in tqdm(
+            mine, desc="class images" + (f" (process {rank})" if num_ranks > 1 else ""), unit="batch"
+        ):
             images = generate(
                 pipelines, [spec.prompt] * len(block), [spec.seed + i for i in block], steps=spec.steps,
-                guidance=list(spec.guidance), sampler=spec.sampler, batch_size=len(block), autocast_dtype=AUTOCAST[spec.precision],
+                guidance=list(spec.guidance), sampler=spec.sampler, batch_size=len(block),
+                autocast_dtype=AUTOCAST[spec.precision],
             )
             saved.append(writer.submit(save, {i: image for i, image in zip(block, images) if i not in have}))
         for future in saved:
             future.result()  # re-raise a failed write here
     seconds = time.monotonic() - started
-    logger.info("generated %d class images in %.0f s (%.2f s each) into %s", len(made), seconds, seconds / len(made), class_dir)
+    logger.info(
+        "generated %d class images in %.0f s (%.2f s each) into %s", len(made), seconds, seconds / len(made),
+        class_dir,
+    )
 
 
 def record_class_images(class_dir: Path, spec: ClassImageSpec, count: int) -> list[Path]:
-    """Fold the part files into `manifest.json` once every process's `generate_class_images` returned; return the paths.
+    """Fold the part files into `manifest.json` once every process's `generate_class_images` returned; return
+    the paths.
 
     Call it on one process only; the others read the paths with `class_image_paths` afterwards.
     """
@@ -173,7 +188,10 @@ def class_image_paths(class_dir: Path, spec: ClassImageSpec, count: int) -> list
 def _paths(class_dir: Path, have: dict[int, dict], count: int) -> list[Path]:
     absent = [i for i in range(count) if i not in have]
     if absent:
-        raise RuntimeError(f"class images {absent[:5]} of {count} are missing or damaged in {str(class_dir)!r} after generation")
+        raise RuntimeError(
+            f"class images {absent[:5]} of {count} are missing or damaged in {str(class_dir)!r} after "
+            "generation"
+        )
     return [class_dir / have[i]["file"] for i in range(count)]
 
 
@@ -193,10 +211,13 @@ def _intact_records(class_dir: Path, spec: ClassImageSpec) -> dict[int, dict]:
 def _load_records(class_dir: Path, spec: ClassImageSpec) -> list[dict]:
     # Images are listed before the record files: every image this tool writes has its record file already.
     images = [p.name for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
-    sources = ([class_dir / MANIFEST] if (class_dir / MANIFEST).is_file() else []) + sorted(class_dir.glob(PARTS))
+    sources = ([class_dir / MANIFEST] if (class_dir / MANIFEST).is_file() else []) + sorted(
+        class_dir.glob(PARTS)
+    )
     if not sources and images:
         raise ValueError(
-            f"class_dir {str(class_dir)!r} holds {len(images)} images without a {MANIFEST} (e.g. {images[0]}): "
+            f"class_dir {str(class_dir)!r} holds {len(images)} images without a {MANIFEST} (e.g. "
+            f"{images[0]}): "
             "they were not generated by this tool, so their model and prompt are unknown. "
             "Pass an empty or new --class-dir"
         )
@@ -213,12 +234,13 @@ def _check_spec(stored: dict, spec: ClassImageSpec, class_dir: Path) -> None:
     if stored == current:
         return
     details = "; ".join(
-        f"{k}: {repr(stored[k]) if k in stored else 'not recorded'} there, {v!r} now" for k, v in current.items() if stored.get(k) != v
+        f"{k}: {repr(stored[k]) if k in stored else 'not recorded'} there, {v!r} now"
+        for k, v in current.items() if stored.get(k) != v
     )
     unrecorded = [k for k in current if k not in stored]
     older = (
-        f" An earlier version of this tool made them: it did not record {', '.join(unrecorded)} and fingerprinted "
-        "the model differently, so they cannot be matched to this run."
+        f" An earlier version of this tool made them: it did not record {', '.join(unrecorded)} and "
+        "fingerprinted the model differently, so they cannot be matched to this run."
     ) if unrecorded else ""
     raise ValueError(
         f"class images in {str(class_dir)!r} were made differently ({details}).{older} "
@@ -245,8 +267,9 @@ def _png(image: Image.Image) -> bytes:
 
 def _record(index: int, data: bytes, spec: ClassImageSpec) -> dict:
     return {
-        "index": index, "file": _file_name(index), "prompt": spec.prompt, "seed": spec.seed + index, "sampler": spec.sampler,
-        "steps": spec.steps, "guidance": list(spec.guidance), "sha256": hashlib.sha256(data).hexdigest(),
+        "index": index, "file": _file_name(index), "prompt": spec.prompt, "seed": spec.seed + index,
+        "sampler": spec.sampler, "steps": spec.steps, "guidance": list(spec.guidance),
+        "sha256": hashlib.sha256(data).hexdigest(),
     }
 
 
@@ -258,7 +281,10 @@ def _config_text(config) -> bytes:
     items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     # Where it was loaded from, the library version that saved it and the load dtype do not change what it
     # computes (the tensors' dtypes are hashed with them).
-    kept = {k: v for k, v in items.items() if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
+    kept = {
+        k: v for k, v in items.items()
+        if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")
+    }
     return json.dumps(kept, sort_keys=True, default=str).encode()
 
 
@@ -280,7 +306,8 @@ def _module_bytes(module: torch.nn.Module) -> bytes:
 
 
 def _storage_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors that hold `tensor`'s data: itself, or the inner tensors of a wrapper subclass (torchao's quantised weights)."""
+    """The plain tensors that hold `tensor`'s data: itself, or the inner tensors of a wrapper subclass
+    (torchao's quantised weights)."""
     if hasattr(tensor, "__tensor_flatten__"):
         names, _ = tensor.__tensor_flatten__()
         return [leaf for n in names for leaf in _storage_tensors(getattr(tensor, n))]
@@ -288,7 +315,8 @@ def _storage_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _tensor_sums(tensor: torch.Tensor) -> torch.Tensor:
-    """[2] int64 on the tensor's device: the sum of its bits as 16-bit (or 8-bit) words, and the position-weighted sum.
+    """[2] int64 on the tensor's device: the sum of its bits as 16-bit (or 8-bit) words, and the
+    position-weighted sum.
 
     Integer sums are exact: any device and any reduction order give the same numbers.
     """
@@ -299,7 +327,8 @@ def _tensor_sums(tensor: torch.Tensor) -> torch.Tensor:
     total = torch.zeros(2, dtype=torch.int64, device=words.device)
     for start in range(0, words.numel(), _CHUNK):
         chunk = words[start : start + _CHUNK]
-        weighted = chunk.to(torch.int32) * weights[: chunk.numel()]  # |word| <= 2**15, weight < 2**15: fits int32
+        # |word| <= 2**15, weight < 2**15: fits int32
+        weighted = chunk.to(torch.int32) * weights[: chunk.numel()]
         sums = torch.stack([chunk.sum(dtype=torch.int64), weighted.sum(dtype=torch.int64)])
         total = (total * _MIX + sums) % _MODULUS  # below 2**47 + 2**52: no overflow
     return total

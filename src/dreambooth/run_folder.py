@@ -56,7 +56,10 @@ def record_config(layout: RunLayout, cfg: RunConfig, identifier: str | None = No
 def _holds_run(layout: RunLayout) -> bool:
     """Whether a run was recorded in the folder: a start that failed before training leaves only
     reusable parts (its class images, an error log), and the folder is then opened as new."""
-    return layout.config.is_file() or layout.run_info.is_file() or any((layout.root / "checkpoints").glob("*/step-*"))
+    return (
+        layout.config.is_file() or layout.run_info.is_file()
+        or any((layout.root / "checkpoints").glob("*/step-*"))
+    )
 
 
 def _describe(layout: RunLayout) -> str:
@@ -71,17 +74,24 @@ def _check_writable(root: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise ValueError(f"cannot write to run folder {str(root)!r} ({error.strerror}): choose another --run-dir") from error
+        raise ValueError(
+            f"cannot write to run folder {str(root)!r} ({error.strerror}): choose another --run-dir"
+        ) from error
 
 
 def _warn_config_changes(path: Path, cfg: RunConfig) -> None:
     """Name every setting that differs from the run being resumed; the new values win."""
     try:
-        old = to_dict(resolve(from_dict(RunConfig, load_file(path))))  # a run folder from before values were resolved
+        # a run folder from before values were resolved
+        old = to_dict(resolve(from_dict(RunConfig, load_file(path))))
     except ValueError:
         logger.warning("could not read the previous config %s; using the new one", path)
         return
-    new = to_dict(resolve(dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, resume=False, overwrite=False))))
+    new = to_dict(
+        resolve(
+            dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, resume=False, overwrite=False))
+        )
+    )
     old["output"] = {**old.get("output", {}), "resume": False, "overwrite": False}
     if cfg.identifier.identifier is None:  # left to choose: the run keeps its own (finetune says so)
         old.get("identifier", {}).pop("identifier", None)
@@ -91,4 +101,7 @@ def _warn_config_changes(path: Path, cfg: RunConfig) -> None:
             continue
         for key in sorted(set(before) | set(after)):
             if before.get(key) != after.get(key):
-                logger.warning("resume: %s.%s was %r, now %r; the new value is used", section, key, before.get(key), after.get(key))
+                logger.warning(
+                    "resume: %s.%s was %r, now %r; the new value is used", section, key, before.get(key),
+                    after.get(key),
+                )

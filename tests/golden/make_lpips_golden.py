@@ -24,7 +24,9 @@ def golden_images() -> torch.Tensor:
     bar = gradient.clone()
     bar[:, 24:40, 8:56] = torch.tensor([0.8, -0.5, 0.1])[:, None, None]
     noise = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(0))
-    field = torch.nn.functional.interpolate(noise[None], size=64, mode="bicubic", align_corners=False)[0].clamp(-1, 1)
+    field = torch.nn.functional.interpolate(noise[None], size=64, mode="bicubic", align_corners=False)[
+        0
+    ].clamp(-1, 1)
     return torch.stack([gradient, bar, field])
 
 
@@ -32,7 +34,10 @@ def main() -> None:
     images = golden_images()
     model = load_lpips()
     with torch.no_grad():
-        distances = {f"{i}-{j}": round(model(images[i : i + 1], images[j : j + 1]).item(), 6) for i, j in ((0, 1), (0, 2), (1, 2))}
+        distances = {
+            f"{i}-{j}": round(model(images[i : i + 1], images[j : j + 1]).item(), 6)
+            for i, j in ((0, 1), (0, 2), (1, 2))
+        }
     OUT.write_text(json.dumps(distances, indent=2) + "\n")
     print(distances)
 

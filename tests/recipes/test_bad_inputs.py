@@ -16,7 +16,10 @@ FAST = ["--class-noun", "dog", "--max-steps", "1", "--no-prior-preservation", "-
 
 
 def run(tmp_path: Path, model, instance_dir, *extra) -> int:
-    return main(["train", "--model", str(model), "--instance-dir", str(instance_dir), "--run-dir", str(tmp_path / "run"), *FAST, *extra])
+    return main([
+        "train", "--model", str(model), "--instance-dir", str(instance_dir), "--run-dir",
+        str(tmp_path / "run"), *FAST, *extra,
+    ])
 
 
 @pytest.mark.parametrize(
@@ -33,7 +36,9 @@ def test_bad_instance_dir(tiny_sd: Path, tmp_path: Path, make_folder, message: s
     assert message in capsys.readouterr().err
 
 
-def test_non_image_files_are_named_and_skipped_or_refused(tiny_sd: Path, tmp_path: Path, caplog, capsys) -> None:
+def test_non_image_files_are_named_and_skipped_or_refused(
+    tiny_sd: Path, tmp_path: Path, caplog, capsys
+) -> None:
     photos = write_photos(tmp_path / "photos", n=3)
     (photos / "notes.pdf").write_bytes(b"%PDF-1.4 not an image")
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
@@ -95,7 +100,13 @@ def test_a_class_the_pocket_model_never_saw_warns(photos: Path, tmp_path: Path, 
 def test_unwritable_run_folder(tiny_sd: Path, photos: Path, tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder should go")
-    assert main(["train", "--model", str(tiny_sd), "--instance-dir", str(photos), "--run-dir", str(blocker / "run"), *FAST]) == 2
+    assert (
+        main([
+            "train", "--model", str(tiny_sd), "--instance-dir", str(photos), "--run-dir",
+            str(blocker / "run"), *FAST,
+        ])
+        == 2
+    )
     assert "cannot write to run folder" in capsys.readouterr().err
 
 
@@ -106,19 +117,29 @@ def test_config_file_with_an_unknown_key(tiny_sd: Path, photos: Path, tmp_path: 
     assert "did you mean 'prior.num_class_images'" in capsys.readouterr().err
 
 
-def test_fp16_on_cpu_is_refused_with_the_alternative(tiny_sd: Path, photos: Path, tmp_path: Path, capsys) -> None:
+def test_fp16_on_cpu_is_refused_with_the_alternative(
+    tiny_sd: Path, photos: Path, tmp_path: Path, capsys
+) -> None:
     assert run(tmp_path, tiny_sd, photos, "--mixed-precision", "fp16") == 2
     assert "use 'bf16'" in capsys.readouterr().err
 
 
-def test_missing_class_noun_is_reported_with_the_flag(tiny_sd: Path, photos: Path, tmp_path: Path, capsys) -> None:
-    assert main(["train", "--model", str(tiny_sd), "--instance-dir", str(photos), "--run-dir", str(tmp_path / "r")]) == 2
+def test_missing_class_noun_is_reported_with_the_flag(
+    tiny_sd: Path, photos: Path, tmp_path: Path, capsys
+) -> None:
+    assert (
+        main([
+            "train", "--model", str(tiny_sd), "--instance-dir", str(photos), "--run-dir", str(tmp_path / "r"),
+        ])
+        == 2
+    )
     assert "--class-noun" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
-    [(["--subject", "nosuch"], "ready ones: checker_cube"), (["--base-steps", "0"], "--base-steps must be >= 1"),
+    [(["--subject", "nosuch"], "ready ones: checker_cube"),
+     (["--base-steps", "0"], "--base-steps must be >= 1"),
      (["--num-photos", "12"], "--num-photos must be 1-8")],
     ids=["subject", "steps", "photos"],
 )

@@ -1,4 +1,5 @@
-"""`dreambooth dreambench` on a two-subject dataset: trains, evaluates, summarises, and resumes per subject."""
+"""`dreambooth dreambench` on a two-subject dataset: trains, evaluates, summarises, and resumes per
+subject."""
 
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ def test_dreambench_trains_scores_summarises_and_skips_finished_subjects(
 ) -> None:
     data, out = _dataset(tmp_path / "data"), tmp_path / "bench"
     (tmp_path / "run.toml").write_text(CONFIG)
-    argv = ["dreambench", str(data), "--config", str(tmp_path / "run.toml"), "--model", str(tiny_sd), "--out", str(out),
-            *tiny_scorer_flags(tmp_path), *FAST_EVAL]  # fmt: skip
+    argv = ["dreambench", str(data), "--config", str(tmp_path / "run.toml"), "--model", str(tiny_sd),
+            "--out", str(out), *tiny_scorer_flags(tmp_path), *FAST_EVAL]  # fmt: skip
     assert main(argv) == 0
 
     summary = json.loads((out / "metrics.json").read_text())
@@ -78,8 +79,11 @@ def test_dreambench_trains_scores_summarises_and_skips_finished_subjects(
         run = json.loads((out / "runs" / name / "run.json").read_text())
         assert run["status"] == "done" and (out / "runs" / name / "class_images" / "manifest.json").is_file()
         record = json.loads((out / "runs" / name / "eval" / "eval.json").read_text())
-        # The run folder (a LoRA run without a merged pipeline: its base model + lora/), beside its base model.
-        assert record["finetuned"]["model"] == str(out / "runs" / name) and record["pretrained"]["model"] == str(tiny_sd)
+        # The run folder (a LoRA run without a merged pipeline: its base model + lora/), beside its base
+        # model.
+        assert record["finetuned"]["model"] == str(out / "runs" / name) and record["pretrained"][
+            "model"
+        ] == str(tiny_sd)
     before = _mtimes(out)
 
     caplog.set_level(logging.INFO, logger="dreambooth")
@@ -95,7 +99,9 @@ def test_dreambench_trains_scores_summarises_and_skips_finished_subjects(
     caplog.clear()
     assert main(argv) == 0
     messages = [r.getMessage() for r in caplog.records]
-    assert "alpha: trained and scored; skipping" in " ".join(messages) and "beta: resuming training" in messages
+    assert (
+        "alpha: trained and scored; skipping" in " ".join(messages) and "beta: resuming training" in messages
+    )
     assert json.loads((out / "runs" / "beta" / "run.json").read_text())["identifier"] == info["identifier"]
     assert (out / "runs" / "beta" / "eval" / "eval.json").is_file()
 
@@ -113,7 +119,9 @@ def test_class_nouns_come_from_prompts_and_classes_txt_else_from_dreambench(tmp_
         find_subjects(data, ["gamma"])
 
 
-def test_bad_dataset_fails_before_training(tiny_sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_dataset_fails_before_training(
+    tiny_sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     data = _dataset(tmp_path / "data")
     (data / "beta" / "photo_0.png").write_text("not a png")
     for photo in (data / "beta").glob("photo_[12].png"):

@@ -21,13 +21,16 @@ def scorers(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return tiny_scorer_flags(tmp_path_factory.mktemp("scorers"))
 
 
-def test_metrics_are_logged_and_the_best_checkpoint_is_exported(tiny_sd: Path, photos: Path, tmp_path: Path, scorers) -> None:
+def test_metrics_are_logged_and_the_best_checkpoint_is_exported(
+    tiny_sd: Path, photos: Path, tmp_path: Path, scorers
+) -> None:
     run = tmp_path / "run"
     code = main([
-        "train", "--model", str(tiny_sd), "--instance-dir", str(photos), "--run-dir", str(run), "--class-noun", "dog",
-        "--max-steps", "4", "--learning-rate", "1e-2", "--num-class-images", "2", "--class-steps", "2", "--validation-every", "0",
-        "--validation-images", "1", "--validation-steps", "2", "--logger", "none", "--checkpoint-every", "0",
-        "--eval-every", "2", "--eval-images", "2", "--eval-prompts", "a {identifier} {class_noun} in the snow", *scorers,
+        "train", "--model", str(tiny_sd), "--instance-dir", str(photos), "--run-dir", str(run),
+        "--class-noun", "dog", "--max-steps", "4", "--learning-rate", "1e-2", "--num-class-images", "2",
+        "--class-steps", "2", "--validation-every", "0", "--validation-images", "1", "--validation-steps",
+        "2", "--logger", "none", "--checkpoint-every", "0", "--eval-every", "2", "--eval-images", "2",
+        "--eval-prompts", "a {identifier} {class_noun} in the snow", *scorers,
     ])
     assert code == 0
     rows = [json.loads(line) for line in (run / "logs" / "eval-base.jsonl").read_text().splitlines()]
@@ -38,7 +41,9 @@ def test_metrics_are_logged_and_the_best_checkpoint_is_exported(tiny_sd: Path, p
     assert (run / "logs" / "eval-base.png").is_file()
 
     best = json.loads((run / "checkpoints" / "base" / "best" / "best.json").read_text())
-    assert best["step"] in (2, 4) and best["scores"]["eval/dino"] == pytest.approx(max(r["eval/dino"] for r in rows), abs=1e-6)
+    assert best["step"] in (2, 4) and best["scores"]["eval/dino"] == pytest.approx(
+        max(r["eval/dino"] for r in rows), abs=1e-6
+    )
     kept = load_file(run / "checkpoints" / "base" / "best" / "trainable.safetensors")
     exported = load_file(run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(kept[f"unet.{name}"], value) for name, value in exported.items())

@@ -17,20 +17,28 @@ from conftest import write_photos
 
 FAST = [
     "--class-noun", "dog", "--num-class-images", "2", "--class-steps", "2", "--class-batch-size", "2",
-    "--validation-every", "0", "--validation-images", "1", "--validation-steps", "2", "--checkpoint-every", "1",
-    "--logger", "none", "--max-steps", "2", "--keep-checkpoints", "3",
+    "--validation-every", "0", "--validation-images", "1", "--validation-steps", "2", "--checkpoint-every",
+    "1", "--logger", "none", "--max-steps", "2", "--keep-checkpoints", "3",
 ]
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--train-text-encoder", "--learning-rate", "1e-2"]
 
 
 def _train(model: Path, run: Path, *extra: str) -> Path:
     photos = write_photos(run.parent / f"{run.name}-photos")
-    assert main(["train", "--model", str(model), "--instance-dir", str(photos), "--run-dir", str(run), *FAST, *extra]) == 0
+    assert (
+        main([
+            "train", "--model", str(model), "--instance-dir", str(photos), "--run-dir", str(run), *FAST,
+            *extra,
+        ])
+        == 0
+    )
     return run
 
 
 def _sample(pipe, prompt: str = "a dog") -> np.ndarray:
-    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    return pipe(
+        prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images[0]
 
 
 def _export(run: Path, *flags: str) -> int:
@@ -52,25 +60,34 @@ def sd_full_run(tiny_sd: Path, tmp_path_factory) -> Path:
     return _train(tiny_sd, tmp_path_factory.mktemp("export") / "sd-full", "--learning-rate", "1e-3")
 
 
-def test_sdxl_lora_exports_reload_in_diffusers_with_the_runs_image(sdxl_lora_run: Path, tiny_sdxl: Path, tmp_path: Path) -> None:
+def test_sdxl_lora_exports_reload_in_diffusers_with_the_runs_image(
+    sdxl_lora_run: Path, tiny_sdxl: Path, tmp_path: Path
+) -> None:
     run = sdxl_lora_run
     merged = _sample(StableDiffusionXLPipeline.from_pretrained(run / "pipeline"))
     info = json.loads((run / "run.json").read_text())
 
     assert _export(run, "--format", "lora-diffusers", "--out", str(tmp_path / "lora")) == 0
     assert _export(run, "--format", "lora-kohya", "--out", str(tmp_path / "kohya.safetensors")) == 0
-    for folder, name in ((tmp_path / "lora", "pytorch_lora_weights.safetensors"), (tmp_path, "kohya.safetensors")):
+    for folder, name in (
+        (tmp_path / "lora", "pytorch_lora_weights.safetensors"), (tmp_path, "kohya.safetensors"),
+    ):
         pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
         pipe.load_lora_weights(str(folder), weight_name=name)
         assert np.abs(_sample(pipe) - merged).max() < 2e-3, name
         header = _header(folder / name)
         assert header["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora", name
         assert header["modelspec.trigger_phrase"] == f"{info['identifier']} dog"
-        assert header["dreambooth.identifier"] == info["identifier"] and header["modelspec.resolution"] == "64x64"
+        assert (
+            header["dreambooth.identifier"] == info["identifier"]
+            and header["modelspec.resolution"] == "64x64"
+        )
 
     single = tmp_path / "merged.safetensors"
     assert _export(run, "--format", "single-file", "--merge", "--dtype", "fp32", "--out", str(single)) == 0
-    pipe = StableDiffusionXLPipeline.from_single_file(str(single), config=str(tiny_sdxl), local_files_only=True)
+    pipe = StableDiffusionXLPipeline.from_single_file(
+        str(single), config=str(tiny_sdxl), local_files_only=True
+    )
     assert np.abs(_sample(pipe) - merged).max() < 2e-3
     assert _header(single)["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
 
@@ -78,11 +95,25 @@ def test_sdxl_lora_exports_reload_in_diffusers_with_the_runs_image(sdxl_lora_run
 def test_a_checkpoint_exports_its_own_weights(sdxl_lora_run: Path, tiny_sdxl: Path, tmp_path: Path) -> None:
     """--checkpoint step-000001 is the first step's adapters: another image than the finished run's."""
     out = tmp_path / "lora"
-    assert _export(sdxl_lora_run, "--format", "lora-diffusers", "--checkpoint", "step-000002", "--out", str(out)) == 0
+    assert (
+        _export(sdxl_lora_run, "--format", "lora-diffusers", "--checkpoint", "step-000002", "--out", str(out))
+        == 0
+    )
     last = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     last.load_lora_weights(str(out))
-    assert np.abs(_sample(last) - _sample(StableDiffusionXLPipeline.from_pretrained(sdxl_lora_run / "pipeline"))).max() < 2e-3
-    assert _export(sdxl_lora_run, "--format", "lora-diffusers", "--checkpoint", "step-000001", "--out", str(tmp_path / "first")) == 0
+    assert (
+        np.abs(
+            _sample(last) - _sample(StableDiffusionXLPipeline.from_pretrained(sdxl_lora_run / "pipeline"))
+        ).max()
+        < 2e-3
+    )
+    assert (
+        _export(
+            sdxl_lora_run, "--format", "lora-diffusers", "--checkpoint", "step-000001", "--out",
+            str(tmp_path / "first"),
+        )
+        == 0
+    )
     first = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     first.load_lora_weights(str(tmp_path / "first"))
     assert np.abs(_sample(first) - _sample(last)).max() > 1e-4
@@ -91,7 +122,9 @@ def test_a_checkpoint_exports_its_own_weights(sdxl_lora_run: Path, tiny_sdxl: Pa
 def test_full_run_exports_a_single_file_and_a_pipeline(sd_full_run: Path, tmp_path: Path) -> None:
     folder = StableDiffusionPipeline.from_pretrained(sd_full_run / "pipeline")
     assert _export(sd_full_run, "--format", "single-file", "--out", str(tmp_path / "m.safetensors")) == 0
-    pipe = StableDiffusionPipeline.from_single_file(str(tmp_path / "m.safetensors"), config=str(sd_full_run / "pipeline"), local_files_only=True)
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(tmp_path / "m.safetensors"), config=str(sd_full_run / "pipeline"), local_files_only=True
+    )
     assert np.abs(_sample(pipe) - _sample(folder)).max() < 2e-2  # fp16 weights
     assert _header(tmp_path / "m.safetensors")["modelspec.architecture"] == "stable-diffusion-v1"
     assert _export(sd_full_run, "--format", "diffusers", "--dtype", "fp32") == 0
@@ -99,12 +132,16 @@ def test_full_run_exports_a_single_file_and_a_pipeline(sd_full_run: Path, tmp_pa
     assert np.abs(_sample(again) - _sample(folder)).max() < 1e-5
 
 
-def test_bad_requests_are_refused_before_loading_and_leave_nothing(sd_full_run: Path, sdxl_lora_run: Path, tiny_cascade: Path,
-                                                                     tmp_path: Path, capsys) -> None:
+def test_bad_requests_are_refused_before_loading_and_leave_nothing(
+    sd_full_run: Path, sdxl_lora_run: Path, tiny_cascade: Path, tmp_path: Path, capsys
+) -> None:
     cases = [
         ((sdxl_lora_run, "--format", "single-file"), "needs --merge"),
         ((sd_full_run, "--format", "lora-kohya"), "no LoRA"),
-        ((sd_full_run, "--format", "single-file", "--checkpoint", "step-000099"), "it has: step-000001, step-000002"),
+        (
+            (sd_full_run, "--format", "single-file", "--checkpoint", "step-000099"),
+            "it has: step-000001, step-000002",
+        ),
         ((tmp_path, "--format", "diffusers"), "is not a run folder"),
     ]
     for args, message in cases:
@@ -121,7 +158,9 @@ def test_bad_requests_are_refused_before_loading_and_leave_nothing(sd_full_run: 
     assert not (cascade / "exports").exists()
 
 
-def test_an_unfinished_run_names_the_checkpoint_it_could_export(sd_full_run: Path, tmp_path: Path, capsys) -> None:
+def test_an_unfinished_run_names_the_checkpoint_it_could_export(
+    sd_full_run: Path, tmp_path: Path, capsys
+) -> None:
     info = json.loads((sd_full_run / "run.json").read_text())
     broken = tmp_path / "unfinished"
     import shutil

@@ -50,12 +50,18 @@ def test_a_short_dreambooth_run_learns_the_subject(tmp_path: Path) -> None:
     """The demo's steps, fewer class images and samples (the demo itself measured fidelity 0.09 ->
     0.75, recognised 0% -> 71%). With 80 base and 40 SR steps an earlier SR stage left the subject
     recognised in 12% (and 80 + 80 steps failed this test too)."""
-    result = run_demo(DemoConfig(run_dir=tmp_path, base_steps=150, sr_steps=80, num_class_images=16, images_per_prompt=2, sampling_steps=12))
+    result = run_demo(
+        DemoConfig(
+            run_dir=tmp_path, base_steps=150, sr_steps=80, num_class_images=16, images_per_prompt=2,
+            sampling_steps=12,
+        )
+    )
     before, after = result["scores"]["pretrained"], result["scores"]["fine-tuned"]
     assert after["subject_fidelity"] > before["subject_fidelity"] + 0.1
     assert after["subject_recognised"] > before["subject_recognised"] + 0.3
     sr_detail = result["sr_detail_on_renders"]  # true renders super-resolved: a true render scores 1.0
     assert set(sr_detail) == {"pretrained SR", "personalised SR", "bilinear"}
-    assert 0.3 < sr_detail["bilinear"] < 0.6  # 32x32 cannot carry the glyph; scorer tests: 0.54 on ordinary views
+    # 32x32 cannot carry the glyph; scorer tests: 0.54 on ordinary views
+    assert 0.3 < sr_detail["bilinear"] < 0.6
     assert (tmp_path / "contact_sheet.png").is_file()
     assert json.loads((tmp_path / "metrics.json").read_text())["identifier"] == result["identifier"]

@@ -22,7 +22,9 @@ from tiny_models import TINY_CASCADE
 
 
 def _config(run_dir: Path, base_steps: int, sr_steps: int) -> PretrainConfig:
-    return PretrainConfig(run_dir=run_dir, num_images=64, base_steps=base_steps, sr_steps=sr_steps, batch_size=4, warmup_steps=1)
+    return PretrainConfig(
+        run_dir=run_dir, num_images=64, base_steps=base_steps, sr_steps=sr_steps, batch_size=4, warmup_steps=1
+    )
 
 
 def test_pretrain_saves_a_stock_if_cascade_and_resumes(tmp_path: Path) -> None:
@@ -36,7 +38,10 @@ def test_pretrain_saves_a_stock_if_cascade_and_resumes(tmp_path: Path) -> None:
 
     pretrain(_config(tmp_path, 3, 3), arch=arch)                 # trains on from step 2, not from scratch
     for stage in ("base", "sr"):
-        steps = [json.loads(line)["step"] for line in (tmp_path / "logs" / f"{stage}.jsonl").read_text().splitlines()]
+        steps = [
+            json.loads(line)["step"]
+            for line in (tmp_path / "logs" / f"{stage}.jsonl").read_text().splitlines()
+        ]
         assert steps == [1, 2, 3]
     assert json.loads((out / "pretraining.json").read_text())["config"]["base_steps"] == 3
 

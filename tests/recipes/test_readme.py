@@ -28,7 +28,10 @@ README = ROOT / "README.md"
 DOCS = [README, ROOT / "docs" / "pocket.md"]
 
 # Flags of other programs the README shows (pip, accelerate, torchrun, the bench script).
-OTHER_TOOLS_FLAGS = {"--no-deps", "--multi_gpu", "--num_processes", "--nproc_per_node", "--data", "--dino", "--clip", "--bench-"}
+OTHER_TOOLS_FLAGS = {
+    "--no-deps", "--multi_gpu", "--num_processes", "--nproc_per_node", "--data", "--dino", "--clip",
+    "--bench-", "--diffusers-script",
+}
 
 
 def _blocks(text: str, language: str) -> list[str]:
@@ -92,13 +95,17 @@ def test_the_two_set_up_commands_come_first() -> None:
     first, second = _blocks(README.read_text(encoding="utf-8"), "bash")[:2]
     assert first.startswith("python3 -m venv") and first.rstrip().endswith("dreambooth demo")
     assert second.startswith("python3 -m venv") and second.rstrip().endswith("pytest -q")
-    ci_lines = [line for line in README.read_text(encoding="utf-8").splitlines() if line.startswith("python3 -m venv") and "pytest" in line]
+    ci_lines = [
+        line for line in README.read_text(encoding="utf-8").splitlines()
+        if line.startswith("python3 -m venv") and "pytest" in line
+    ]
     assert len(ci_lines) == 1
 
 
 def test_scripts_the_readme_runs_exist() -> None:
     text = README.read_text(encoding="utf-8")
-    scripts = [w for block in _blocks(text, "bash") for c in _shell_commands(block) for w in shlex.split(c, comments=True) if w.endswith(".py")]
+    commands = [shlex.split(c, comments=True) for b in _blocks(text, "bash") for c in _shell_commands(b)]
+    scripts = [w[1] for w in commands if w[:1] in (["python"], ["python3"]) and w[1].endswith(".py")]
     assert scripts, "the README runs no script: update this test"
     for script in scripts:
         assert (ROOT / script).is_file(), script
@@ -124,7 +131,9 @@ def test_every_flag_named_in_the_docs_exists(doc: Path) -> None:
 
 def _anchors(markdown: str) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
-    headings = re.findall(r"^#{1,6} (.+)$", re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M), flags=re.M)
+    headings = re.findall(
+        r"^#{1,6} (.+)$", re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M), flags=re.M
+    )
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
@@ -137,12 +146,17 @@ def test_every_link_and_figure_resolves(doc: Path) -> None:
         file = (doc.parent / path).resolve() if path else doc
         assert file.exists(), f"{doc.name}: link {target} points to a missing file"
         if anchor:
-            assert anchor in _anchors(file.read_text(encoding="utf-8")), f"{doc.name}: no heading for #{anchor} in {file.name}"
+            assert anchor in _anchors(file.read_text(encoding="utf-8")), (
+                f"{doc.name}: no heading for #{anchor} in {file.name}"
+            )
 
 
 def test_the_toml_example_is_the_config_file_it_names() -> None:
     (example,) = _blocks(README.read_text(encoding="utf-8"), "toml")
-    shown, real = tomllib.loads(example), tomllib.loads((ROOT / "configs" / "sd15_full.toml").read_text(encoding="utf-8"))
+    shown, real = (
+        tomllib.loads(example),
+        tomllib.loads((ROOT / "configs" / "sd15_full.toml").read_text(encoding="utf-8")),
+    )
     for section, values in shown.items():
         assert values.items() <= real[section].items(), section
 
@@ -176,8 +190,10 @@ def test_the_python_example_runs_on_a_tiny_model(tiny_sd: Path, photos: Path, tm
     config.write_text(TINY_CONFIG.format(model=tiny_sd.as_posix()), encoding="utf-8")
     run = tmp_path / "runs" / "my_dog"
     code = examples[0]
-    for shown, actual in [('"configs/sd15_full.toml"', repr(config.as_posix())), ('"photos/my_dog"', repr(photos.as_posix())),
-                          ('"runs/my_dog"', repr(run.as_posix()))]:
+    for shown, actual in [
+        ('"configs/sd15_full.toml"', repr(config.as_posix())), ('"photos/my_dog"', repr(photos.as_posix())),
+        ('"runs/my_dog"', repr(run.as_posix())),
+    ]:
         assert shown in code, f"the example no longer mentions {shown}: update this test"
         code = code.replace(shown, actual)
     exec(compile(code, f"{README}:python", "exec"), {"__name__": "readme_example"})

@@ -22,7 +22,10 @@ FAST = [
 
 
 def train(model: Path, photos: Path, run_dir: Path, *extra: str) -> int:
-    return main(["train", "--model", str(model), "--instance-dir", str(photos), "--run-dir", str(run_dir), *FAST, *extra])
+    return main([
+        "train", "--model", str(model), "--instance-dir", str(photos), "--run-dir", str(run_dir), *FAST,
+        *extra,
+    ])
 
 
 def losses(run: Path) -> list[float]:
@@ -60,17 +63,27 @@ class HostReads(TorchDispatchMode):
             self.count += 1
 
 
-@pytest.mark.parametrize("options", [[], ["--lora-rank", "4", "--train-text-encoder", "--gradient-accumulation-steps", "2"]], ids=["full", "lora+te+accumulation"])
-def test_at_most_one_host_device_synchronisation_per_optimizer_step(options, tiny_sd: Path, photos: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "options", [[], ["--lora-rank", "4", "--train-text-encoder", "--gradient-accumulation-steps", "2"]],
+    ids=["full", "lora+te+accumulation"],
+)
+def test_at_most_one_host_device_synchronisation_per_optimizer_step(
+    options, tiny_sd: Path, photos: Path, tmp_path: Path, monkeypatch
+) -> None:
     counter, at_step = HostReads(), []
     for name in ("tolist", "numpy"):  # these read CPU memory without dispatching an op
         real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, **k: counter.read(self) or _real(self, *a, **k))
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _real=real, **k: counter.read(self) or _real(self, *a, **k)
+        )
     log = Recorder.log
-    monkeypatch.setattr(Recorder, "log", lambda self, step, values: at_step.append(counter.count) or log(self, step, values))
+    monkeypatch.setattr(
+        Recorder, "log", lambda self, step, values: at_step.append(counter.count) or log(self, step, values)
+    )
     with counter:
         assert train(tiny_sd, photos, tmp_path / "run", "--max-steps", "6", *options) == 0
-    per_step = [after - before for before, after in zip(at_step, at_step[1:])]  # between the logs of consecutive steps
+    # between the logs of consecutive steps
+    per_step = [after - before for before, after in zip(at_step, at_step[1:])]
     assert len(per_step) == 5 and max(per_step) <= 1, per_step
     assert not (tmp_path / "run" / "samples").exists()  # --validation-images 0: no sampling at all
 
@@ -82,7 +95,9 @@ def test_at_most_one_host_device_synchronisation_per_optimizer_step(options, tin
     (["--use-8bit-adam"], 0.05),
     (["--compile"], 1e-4),  # ~50 s the first time on 2 cores (inductor compiles C++), seconds once cached
 ], ids=["gradient-checkpointing", "no-cache-latents", "bf16", "8bit-adam", "compile"])
-def test_speed_and_memory_options_keep_the_loss_curve_of_the_plain_path(options, rtol, tiny_sd: Path, photos: Path, tmp_path: Path) -> None:
+def test_speed_and_memory_options_keep_the_loss_curve_of_the_plain_path(
+    options, rtol, tiny_sd: Path, photos: Path, tmp_path: Path
+) -> None:
     assert train(tiny_sd, photos, tmp_path / "plain", "--max-steps", "4") == 0
     assert train(tiny_sd, photos, tmp_path / "option", "--max-steps", "4", *options) == 0
     plain, option = losses(tmp_path / "plain"), losses(tmp_path / "option")

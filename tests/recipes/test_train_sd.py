@@ -22,13 +22,16 @@ from dreambooth.config import RunConfig
 
 FAST = [
     "--class-noun", "dog", "--num-class-images", "2", "--class-steps", "2", "--class-batch-size", "2",
-    "--validation-every", "0", "--validation-images", "1", "--validation-steps", "2", "--checkpoint-every", "2",
-    "--logger", "none", "--learning-rate", "1e-3",
+    "--validation-every", "0", "--validation-images", "1", "--validation-steps", "2", "--checkpoint-every",
+    "2", "--logger", "none", "--learning-rate", "1e-3",
 ]
 
 
 def train(model: Path, photos: Path, run_dir: Path, *extra: str) -> int:
-    return main(["train", "--model", str(model), "--instance-dir", str(photos), "--run-dir", str(run_dir), *FAST, *extra])
+    return main([
+        "train", "--model", str(model), "--instance-dir", str(photos), "--run-dir", str(run_dir), *FAST,
+        *extra,
+    ])
 
 
 def _sample(pipe: StableDiffusionPipeline, prompt: str = "a dog") -> np.ndarray:
@@ -51,12 +54,17 @@ def test_full_finetune_outputs_load_in_stock_diffusers(tiny_sd: Path, photos: Pa
     assert from_dict(RunConfig, load_config_file(run / "config.resolved.toml")).train.max_steps == 4
     rows = [json.loads(line) for line in (run / "logs" / "base.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("loss/prior" in r for r in rows)
-    for produced in ("logs/loss-base.png", "samples/base/step-000004.png", "checkpoints/base/latest", "class_images/manifest.json"):
+    for produced in (
+        "logs/loss-base.png", "samples/base/step-000004.png", "checkpoints/base/latest",
+        "class_images/manifest.json",
+    ):
         assert (run / produced).is_file(), produced
     assert any((run / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
 
 
-def test_lora_weights_load_with_load_lora_weights_and_match_the_merged_pipeline(tiny_sd: Path, photos: Path, tmp_path: Path) -> None:
+def test_lora_weights_load_with_load_lora_weights_and_match_the_merged_pipeline(
+    tiny_sd: Path, photos: Path, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     lora = ["--lora-rank", "4", "--lora-alpha", "8", "--train-text-encoder", "--learning-rate", "1e-2"]
     assert train(tiny_sd, photos, run, "--max-steps", "3", *lora) == 0
@@ -65,22 +73,30 @@ def test_lora_weights_load_with_load_lora_weights_and_match_the_merged_pipeline(
 
     merged = _sample(StableDiffusionPipeline.from_pretrained(run / "pipeline"))
     plain = _sample(StableDiffusionPipeline.from_pretrained(tiny_sd))
-    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):  # diffusers' format, and the UIs'
+    # diffusers' format, and the UIs'
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
         with_adapter = StableDiffusionPipeline.from_pretrained(tiny_sd)
         with_adapter.load_lora_weights(str(run / "lora"), weight_name=name)
-        assert np.abs(_sample(with_adapter) - merged).max() < 2e-3, name  # alpha/rank = 2 survives the round trip
+        # alpha/rank = 2 survives the round trip
+        assert np.abs(_sample(with_adapter) - merged).max() < 2e-3, name
     assert np.abs(merged - plain).max() > 1e-3  # the adapter changes the output
 
 
-def test_single_file_checkpoint_loads_offline_with_a_config_folder(tiny_sd: Path, photos: Path, tmp_path: Path) -> None:
+def test_single_file_checkpoint_loads_offline_with_a_config_folder(
+    tiny_sd: Path, photos: Path, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     assert train(tiny_sd, photos, run, "--max-steps", "2", "--save-single-file") == 0
-    pipe = StableDiffusionPipeline.from_single_file(str(run / "model.safetensors"), config=str(run / "pipeline"), local_files_only=True)
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(run / "model.safetensors"), config=str(run / "pipeline"), local_files_only=True
+    )
     folder = StableDiffusionPipeline.from_pretrained(run / "pipeline")
     assert torch.allclose(pipe.unet.conv_in.weight, folder.unet.conv_in.weight.half().float())
 
 
-def test_resume_after_ctrl_c_reaches_the_uninterrupted_weights(tiny_sd: Path, photos: Path, tmp_path: Path, monkeypatch) -> None:
+def test_resume_after_ctrl_c_reaches_the_uninterrupted_weights(
+    tiny_sd: Path, photos: Path, tmp_path: Path, monkeypatch
+) -> None:
     assert train(tiny_sd, photos, tmp_path / "straight", "--max-steps", "4") == 0
 
     calls = {"n": 0}
@@ -93,19 +109,30 @@ def test_resume_after_ctrl_c_reaches_the_uninterrupted_weights(tiny_sd: Path, ph
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "compute_loss", interrupt_on_second_step)
-    assert train(tiny_sd, photos, tmp_path / "resumed", "--max-steps", "4", "--checkpoint-every", "100") == 130
+    assert (
+        train(tiny_sd, photos, tmp_path / "resumed", "--max-steps", "4", "--checkpoint-every", "100") == 130
+    )
     assert (tmp_path / "resumed" / "checkpoints" / "base" / "latest").read_text().strip() == "step-000002"
     monkeypatch.setattr(loop, "compute_loss", real)
-    assert train(tiny_sd, photos, tmp_path / "resumed", "--max-steps", "4", "--checkpoint-every", "100", "--resume") == 0
+    assert (
+        train(
+            tiny_sd, photos, tmp_path / "resumed", "--max-steps", "4", "--checkpoint-every", "100", "--resume"
+        )
+        == 0
+    )
 
     straight = load_file(tmp_path / "straight" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    losses = lambda run: [json.loads(l)["loss/total"] for l in (run / "logs" / "base.jsonl").read_text().splitlines()]  # noqa: E731,E741
+    losses = lambda run: [
+        json.loads(l)["loss/total"] for l in (run / "logs" / "base.jsonl").read_text().splitlines()
+    ]  # noqa: E731,E741
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
 
 
-def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tiny_sd, photos, tmp_path, monkeypatch, capsys) -> None:
+def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(
+    tiny_sd, photos, tmp_path, monkeypatch, capsys
+) -> None:
     real = loop.compute_loss
     calls = {"n": 0}
 
@@ -129,8 +156,14 @@ def test_an_existing_run_folder_is_not_clobbered(tiny_sd: Path, photos: Path, tm
     assert train(tiny_sd, photos, run, "--max-steps", "2", "--overwrite") == 0
 
 
-@pytest.mark.parametrize("options", [["--use-8bit-adam"], ["--mixed-precision", "bf16", "--gradient-checkpointing", "--gradient-accumulation-steps", "2"], ["--random-flip", "--no-prior-preservation", "--ema-decay", "0.9"]])
-def test_memory_and_speed_options_train(tiny_sd: Path, photos: Path, tmp_path: Path, options: list[str]) -> None:
+@pytest.mark.parametrize("options", [
+    ["--use-8bit-adam"],
+    ["--mixed-precision", "bf16", "--gradient-checkpointing", "--gradient-accumulation-steps", "2"],
+    ["--random-flip", "--no-prior-preservation", "--ema-decay", "0.9"],
+])
+def test_memory_and_speed_options_train(
+    tiny_sd: Path, photos: Path, tmp_path: Path, options: list[str]
+) -> None:
     assert train(tiny_sd, photos, tmp_path / "run", "--max-steps", "2", *options) == 0
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
     assert pipe.unet.dtype == torch.float32 and np.isfinite(_sample(pipe)).all()
@@ -140,15 +173,28 @@ def test_generate_writes_images_a_grid_and_fills_in_the_identifier(tiny_sd, phot
     run = tmp_path / "run"
     assert train(tiny_sd, photos, run, "--max-steps", "1", "--identifier", "xon") == 0
     out = tmp_path / "samples"
-    assert main(["generate", "--model", str(run), "--prompt", "a [V] dog on the beach", "--prompt", "a dog", "--num-images", "2", "--steps", "2", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.glob("*.png")) == ["000-0.png", "000-1.png", "001-0.png", "001-1.png", "grid.png"]
+    assert (
+        main([
+            "generate", "--model", str(run), "--prompt", "a [V] dog on the beach", "--prompt", "a dog",
+            "--num-images", "2", "--steps", "2", "--out", str(out),
+        ])
+        == 0
+    )
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "000-0.png", "000-1.png", "001-0.png", "001-1.png", "grid.png",
+    ]
     assert (out / "prompts.txt").read_text().splitlines() == ["a xon dog on the beach", "a dog"]
 
 
 def test_resolution_sets_the_training_and_sampling_size(tiny_sd: Path, photos: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    assert train(tiny_sd, photos, run, "--max-steps", "1", "--resolution", "48", "--validation-every", "1") == 0
+    assert (
+        train(tiny_sd, photos, run, "--max-steps", "1", "--resolution", "48", "--validation-every", "1") == 0
+    )
     assert Image.open(run / "class_images" / "00000.png").size == (48, 48)
     assert Image.open(run / "samples" / "base" / "step-000001.png").size[1] >= 48
-    pipe = StableDiffusionPipeline.from_pretrained(run / "pipeline", safety_checker=None, requires_safety_checker=False)
-    assert pipe("a dog", num_inference_steps=1, output_type="np").images[0].shape == (48, 48, 3)  # the exported default
+    pipe = StableDiffusionPipeline.from_pretrained(
+        run / "pipeline", safety_checker=None, requires_safety_checker=False
+    )
+    # the exported default
+    assert pipe("a dog", num_inference_steps=1, output_type="np").images[0].shape == (48, 48, 3)

@@ -1,4 +1,5 @@
-"""`dreambooth train` on a tiny SD3.5: three text encoders, rectified flow, full and LoRA runs, resume, quantisation."""
+"""`dreambooth train` on a tiny SD3.5: three text encoders, rectified flow, full and LoRA runs, resume,
+quantisation."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from tiny_transformers import TINY_RESOLUTION, build_tiny_sd3
 
 FAST = [
     "--class-noun", "dog", "--num-class-images", "2", "--class-steps", "2", "--class-batch-size", "2",
-    "--validation-every", "0", "--validation-images", "1", "--validation-steps", "2", "--checkpoint-every", "2",
-    "--logger", "none", "--learning-rate", "1e-3",
+    "--validation-every", "0", "--validation-images", "1", "--validation-steps", "2", "--checkpoint-every",
+    "2", "--logger", "none", "--learning-rate", "1e-3",
 ]
 SHORT_T5 = 16
 """T5 tokens per prompt in the direct stage tests (the CLI runs use the pipeline's 256)."""
@@ -40,12 +41,17 @@ def tiny_sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train(model: Path, photos: Path, run_dir: Path, *extra: str) -> int:
-    return main(["train", "--model", str(model), "--instance-dir", str(photos), "--run-dir", str(run_dir), *FAST, *extra])
+    return main([
+        "train", "--model", str(model), "--instance-dir", str(photos), "--run-dir", str(run_dir), *FAST,
+        *extra,
+    ])
 
 
 def _sample(pipe: StableDiffusion3Pipeline, prompt: str = "a dog") -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
-    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    return pipe(
+        prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images[0]
 
 
 def _stage(model: Path, **kwargs):
@@ -59,29 +65,40 @@ def _images(photos: Path) -> list[Image.Image]:
 
 
 def _batch(data: TrainingSet, stage, batch_size: int = 2) -> Batch:
-    return sample_batch(data, stage.tokenize, step=0, micro=0, accumulation=1, rank=0, world=1, batch_size=batch_size, seed=0)
+    return sample_batch(
+        data, stage.tokenize, step=0, micro=0, accumulation=1, rank=0, world=1, batch_size=batch_size, seed=0
+    )
 
 
-def test_class_rows_are_conditioned_on_the_class_prompt_as_the_pipeline_encodes_it(tiny_sd3: Path, photos: Path) -> None:
-    """Cached and live conditioning of every row equal StableDiffusion3Pipeline.encode_prompt of its own caption.
+def test_class_rows_are_conditioned_on_the_class_prompt_as_the_pipeline_encodes_it(
+    tiny_sd3: Path, photos: Path
+) -> None:
+    """Cached and live conditioning of every row equal StableDiffusion3Pipeline.encode_prompt of its own
+    caption.
 
     diffusers' SD3 DreamBooth script once encoded only the instance prompt, so class rows trained
     on the subject's conditioning; here each caption is encoded, the class prompt included.
     """
     stage = _stage(tiny_sd3)
     images = _images(photos)
-    instance, classes = encode_examples(stage, images, ["a xon dog"] * 4), encode_examples(stage, images, ["a dog"] * 4)
+    instance, classes = (
+        encode_examples(stage, images, ["a xon dog"] * 4), encode_examples(stage, images, ["a dog"] * 4),
+    )
     cache = encode_captions(stage, instance.captions + classes.captions)
     cached = _batch(TrainingSet(instance, classes, cache), stage)
     live = _batch(TrainingSet(instance, classes), stage)
     with torch.no_grad():
         live_text = stage.encode_text(live.tokens)
         reference = {
-            prompt: stage.pipeline.encode_prompt(prompt, None, None, do_classifier_free_guidance=False, max_sequence_length=SHORT_T5)
+            prompt: stage.pipeline.encode_prompt(
+                prompt, None, None, do_classifier_free_guidance=False, max_sequence_length=SHORT_T5
+            )
             for prompt in ("a xon dog", "a dog")
         }
     t5_width = stage.pipeline.text_encoder_3.config.d_model
-    assert cached.text.sequence.shape == (4, 77 + SHORT_T5, t5_width) and cached.text.pooled.shape == (4, 32 + 48)
+    assert cached.text.sequence.shape == (4, 77 + SHORT_T5, t5_width) and cached.text.pooled.shape == (
+        4, 32 + 48,
+    )
     for text in (cached.text, live_text):
         for row, prompt in enumerate(["a xon dog"] * 2 + ["a dog"] * 2):  # instance rows, then class rows
             sequence, _, pooled, _ = reference[prompt]
@@ -94,7 +111,9 @@ def test_class_rows_are_conditioned_on_the_class_prompt_as_the_pipeline_encodes_
 def test_loss_falls_on_a_fixed_batch_with_both_clips_training(tiny_sd3: Path, photos: Path) -> None:
     stage = _stage(tiny_sd3)
     images = _images(photos)
-    data = TrainingSet(encode_examples(stage, images, ["a xon dog"] * 4), encode_examples(stage, images[::-1], ["a dog"] * 4))
+    data = TrainingSet(
+        encode_examples(stage, images, ["a xon dog"] * 4), encode_examples(stage, images[::-1], ["a dog"] * 4)
+    )
     batch = _batch(data, stage)
     losses, terms = overfit(stage, batch, (stage.denoiser, *stage.text_encoders.values()), steps=30, lr=5e-3)
     assert terms["loss/instance"].shape == (2,) and terms["loss/prior"].shape == (2,)
@@ -111,7 +130,9 @@ def test_prior_term_weighs_each_half_by_its_own_noise_levels(tiny_sd3: Path, pho
     """
     stage = _stage(tiny_sd3, flow=FlowConfig(weighting="sigma_sqrt"))
     images = _images(photos)
-    instance, classes = encode_examples(stage, images, ["a xon dog"] * 4), encode_examples(stage, images, ["a dog"] * 4)
+    instance, classes = (
+        encode_examples(stage, images, ["a xon dog"] * 4), encode_examples(stage, images, ["a dog"] * 4),
+    )
     data = TrainingSet(instance, classes, encode_captions(stage, instance.captions + classes.captions))
     batch, prior_weight = _batch(data, stage, batch_size=3), 0.5
 
@@ -122,7 +143,9 @@ def test_prior_term_weighs_each_half_by_its_own_noise_levels(tiny_sd3: Path, pho
     with torch.no_grad():
         loss, terms = compute_loss(stage, batch, prior_weight)
         weighted = torch.stack([compute_loss(stage, row(i), prior_weight)[0] for i in range(6)])
-        unweighted_stage = dataclasses.replace(stage, objective=dataclasses.replace(stage.objective, weighting="none"))
+        unweighted_stage = dataclasses.replace(
+            stage, objective=dataclasses.replace(stage.objective, weighting="none")
+        )
         error = torch.stack([compute_loss(unweighted_stage, row(i), prior_weight)[0] for i in range(6)])
     w, inst, cls = weighted / error, slice(0, 3), slice(3, 6)
     assert w.max() > 2 * w.min()  # the rows' levels differ enough for the check to bite
@@ -143,19 +166,26 @@ def test_resolution_sets_the_training_and_sampling_size(tiny_sd3: Path, photos: 
     assert stage.resolution == 32 and data.instance.encoded["latent_mean"].shape[1:] == (16, 4, 4)
     with torch.no_grad():
         loss, _ = compute_loss(stage, _batch(data, stage), prior_weight=1.0)
-    assert torch.isfinite(loss) and _sample(stage.pipeline).shape == (32, 32, 3)  # class images and validation: 32 px too
-    for bad in (40, 512):  # not whole 2x2 patches of latents; beyond the tiny transformer's 16x16 position embeddings
+    # class images and validation: 32 px too
+    assert torch.isfinite(loss) and _sample(stage.pipeline).shape == (32, 32, 3)
+    # not whole 2x2 patches of latents; beyond the tiny transformer's 16x16 position embeddings
+    for bad in (40, 512):
         with pytest.raises(ValueError, match=f"--resolution {bad}"):
             load_sd3(str(tiny_sd3), resolution=bad)
 
 
-def test_full_finetune_of_transformer_and_both_clips_loads_in_stock_diffusers(tiny_sd3: Path, photos: Path, tmp_path: Path) -> None:
+def test_full_finetune_of_transformer_and_both_clips_loads_in_stock_diffusers(
+    tiny_sd3: Path, photos: Path, tmp_path: Path
+) -> None:
     """Medium-style full fine-tuning: transformer and both CLIPs train; T5 and the VAE stay as they were."""
     run = tmp_path / "run"
     extra = ["--train-text-encoder", "--text-encoder-2-learning-rate", "1e-4", "--gradient-checkpointing"]
     assert train(tiny_sd3, photos, run, "--max-steps", "2", *extra) == 0
     info = json.loads((run / "run.json").read_text())
-    assert info["model"]["family"] == "sd3" and info["status"] == "done" and info["resolution"] == {"base": TINY_RESOLUTION}
+    assert (
+        info["model"]["family"] == "sd3" and info["status"] == "done"
+        and info["resolution"] == {"base": TINY_RESOLUTION}
+    )
     base = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
     identifier = info["identifier"]  # from T5's rare range, one token in T5 and in both CLIP vocabularies
     t5_ids = base.tokenizer_3(identifier, add_special_tokens=False).input_ids
@@ -176,15 +206,24 @@ def test_full_finetune_of_transformer_and_both_clips_loads_in_stock_diffusers(ti
         assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), original.parameters())), name
 
 
-def test_lora_run_reloads_with_load_lora_weights_and_resumes_exactly(tiny_sd3: Path, photos: Path, tmp_path: Path) -> None:
-    lora = ["--lora-rank", "4", "--train-text-encoder", "--learning-rate", "1e-2", "--flow-weighting", "sigma_sqrt"]
+def test_lora_run_reloads_with_load_lora_weights_and_resumes_exactly(
+    tiny_sd3: Path, photos: Path, tmp_path: Path
+) -> None:
+    lora = [
+        "--lora-rank", "4", "--train-text-encoder", "--learning-rate", "1e-2", "--flow-weighting",
+        "sigma_sqrt",
+    ]
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
     assert train(tiny_sd3, photos, resumed, "--max-steps", "2", *lora) == 0
     assert train(tiny_sd3, photos, resumed, "--max-steps", "3", "--resume", *lora) == 0
     assert train(tiny_sd3, photos, straight, "--max-steps", "3", "--no-save-pipeline", *lora) == 0
-    logs = [[json.loads(line) for line in (run / "logs" / "base.jsonl").read_text().splitlines()] for run in (resumed, straight)]
+    logs = [
+        [json.loads(line) for line in (run / "logs" / "base.jsonl").read_text().splitlines()]
+        for run in (resumed, straight)
+    ]
     assert [r["step"] for r in logs[0]] == [1, 2, 3] == [r["step"] for r in logs[1]]
-    assert logs[0][2]["loss/total"] == pytest.approx(logs[1][2]["loss/total"], rel=1e-5)  # step 3 after resuming = uninterrupted
+    # step 3 after resuming = uninterrupted
+    assert logs[0][2]["loss/total"] == pytest.approx(logs[1][2]["loss/total"], rel=1e-5)
 
     weights = load_file(resumed / "lora" / "pytorch_lora_weights.safetensors")
     assert {k.split(".")[0] for k in weights} == {"transformer", "text_encoder", "text_encoder_2"}
@@ -194,29 +233,44 @@ def test_lora_run_reloads_with_load_lora_weights_and_resumes_exactly(tiny_sd3: P
     pipe.load_lora_weights(str(resumed / "lora"))
     assert np.abs(_sample(pipe) - merged).max() < 2e-3
     assert np.abs(_sample(StableDiffusion3Pipeline.from_pretrained(tiny_sd3)) - merged).max() > 1e-3
-    grid = Image.open(resumed / "samples" / "base" / "step-000003.png")  # validation: 3 prompts, sampled at the end
+    # validation: 3 prompts, sampled at the end
+    grid = Image.open(resumed / "samples" / "base" / "step-000003.png")
     assert grid.size[0] >= TINY_RESOLUTION
 
 
-def test_quantize_is_refused_with_its_flag_named(tiny_sd3: Path, tiny_sd: Path, photos: Path, tmp_path: Path, capsys) -> None:
-    assert train(tiny_sd3, photos, tmp_path / "a", "--quantize", "nf4") == 2  # full fine-tuning, pipeline saved
+def test_quantize_is_refused_with_its_flag_named(
+    tiny_sd3: Path, tiny_sd: Path, photos: Path, tmp_path: Path, capsys
+) -> None:
+    # full fine-tuning, pipeline saved
+    assert train(tiny_sd3, photos, tmp_path / "a", "--quantize", "nf4") == 2
     err = capsys.readouterr().err
     assert "--quantize nf4 freezes" in err and "--lora-rank" in err and "--no-save-pipeline" in err
-    assert train(tiny_sd3, photos, tmp_path / "b", "--quantize", "fp8", "--lora-rank", "4", "--no-save-pipeline") == 2
+    assert (
+        train(tiny_sd3, photos, tmp_path / "b", "--quantize", "fp8", "--lora-rank", "4", "--no-save-pipeline")
+        == 2
+    )
     assert "--quantize nf4 or int8" in capsys.readouterr().err
-    assert train(tiny_sd, photos, tmp_path / "c", "--quantize", "int8", "--lora-rank", "4", "--no-save-pipeline") == 2
+    assert (
+        train(tiny_sd, photos, tmp_path / "c", "--quantize", "int8", "--lora-rank", "4", "--no-save-pipeline")
+        == 2
+    )
     assert "unquantised only" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in "abc")  # refused before anything was written
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the quantised load itself is tested below")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on a CUDA machine the quantised load itself is tested below"
+)
 def test_quantize_without_a_gpu_fails_before_loading_with_the_fix(tiny_sd3: Path) -> None:
     for mode in ("nf4", "int8"):
         with pytest.raises(ValueError, match=f"--quantize {mode}.*(CUDA GPU|bitsandbytes)"):
             load_sd3(str(tiny_sd3), quantize=mode)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="diffusers' bitsandbytes quantizer needs a CUDA GPU ('No GPU found')")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="diffusers' bitsandbytes quantizer needs a CUDA GPU ('No GPU found')",
+)
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_quantized_transformer_trains_lora_adapters(tiny_sd3: Path, photos: Path, mode: str) -> None:
     import bitsandbytes as bnb

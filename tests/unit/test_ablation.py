@@ -29,7 +29,9 @@ def test_the_table_averages_each_column_over_subjects() -> None:
     assert table["DreamBooth"]["detail"] == pytest.approx(0.2)
     assert "detail" not in table["DreamBooth, no prior"]  # no subject measured it
     sr = table["SR: pretrained vs personalised"]
-    assert sr["renders: pretrained SR"] == pytest.approx(0.3) and sr["renders: personalised SR"] == pytest.approx(0.6)
+    assert sr["renders: pretrained SR"] == pytest.approx(0.3) and sr[
+        "renders: personalised SR"
+    ] == pytest.approx(0.6)
     text = format_ablation(table, 2)
     assert text.startswith("mean over 2 subjects") and all(column in text for column in COLUMNS)
     assert "personalised SR 0.600" in text and "bilinear 0.400" in text

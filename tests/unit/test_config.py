@@ -36,7 +36,9 @@ def test_shipped_configs_exist() -> None:
 def test_flags_override_the_file_and_the_file_overrides_defaults(tmp_path: Path) -> None:
     file = tmp_path / "run.toml"
     file.write_text('[train]\nmax_steps = 50\nbatch_size = 2\n[lora]\nrank = 4\n')
-    args = build_parser().parse_args(["train", "--config", str(file), "--max-steps", "7", "--prior.loss_weight", "0.5"])
+    args = build_parser().parse_args([
+        "train", "--config", str(file), "--max-steps", "7", "--prior.loss_weight", "0.5",
+    ])
     cfg = load_config(args.config, overrides_from_args(args))
     assert (cfg.train.max_steps, cfg.train.batch_size, cfg.lora.rank, cfg.prior.loss_weight) == (7, 2, 4, 0.5)
     assert cfg.train.gradient_accumulation_steps == RunConfig().train.gradient_accumulation_steps
@@ -52,7 +54,9 @@ def test_yaml_files_work_like_toml(tmp_path: Path) -> None:
 def test_unknown_key_is_named_with_the_closest_suggestion(tmp_path: Path) -> None:
     file = tmp_path / "run.toml"
     file.write_text("[train]\nmax_step = 5\n")
-    with pytest.raises(ValueError, match=r"unknown config key 'train.max_step'; did you mean 'train.max_steps'"):
+    with pytest.raises(
+        ValueError, match=r"unknown config key 'train.max_step'; did you mean 'train.max_steps'"
+    ):
         load_config(file)
 
 
@@ -65,7 +69,8 @@ def test_key_in_the_wrong_section_says_where_it_belongs() -> None:
     ("overrides", "message"),
     [
         ({"train": {"max_steps": "400"}}, "'train.max_steps' must be int, got str"),
-        ({"train": {"mixed_precision": "fp8"}}, "'train.mixed_precision' must be one of 'no', 'fp16', 'bf16'"),
+        ({"train": {"mixed_precision": "fp8"}},
+         "'train.mixed_precision' must be one of 'no', 'fp16', 'bf16'"),
         ({"lora": {"rank": 0}}, "lora.rank must be > 0"),
         ({"train": {"train_text_encoder": 1}}, "'train.train_text_encoder' must be bool"),
         ({"cascade": {"noise_level_range": [5]}}, "must have 2 items"),
@@ -77,7 +82,9 @@ def test_wrong_values_are_named(overrides: dict, message: str) -> None:
 
 
 def test_validate_reports_every_problem_at_once() -> None:
-    cfg = load_config(overrides={"output": {"resume": True, "overwrite": True}, "subject": {"instance_prompt": "a {thing}"}})
+    cfg = load_config(
+        overrides={"output": {"resume": True, "overwrite": True}, "subject": {"instance_prompt": "a {thing}"}}
+    )
     with pytest.raises(ValueError) as error:
         validate(cfg)
     text = str(error.value)
@@ -86,7 +93,12 @@ def test_validate_reports_every_problem_at_once() -> None:
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
-    cfg = load_config(overrides={"subject": {"instance_dir": "x", "class_noun": "dog"}, "lora": {"rank": 8}, "train": {"ema_decay": 0.99}})
+    cfg = load_config(
+        overrides={
+            "subject": {"instance_dir": "x", "class_noun": "dog"}, "lora": {"rank": 8},
+            "train": {"ema_decay": 0.99},
+        }
+    )
     save_toml(cfg, tmp_path / "resolved.toml")
     assert from_dict(RunConfig, load_file(tmp_path / "resolved.toml")) == cfg
 
@@ -103,7 +115,9 @@ def test_every_field_has_a_unique_flag_and_help() -> None:
     flags = [flag_name(field) for _, _, field in _all_fields()]
     assert len(flags) == len(set(flags)), "two config fields share a flag"
     for section, cls, field in _all_fields():
-        assert field_docs(cls).get(field.name), f"{section}.{field.name} has no docstring (it is the --help text)"
+        assert field_docs(cls).get(field.name), (
+            f"{section}.{field.name} has no docstring (it is the --help text)"
+        )
     help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     for section, _ in sections(RunConfig):
         assert f"{section} options" in help_text
@@ -123,7 +137,11 @@ def test_argument_groups_accept_dotted_and_short_flags() -> None:
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, RunConfig)
-    args = parser.parse_args(["--lora.rank", "4", "--no-prior-preservation", "--validation-prompts", "a", "b", "--class-guidance", "none"])
+    args = parser.parse_args([
+        "--lora.rank", "4", "--no-prior-preservation", "--validation-prompts", "a", "b", "--class-guidance",
+        "none",
+    ])
     assert overrides_from_args(args) == {
-        "lora": {"rank": 4}, "prior": {"enabled": False, "guidance_scale": None}, "validation": {"validation_prompts": ["a", "b"]},
+        "lora": {"rank": 4}, "prior": {"enabled": False, "guidance_scale": None},
+        "validation": {"validation_prompts": ["a", "b"]},
     }

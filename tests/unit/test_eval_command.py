@@ -24,22 +24,32 @@ def setup(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("eval")
     run = root / "run"
     build_tiny_sd(run / "pipeline", seed=1)
-    info = {"identifier": IDENTIFIER, "class_noun": "dog", "model": {"source": str(tiny_sd)}, "status": "done"}
+    info = {
+        "identifier": IDENTIFIER, "class_noun": "dog", "model": {"source": str(tiny_sd)}, "status": "done",
+    }
     (run / "run.json").write_text(json.dumps(info))
-    return {"run": run, "base": tiny_sd, "photos": write_photos(root / "photos", n=3), "scorers": tiny_scorer_flags(root)}
+    return {
+        "run": run, "base": tiny_sd, "photos": write_photos(root / "photos", n=3),
+        "scorers": tiny_scorer_flags(root),
+    }
 
 
 @pytest.fixture(scope="module")
 def evaluated(setup: dict) -> Path:
     """The output folder of `dreambooth eval RUN` (its default: RUN/eval)."""
-    assert main(["eval", str(setup["run"]), "--subject-dir", str(setup["photos"]), *setup["scorers"], *FAST]) == 0
+    assert (
+        main(["eval", str(setup["run"]), "--subject-dir", str(setup["photos"]), *setup["scorers"], *FAST])
+        == 0
+    )
     return setup["run"] / "eval"
 
 
 def test_eval_of_a_run_writes_table_1_prompts_and_a_self_contained_report(evaluated: Path) -> None:
     data = json.loads((evaluated / "metrics.json").read_text())
     real, pretrained, finetuned = data["table"]
-    assert [real["label"], pretrained["label"], finetuned["label"]] == [REAL_LABEL, "Pretrained", "DreamBooth"]
+    assert [real["label"], pretrained["label"], finetuned["label"]] == [
+        REAL_LABEL, "Pretrained", "DreamBooth",
+    ]
     assert -1 <= real["dino"] <= 1 and -1 <= real["clip_i"] <= 1 and real["clip_t"] is None
     for row in (pretrained, finetuned):
         assert all(-1 <= row[key] <= 1 for key in ("dino", "clip_i", "clip_t", "pres")), row
@@ -69,7 +79,9 @@ def test_both_models_get_matching_prompts_in_the_generate_layout(setup: dict, ev
     assert record["sampling"]["seed"] == 0 and record["pretrained"]["model"] == str(setup["base"])
 
 
-def test_scoring_existing_folders_reproduces_the_generated_scores(setup: dict, evaluated: Path, tmp_path: Path) -> None:
+def test_scoring_existing_folders_reproduces_the_generated_scores(
+    setup: dict, evaluated: Path, tmp_path: Path
+) -> None:
     samples = evaluated / "samples"
     argv = [
         "eval", "--images", str(samples / "finetuned"), "--baseline-images", str(samples / "pretrained"),
@@ -79,7 +91,9 @@ def test_scoring_existing_folders_reproduces_the_generated_scores(setup: dict, e
     assert main(argv) == 0
     again = json.loads((tmp_path / "metrics.json").read_text())["table"]
     first = json.loads((evaluated / "metrics.json").read_text())["table"]
-    assert again == [{k: pytest.approx(v) if isinstance(v, float) else v for k, v in row.items()} for row in first]
+    assert again == [
+        {k: pytest.approx(v) if isinstance(v, float) else v for k, v in row.items()} for row in first
+    ]
 
 
 def _bad_inputs(setup: dict, evaluated: Path, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
@@ -92,21 +106,49 @@ def _bad_inputs(setup: dict, evaluated: Path, tmp_path: Path) -> dict[str, tuple
     (tmp_path / "missing-images" / "prompts.txt").write_text("a xon dog\na dog\n")
     return {
         "missing subject dir": ([run, "--subject-dir", str(tmp_path / "nope")], "does not exist"),
-        "subject dir without photos": ([run, "--subject-dir", str(tmp_path / "no-photos")], "has 0 images; found: notes.txt"),
+        "subject dir without photos": (
+            [run, "--subject-dir", str(tmp_path / "no-photos")], "has 0 images; found: notes.txt",
+        ),
         "nothing to evaluate": (["--subject-dir", photos], "nothing to evaluate"),
-        "no class noun": ([base, "--subject-dir", photos], "is not a run folder (no run.json); pass --class-noun"),
+        "no class noun": (
+            [base, "--subject-dir", photos], "is not a run folder (no run.json); pass --class-noun",
+        ),
         "no identifier": ([base, "--subject-dir", photos, "--class-noun", "dog"], "pass --identifier"),
-        "missing baseline": ([run, "--subject-dir", photos, "--baseline", str(tmp_path / "gone")], "baseline: model path"),
-        "images without prompts.txt": (["--images", str(tmp_path / "no-prompts"), "--identifier", "xon", "--class-noun", "dog", "--subject-dir", photos], "has no prompts.txt"),
-        "prompt without images": (["--images", str(tmp_path / "missing-images"), "--identifier", "xon", "--class-noun", "dog", "--subject-dir", photos], "prompt 0 ('a xon dog') has no images"),
-        "identifier not in prompts": (["--images", str(evaluated / "samples" / "pretrained"), "--identifier", "xon", "--class-noun", "dog", "--subject-dir", photos], "in none of the prompts"),
-        "missing scorer": ([run, "--subject-dir", photos, "--eval-dino", str(tmp_path / "dino")], "Offline, pass a local folder instead (--eval.dino"),
+        "missing baseline": (
+            [run, "--subject-dir", photos, "--baseline", str(tmp_path / "gone")], "baseline: model path",
+        ),
+        "images without prompts.txt": (
+            [
+                "--images", str(tmp_path / "no-prompts"), "--identifier", "xon", "--class-noun", "dog",
+                "--subject-dir", photos,
+            ],
+            "has no prompts.txt",
+        ),
+        "prompt without images": (
+            [
+                "--images", str(tmp_path / "missing-images"), "--identifier", "xon", "--class-noun", "dog",
+                "--subject-dir", photos,
+            ],
+            "prompt 0 ('a xon dog') has no images",
+        ),
+        "identifier not in prompts": (
+            [
+                "--images", str(evaluated / "samples" / "pretrained"), "--identifier", "xon", "--class-noun",
+                "dog", "--subject-dir", photos,
+            ],
+            "in none of the prompts",
+        ),
+        "missing scorer": (
+            [run, "--subject-dir", photos, "--eval-dino", str(tmp_path / "dino")],
+            "Offline, pass a local folder instead (--eval.dino",
+        ),
     }
 
 
 BAD = [
-    "missing subject dir", "subject dir without photos", "nothing to evaluate", "no class noun", "no identifier",
-    "missing baseline", "images without prompts.txt", "prompt without images", "identifier not in prompts", "missing scorer",
+    "missing subject dir", "subject dir without photos", "nothing to evaluate", "no class noun",
+    "no identifier", "missing baseline", "images without prompts.txt", "prompt without images",
+    "identifier not in prompts", "missing scorer",
 ]  # fmt: skip
 
 

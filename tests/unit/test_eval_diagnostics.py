@@ -1,4 +1,5 @@
-"""Failure-mode measures: colour space, thumbnails, colour pull, copies, the three checks and their thresholds."""
+"""Failure-mode measures: colour space, thumbnails, colour pull, copies, the three checks and their
+thresholds."""
 
 from __future__ import annotations
 
@@ -52,14 +53,17 @@ def _thumbnails(subject: tuple[int, int, int], background: tuple[int, int, int])
 
 
 def test_colour_pull_measures_the_way_to_the_contexts_colour_only() -> None:
-    photos, context = _thumbnails(RED, GREY), _thumbnails(GREY, SNOW)  # the context's colour is its border: snow
+    # the context's colour is its border: snow
+    photos, context = _thumbnails(RED, GREY), _thumbnails(GREY, SNOW)
     s, c = lab(RED), lab(SNOW)
     halfway = tuple(round((a + b) / 2) for a, b in zip(RED, SNOW))
     pull, gap = diagnostics.colour_pull(_thumbnails(halfway, SNOW), photos, context)
     assert gap == pytest.approx((c - s).norm().item(), rel=1e-4)
     assert pull == pytest.approx(1 - (lab(halfway) - c).norm().item() / gap, rel=1e-4) and 0.3 < pull < 0.7
     assert diagnostics.colour_pull(_thumbnails(RED, SNOW), photos, context)[0] == pytest.approx(0.0, abs=1e-4)
-    assert diagnostics.colour_pull(_thumbnails(SNOW, SNOW), photos, context)[0] == pytest.approx(1.0, abs=1e-4)
+    assert diagnostics.colour_pull(_thumbnails(SNOW, SNOW), photos, context)[0] == pytest.approx(
+        1.0, abs=1e-4
+    )
     blue = _thumbnails((0, 0, 255), SNOW)
     assert diagnostics.colour_pull(blue, photos, context)[0] < 0  # blue is farther from snow than red is
     plain = _thumbnails(GREY, GREY)
@@ -90,24 +94,30 @@ def test_identity_loss_is_not_entanglement_and_colour_bleed_is(name: str) -> Non
     subject = SUBJECTS[name]
     photos = _render(photo_scenes(subject, 5))
 
-    def generic(pose: tuple[str, str, int]) -> Scene:  # what a pretrained model draws for "a <class> in the snow"
+    # what a pretrained model draws for "a <class> in the snow"
+    def generic(pose: tuple[str, str, int]) -> Scene:
         position, view, variant = pose
         return Scene(subject.cls, "purple", "plain", subject.size, position, view, "snow", variant)
 
     pretrained = _render([generic(pose) for pose in POSES[:2]])
 
     def entangled(scenes: list[Scene]) -> diagnostics.Flag | None:
-        return diagnostics.check_entanglement(*diagnostics.colour_pull(_render(scenes), photos, pretrained), Thresholds())
+        return diagnostics.check_entanglement(
+            *diagnostics.colour_pull(_render(scenes), photos, pretrained), Thresholds()
+        )
 
     assert entangled([subject.scene("snow", *pose) for pose in POSES[2:]]) is None
-    assert entangled([generic(pose) for pose in POSES[2:]]) is None  # the generic member's colour is not snow's
+    # the generic member's colour is not snow's
+    assert entangled([generic(pose) for pose in POSES[2:]]) is None
     bled = [replace(subject.scene("snow", *pose), subject=_bled(subject, 0.75)) for pose in POSES[2:]]
     flag = entangled(bled)
     assert flag is not None and flag.kind == diagnostics.ENTANGLEMENT
 
 
 def test_checks_fire_only_beyond_their_thresholds() -> None:
-    t = Thresholds(context_margin=0.05, entanglement_pull=0.5, entanglement_min_gap=10, overfit_similarity=0.9)
+    t = Thresholds(
+        context_margin=0.05, entanglement_pull=0.5, entanglement_min_gap=10, overfit_similarity=0.9
+    )
     assert diagnostics.check_context(0.28, 0.30, t) is None
     assert diagnostics.check_context(0.20, 0.30, t).kind == diagnostics.CONTEXT_MISSING
     assert diagnostics.check_entanglement(0.8, 5.0, t) is None  # context colour too close to judge
@@ -121,7 +131,8 @@ def test_checks_fire_only_beyond_their_thresholds() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"context_margin": -0.1}, {"entanglement_pull": 0.0}, {"entanglement_min_gap": -1.0}, {"overfit_similarity": 1.5}],
+    [{"context_margin": -0.1}, {"entanglement_pull": 0.0}, {"entanglement_min_gap": -1.0},
+     {"overfit_similarity": 1.5}],
 )
 def test_thresholds_are_validated(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -145,7 +156,8 @@ def copied(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _overfitting_flags(copied: dict[str, Path], name: str, *extra: str) -> tuple[list[str], dict]:
-    """`dreambooth eval` of the copied samples with the pocket scorers: the flags' kinds, and the thresholds used."""
+    """`dreambooth eval` of the copied samples with the pocket scorers: the flags' kinds, and the thresholds
+    used."""
     out = copied["root"] / name
     argv = [
         "eval", "pocket", "--images", str(copied["samples"]), "--identifier", "sks", "--class-noun", "cube",
@@ -158,7 +170,8 @@ def _overfitting_flags(copied: dict[str, Path], name: str, *extra: str) -> tuple
 
 def test_eval_thresholds_come_from_the_flags_and_the_config_file(copied: dict[str, Path]) -> None:
     kinds, used = _overfitting_flags(copied, "defaults")
-    pocket = {**vars(Thresholds()), "context_margin": POCKET_CONTEXT_MARGIN}  # the margin calibrated for the pocket scorers
+    # the margin calibrated for the pocket scorers
+    pocket = {**vars(Thresholds()), "context_margin": POCKET_CONTEXT_MARGIN}
     assert kinds == [diagnostics.OVERFITTING] and used == pocket
     flags = ["--overfit-similarity", "1.0", "--thresholds.context_margin", "0.1"]
     kinds, used = _overfitting_flags(copied, "flag", *flags)

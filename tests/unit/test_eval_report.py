@@ -86,7 +86,10 @@ def test_html_is_offline_and_every_image_resolves(tmp_path: Path) -> None:
 def test_other_scorers_columns_are_named_by_them_and_never_beside_the_papers_numbers(tmp_path: Path) -> None:
     html = write_report(_result(POCKET_COLUMNS, paper_embedders=False), tmp_path).read_text()
     headers = re.findall(r"<th>([^<]*)</th>", html)
-    assert "pocket fidelity ↑" in headers and "pocket image-text ↑" in headers and "PRES (pocket fidelity) ↓" in headers
+    assert (
+        "pocket fidelity ↑" in headers and "pocket image-text ↑" in headers
+        and "PRES (pocket fidelity) ↓" in headers
+    )
     assert not any(h.startswith(("DINO", "CLIP")) for h in headers)
     assert "(paper)" not in html and "0.696" not in html and "not comparable" in html
     data = json.loads((tmp_path / "metrics.json").read_text())
@@ -104,11 +107,16 @@ class _Named:
 
 
 def test_column_names_say_which_model_produced_them() -> None:
-    paper = Embedders(_Named("facebook/dino-vits16"), _Named("openai/clip-vit-base-patch32"), _Named("lpips"), paper=True)
+    paper = Embedders(
+        _Named("facebook/dino-vits16"), _Named("openai/clip-vit-base-patch32"), _Named("lpips"), paper=True
+    )
     assert paper.column_names()["dino"] == "DINO (facebook/dino-vits16)"
     assert paper.column_names()["clip_t"] == "CLIP-T (openai/clip-vit-base-patch32)"
     other = Embedders(_Named("colour"), _Named("colour"), _Named("colour distance"))
-    assert other.column_names()["dino"] == "subject similarity (colour)" and other.column_names()["div"] == "DIV (colour distance)"
+    assert (
+        other.column_names()["dino"] == "subject similarity (colour)"
+        and other.column_names()["div"] == "DIV (colour distance)"
+    )
     own = Embedders(_Named("x"), _Named("x"), _Named("x"), columns=POCKET_COLUMNS)
     assert own.column_names() == POCKET_COLUMNS
 
@@ -129,7 +137,8 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     shot = tmp_path / "shot.png"
     command = [
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+        "--disable-component-update", "--disable-sync", "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
         f"--screenshot={shot}", "--window-size=1200,2000", page.resolve().as_uri(),
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=120)

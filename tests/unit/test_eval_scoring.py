@@ -121,7 +121,8 @@ def test_flags_context_missing_and_overfitting(embedders: Embedders) -> None:
     assert [f.kind for f in snow.flags] == [diagnostics.OVERFITTING]  # red is photo 00.jpg itself
     assert "00.jpg" in snow.flags[0].evidence
     # beach: CLIP-T 0.5 against the pretrained model's 1.0 on "a toy on the beach"
-    assert [f.kind for f in beach.flags] == [diagnostics.CONTEXT_MISSING, diagnostics.ENTANGLEMENT]  # blue: the beach's colour
+    # blue: the beach's colour
+    assert [f.kind for f in beach.flags] == [diagnostics.CONTEXT_MISSING, diagnostics.ENTANGLEMENT]
     assert beach.flags[0].value == pytest.approx(0.5)
     assert beach.flags[0].explanation == diagnostics.EXPLANATIONS[diagnostics.CONTEXT_MISSING]
     assert set(beach.checked) == set(diagnostics.EXPLANATIONS)
@@ -141,7 +142,8 @@ def _entangled(generated: tuple[int, int, int], prompt: str = SNOW) -> diagnosti
     model = Samples("DreamBooth", {prompt: [solid(generated)] * 2}, identifier="qwv")
     thresholds = Thresholds(overfit_similarity=1.0, context_margin=1.0)
     result = score_subject(
-        SubjectPhotos("toy", "toy", [solid(RED)]), [model], embedders, pretrained=pretrained, thresholds=thresholds
+        SubjectPhotos("toy", "toy", [solid(RED)]), [model], embedders, pretrained=pretrained,
+        thresholds=thresholds,
     )
     flags = result.prompts[-1].flags
     return flags[0] if flags else None
@@ -156,7 +158,9 @@ def test_entanglement_flags_a_subject_that_took_the_contexts_colour() -> None:
 def test_entanglement_is_not_checked_on_property_prompts(embedders: Embedders) -> None:
     pretrained = Samples("Pretrained", {"a blue toy": [solid(BLUE)]})
     model = Samples("DreamBooth", {"a blue qwv toy": [solid(BLUE)]}, identifier="qwv")
-    result = score_subject(SubjectPhotos("toy", "toy", [solid(RED)]), [model], embedders, pretrained=pretrained)
+    result = score_subject(
+        SubjectPhotos("toy", "toy", [solid(RED)]), [model], embedders, pretrained=pretrained
+    )
     assert diagnostics.ENTANGLEMENT not in result.prompts[-1].checked
     assert result.prompts[-1].flags == ()
 

@@ -1,4 +1,5 @@
-"""The rectified-flow objective: each density, shift and weighting against a hand computation and diffusers."""
+"""The rectified-flow objective: each density, shift and weighting against a hand computation and
+diffusers."""
 
 from __future__ import annotations
 
@@ -52,12 +53,15 @@ def test_mode_density() -> None:
     _close(_draw(FlowMatchingObjective(density="mode", mode_scale=s)), expected)
 
 
-@pytest.mark.parametrize(("density", "scheme"), [("uniform", "none"), ("logit_normal", "logit_normal"), ("mode", "mode")])
+@pytest.mark.parametrize(
+    ("density", "scheme"), [("uniform", "none"), ("logit_normal", "logit_normal"), ("mode", "mode")]
+)
 def test_densities_match_diffusers_given_the_rows_generator(density: str, scheme: str) -> None:
     objective = FlowMatchingObjective(density=density, logit_mean=0.3, logit_std=1.2, mode_scale=0.8)
     expected = [
         compute_density_for_timestep_sampling(
-            scheme, 1, logit_mean=0.3, logit_std=1.2, mode_scale=0.8, generator=torch.Generator().manual_seed(s),
+            scheme, 1, logit_mean=0.3, logit_std=1.2, mode_scale=0.8,
+            generator=torch.Generator().manual_seed(s),
         ).item()
         for s in SEEDS
     ]
@@ -88,7 +92,8 @@ def test_noisy_and_target() -> None:
     assert objective.noisy(x0.bfloat16(), noise.bfloat16(), level).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize(("latent_side", "tokens"), [(64, 1024), (128, 4096)])  # 512 px and 1024 px FLUX images
+# 512 px and 1024 px FLUX images
+@pytest.mark.parametrize(("latent_side", "tokens"), [(64, 1024), (128, 4096)])
 def test_flux_dynamic_shift(latent_side: int, tokens: int) -> None:
     objective = FlowMatchingObjective.from_scheduler_config(FLUX1_SCHEDULER, density="uniform")
     assert image_seq_len((1, 16, latent_side, latent_side)) == tokens
@@ -146,6 +151,8 @@ def test_config_errors() -> None:
     with pytest.raises(ValueError, match="mode_scale"):
         FlowMatchingObjective(density="mode", mode_scale=2.0)
     with pytest.raises(ValueError, match="not a flow-matching"):
-        FlowMatchingObjective.from_scheduler_config({"_class_name": "DDPMScheduler", "num_train_timesteps": 1000})
+        FlowMatchingObjective.from_scheduler_config({
+            "_class_name": "DDPMScheduler", "num_train_timesteps": 1000,
+        })
     with pytest.raises(ValueError, match="time_shift_type 'linear'"):
         FlowMatchingObjective.from_scheduler_config({**FLUX1_SCHEDULER, "time_shift_type": "linear"})

@@ -21,7 +21,10 @@ def test_cascades_sharing_a_base_match_separate_runs_and_sample_it_once(tiny_cas
     prompts, seeds = ["a cube", "a ball", "a cube"], [0, 1, 2]
     kwargs = dict(steps=2, guidance=[4.0, 4.0], batch_size=2)
 
-    separately = {name: generate(c, prompts, seeds, **kwargs) for name, c in (("a", [base, sr]), ("b", [base, other_sr]))}
+    separately = {
+        name: generate(c, prompts, seeds, **kwargs)
+        for name, c in (("a", [base, sr]), ("b", [base, other_sr]))
+    }
     base_calls: list = []
     original = type(base).__call__
     type(base).__call__ = _counting(original, base_calls)
@@ -40,7 +43,8 @@ def test_an_image_depends_on_its_seed_not_its_batch(tiny_cascade: Path) -> None:
     pipelines = [s.pipeline for s in load_if(str(tiny_cascade / "stage_1"), str(tiny_cascade / "stage_2"))]
     alone = generate(pipelines, ["a cube"], [5], steps=2, guidance=[4.0, 4.0])
     batched = generate(pipelines, ["a ball", "a cube"], [4, 5], steps=2, guidance=[4.0, 4.0], batch_size=2)
-    np.testing.assert_allclose(_pixels(alone)[0], _pixels(batched)[1], atol=2)  # uint8; batched matmuls may round differently
+    # uint8; batched matmuls may round differently
+    np.testing.assert_allclose(_pixels(alone)[0], _pixels(batched)[1], atol=2)
 
 
 def _counting(function, calls: list):

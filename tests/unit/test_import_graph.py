@@ -14,7 +14,9 @@ from pathlib import Path
 import dreambooth
 
 PACKAGE = Path(dreambooth.__file__).parent
-GROUND_FLOOR = frozenset({"config", "_config_io", "data", "models", "identifier", "seeding", "files", "layout"})
+GROUND_FLOOR = frozenset({
+    "config", "_config_io", "data", "models", "identifier", "seeding", "devices", "files", "layout",
+})
 """What everything else stands on; `_config_io` is config's private reader and writer."""
 
 Edge = tuple[str, str, str]  # (importing node, imported node, "module.py:line" of the import)
@@ -37,7 +39,10 @@ def _imported(tree: ast.AST, module: str, is_package: bool) -> Iterator[tuple[st
             else:
                 target = node.module or ""
             # `from dreambooth import finetune` imports the node `finetune`; `from x import name` imports `x`.
-            yield from ((f"{target}.{alias.name}" if target == "dreambooth" else target, node.lineno) for alias in node.names)
+            yield from (
+                (f"{target}.{alias.name}" if target == "dreambooth" else target, node.lineno)
+                for alias in node.names
+            )
 
 
 def _node(module: str) -> str | None:
@@ -94,7 +99,10 @@ def test_no_cycle_between_packages_and_top_level_modules() -> None:
 
 
 def test_the_ground_floor_imports_nothing_above_it() -> None:
-    upward = [f"{a} -> {b} ({where})" for a, b, where in import_edges() if a in GROUND_FLOOR and b not in GROUND_FLOOR]
+    upward = [
+        f"{a} -> {b} ({where})" for a, b, where in import_edges()
+        if a in GROUND_FLOOR and b not in GROUND_FLOOR
+    ]
     assert not upward, "the ground floor imports from above it:\n  " + "\n  ".join(upward)
 
 

@@ -11,7 +11,9 @@ from dreambooth.config import OptimConfig
 from dreambooth.training.optim import build_optimizer
 
 
-@pytest.mark.parametrize("flags", [{}, {"use_8bit_adam": True}, {"use_adafactor": True}], ids=["adamw", "adamw8bit", "adafactor"])
+@pytest.mark.parametrize(
+    "flags", [{}, {"use_8bit_adam": True}, {"use_adafactor": True}], ids=["adamw", "adamw8bit", "adafactor"]
+)
 def test_each_optimizer_fits_a_small_regression(flags: dict) -> None:
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(8, 8), torch.randn(32, 8)
@@ -49,7 +51,9 @@ def _regression_steps(optimizer_of, steps: int, state: dict | None = None) -> tu
 
 
 def test_the_fused_adamw_makes_the_plain_update_and_resumes_a_plain_one() -> None:
-    fused = lambda params: build_optimizer([{"params": list(params), "lr": 1e-2}], OptimConfig(weight_decay=1e-2))  # noqa: E731
+    fused = lambda params: build_optimizer(
+        [{"params": list(params), "lr": 1e-2}], OptimConfig(weight_decay=1e-2)
+    )  # noqa: E731
     plain = lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2, foreach=False)  # noqa: E731
     assert fused(torch.nn.Linear(2, 2).parameters()).defaults["fused"]
     by_fused, _ = _regression_steps(fused, 40)

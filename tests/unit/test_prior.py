@@ -28,8 +28,8 @@ from dreambooth.prior import (
 def setup(tiny_sd: Path, monkeypatch: pytest.MonkeyPatch):
     stage = load_sd(str(tiny_sd))[0]
     spec = ClassImageSpec(
-        model=model_fingerprint(stage.pipeline), prompt="a dog", prompt_tokenized="a dog", resolution=stage.resolution,
-        sampler="dpm++", steps=2, guidance=(7.5,), seed=0,
+        model=model_fingerprint(stage.pipeline), prompt="a dog", prompt_tokenized="a dog",
+        resolution=stage.resolution, sampler="dpm++", steps=2, guidance=(7.5,), seed=0,
     )
     generated: list[int] = []
     real_generate = prior.generate
@@ -54,7 +54,8 @@ def test_generated_once_then_reused(setup, tmp_path: Path) -> None:
     assert {k: record[k] for k in ("prompt", "seed", "sampler", "steps", "guidance")} == {
         "prompt": "a dog", "seed": 11, "sampler": "dpm++", "steps": 2, "guidance": [7.5],
     }
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png", "00001.png", "00002.png", MANIFEST]  # no part files left
+    # no part files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png", "00001.png", "00002.png", MANIFEST]
 
 
 def test_only_missing_or_damaged_images_are_made_again_identically(setup, tmp_path: Path) -> None:
@@ -65,12 +66,16 @@ def test_only_missing_or_damaged_images_are_made_again_identically(setup, tmp_pa
     paths[2].write_bytes(b"damaged")
     kept = paths[0].stat().st_mtime_ns
     ensure_class_images(pipeline, tmp_path, spec, 4, batch_size=3)
-    assert generated == [0, 1, 2, 0, 1, 2, 3]  # the batch of images 1 and 2 is sampled whole, image 3 in its own
+    # the batch of images 1 and 2 is sampled whole, image 3 in its own
+    assert generated == [0, 1, 2, 0, 1, 2, 3]
     assert paths[1].read_bytes() == original  # image i always comes from seed + i, in the same batch
     assert paths[0].stat().st_mtime_ns == kept  # an intact image is not rewritten
 
 
-@pytest.mark.parametrize("change", [{"prompt": "a cat"}, {"model": "another-model"}, {"steps": 50}, {"prompt_tokenized": "A dog"}, {"precision": "bf16"}])
+@pytest.mark.parametrize("change", [
+    {"prompt": "a cat"}, {"model": "another-model"}, {"steps": 50}, {"prompt_tokenized": "A dog"},
+    {"precision": "bf16"},
+])
 def test_a_set_made_differently_is_detected(setup, tmp_path: Path, change: dict) -> None:
     pipeline, spec, _ = setup
     ensure_class_images(pipeline, tmp_path, spec, 1, batch_size=1)
@@ -103,9 +108,13 @@ def test_a_manifest_of_an_earlier_version_is_refused_clearly(setup, tmp_path: Pa
         del manifest["spec"][key]
     manifest["spec"]["model"] = "0123abcd"
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="seed: not recorded there, 0 now.*An earlier version of this tool made them") as error:
+    with pytest.raises(
+        ValueError, match="seed: not recorded there, 0 now.*An earlier version of this tool made them"
+    ) as error:
         ensure_class_images(pipeline, tmp_path, spec, 1, batch_size=1)
-    assert "model: '0123abcd' there" in str(error.value) and "delete that folder to regenerate" in str(error.value)
+    assert "model: '0123abcd' there" in str(error.value) and "delete that folder to regenerate" in str(
+        error.value
+    )
 
 
 def test_images_of_unknown_origin_are_not_used_silently(setup, tmp_path: Path) -> None:
@@ -131,7 +140,9 @@ def test_two_processes_share_the_work_and_make_the_same_images(setup, tmp_path: 
     assert json.loads((two / MANIFEST).read_text()) == json.loads((tmp_path / "one" / MANIFEST).read_text())
 
 
-def test_a_run_killed_midway_is_completed_by_the_next(setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_killed_midway_is_completed_by_the_next(
+    setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pipeline, spec, generated = setup
     counting_generate = prior.generate
 
@@ -143,7 +154,9 @@ def test_a_run_killed_midway_is_completed_by_the_next(setup, tmp_path: Path, mon
     monkeypatch.setattr(prior, "generate", dying_generate)
     with pytest.raises(KeyboardInterrupt):  # dies in its second batch, before any manifest
         generate_class_images(pipeline, tmp_path / "killed", spec, 6, batch_size=2)
-    assert not (tmp_path / "killed" / MANIFEST).exists() and len(list((tmp_path / "killed").glob("*.png"))) == 2
+    assert (
+        not (tmp_path / "killed" / MANIFEST).exists() and len(list((tmp_path / "killed").glob("*.png"))) == 2
+    )
     monkeypatch.setattr(prior, "generate", counting_generate)
     generated.clear()
     generate_class_images(pipeline, tmp_path / "killed", spec, 6, batch_size=2, rank=0, num_ranks=2)
@@ -155,15 +168,21 @@ def test_a_run_killed_midway_is_completed_by_the_next(setup, tmp_path: Path, mon
 
 
 def test_fingerprint_is_stable_across_loads(tiny_sd: Path) -> None:
-    assert model_fingerprint(load_sd(str(tiny_sd))[0].pipeline) == model_fingerprint(load_sd(str(tiny_sd))[0].pipeline)
+    assert model_fingerprint(load_sd(str(tiny_sd))[0].pipeline) == model_fingerprint(
+        load_sd(str(tiny_sd))[0].pipeline
+    )
 
 
 def test_fingerprint_changes_with_one_text_encoder_weight(tiny_sd: Path) -> None:
     pipeline = load_sd(str(tiny_sd))[0].pipeline
     before = model_fingerprint(pipeline)
-    weight = next(w for name, w in pipeline.text_encoder.named_parameters() if name.endswith("layers.0.self_attn.q_proj.weight"))
+    weight = next(
+        w for name, w in pipeline.text_encoder.named_parameters()
+        if name.endswith("layers.0.self_attn.q_proj.weight")
+    )
     with torch.no_grad():
-        weight[3, 5] = torch.nextafter(weight[3, 5], torch.tensor(1.0))  # the smallest change a float32 can make
+        # the smallest change a float32 can make
+        weight[3, 5] = torch.nextafter(weight[3, 5], torch.tensor(1.0))
     assert model_fingerprint(pipeline) != before
 
 

@@ -13,7 +13,9 @@ _ACCELERATOR = SimpleNamespace(log=lambda values, step: None)
 
 def test_resume_truncates_the_log_and_sums_wall_time(tmp_path: Path) -> None:
     log = tmp_path / "base.jsonl"
-    log.write_text("".join(json.dumps({"step": s, "loss/total": 1.0, "elapsed_s": 100.0 * s}) + "\n" for s in (1, 2, 3)))
+    log.write_text(
+        "".join(json.dumps({"step": s, "loss/total": 1.0, "elapsed_s": 100.0 * s}) + "\n" for s in (1, 2, 3))
+    )
 
     recorder = Recorder(log, _ACCELERATOR, resume_step=2)
     recorder.log(3, {"loss/total": 0.5})

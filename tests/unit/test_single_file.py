@@ -225,7 +225,8 @@ def test_kohya_lora_gives_the_same_image(tiny_sd: Path, tmp_path: Path, header: 
     torch.manual_seed(0)
     rslora = header == "rslora"
     common = {"use_rslora": rslora, "init_lora_weights": "gaussian"}
-    unet_targets, text_targets = list(LORA_TARGETS["unet"]), list(LORA_TARGETS["text_encoder"])  # as models/lora.py
+    # as models/lora.py
+    unet_targets, text_targets = list(LORA_TARGETS["unet"]), list(LORA_TARGETS["text_encoder"])
     configs = {
         "unet": LoraConfig(r=4, lora_alpha=8 if header else 4, target_modules=unet_targets, **common),
         "text_encoder": LoraConfig(r=2, lora_alpha=1 if header else 2, target_modules=text_targets, **common),

@@ -50,7 +50,9 @@ def _load(folder: Path) -> StableDiffusionXLPipeline:
 
 def _reload(file: Path, config: Path) -> StableDiffusionXLPipeline:
     """Configs from a local diffusers folder, nothing from the Hub."""
-    return StableDiffusionXLPipeline.from_single_file(str(file), config=str(config), local_files_only=True, dtype=torch.float32)
+    return StableDiffusionXLPipeline.from_single_file(
+        str(file), config=str(config), local_files_only=True, dtype=torch.float32
+    )
 
 
 def _image(pipe: StableDiffusionXLPipeline) -> torch.Tensor:
@@ -59,7 +61,9 @@ def _image(pipe: StableDiffusionXLPipeline) -> torch.Tensor:
     return out.images  # [1, 3, 64, 64]
 
 
-def _assert_same_weights(pipe: StableDiffusionXLPipeline, other: StableDiffusionXLPipeline, cast=lambda t: t) -> None:
+def _assert_same_weights(
+    pipe: StableDiffusionXLPipeline, other: StableDiffusionXLPipeline, cast=lambda t: t
+) -> None:
     for name in PARTS:
         mine, theirs = getattr(pipe, name).state_dict(), getattr(other, name).state_dict()
         assert mine.keys() == theirs.keys(), name
@@ -78,14 +82,16 @@ def test_fp32_export_reloads_with_identical_weights_and_image(tiny_sdxl: Path, t
     assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert meta["modelspec.prediction_type"] == "epsilon"
     assert {k: meta[k] for k in ("modelspec.title", "modelspec.trigger_phrase", "modelspec.resolution")} == {
-        "modelspec.title": "DreamBooth sks dog", "modelspec.trigger_phrase": "sks dog", "modelspec.resolution": "1024x1024"
+        "modelspec.title": "DreamBooth sks dog", "modelspec.trigger_phrase": "sks dog",
+        "modelspec.resolution": "1024x1024",
     }
     assert meta["dreambooth.identifier"] == "sks" and meta["dreambooth.class_noun"] == "dog"
     assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "conditioner"}
     assert {k.split(".")[2] for k in keys if k.startswith("conditioner.")} == {"0", "1"}
     assert {
         "model.diffusion_model.label_emb.0.0.weight", "model.diffusion_model.label_emb.0.2.bias",
-        "model.diffusion_model.input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight",  # 2-layer transformer
+        # 2-layer transformer
+        "model.diffusion_model.input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight",
         "model.diffusion_model.middle_block.1.transformer_blocks.1.ff.net.2.weight",
         "model.diffusion_model.output_blocks.1.2.conv.weight",  # upsampler after the attention
         "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
@@ -117,14 +123,14 @@ SDXL_UNET = {
     "sample_size": 128, "block_out_channels": (320, 640, 1280), "layers_per_block": 2,
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048,
-    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
+    "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
 }
 SDXL_VAE = {
-    "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4, "sample_size": 1024,
-    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "scaling_factor": 0.13025, "force_upcast": True,
+    "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,
+    "sample_size": 1024, "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4, "scaling_factor": 0.13025, "force_upcast": True,
 }
 CLIP_L = {
     "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -154,11 +160,16 @@ SDXL_NAMES = {
 }
 # kohya sd-scripts' names for SDXL LoRA modules, by diffusers module.
 KOHYA_UNET_NAMES = {
-    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
-    "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k": "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k",
-    "mid_block.attentions.0.transformer_blocks.3.attn1.to_v": "lora_unet_middle_block_1_transformer_blocks_3_attn1_to_v",
-    "up_blocks.0.attentions.2.transformer_blocks.0.attn2.to_out.0": "lora_unet_output_blocks_2_1_transformer_blocks_0_attn2_to_out_0",
-    "up_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q": "lora_unet_output_blocks_3_1_transformer_blocks_1_attn1_to_q",
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q":
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+    "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k":
+        "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k",
+    "mid_block.attentions.0.transformer_blocks.3.attn1.to_v":
+        "lora_unet_middle_block_1_transformer_blocks_3_attn1_to_v",
+    "up_blocks.0.attentions.2.transformer_blocks.0.attn2.to_out.0":
+        "lora_unet_output_blocks_2_1_transformer_blocks_0_attn2_to_out_0",
+    "up_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q":
+        "lora_unet_output_blocks_3_1_transformer_blocks_1_attn1_to_q",
 }
 
 
@@ -171,14 +182,20 @@ def full_size_sdxl() -> StableDiffusionXLPipeline:
     """SDXL base's real shapes on the meta device: no memory, no download."""
     with torch.device("meta"):
         parts = {"unet": UNet2DConditionModel(**SDXL_UNET), "vae": AutoencoderKL(**SDXL_VAE)}
-        parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **CLIP_L))
+        parts["text_encoder"] = CLIPTextModel(
+            CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **CLIP_L)
+        )
         config_2 = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **OPEN_CLIP_BIGG)
         parts["text_encoder_2"] = CLIPTextModelWithProjection(config_2)
     tokenizers = {"tokenizer": tiny_clip_tokenizer(0), "tokenizer_2": tiny_clip_tokenizer(1, pad_token="!")}
-    return StableDiffusionXLPipeline(**parts, **tokenizers, scheduler=EulerDiscreteScheduler(), add_watermarker=False)
+    return StableDiffusionXLPipeline(
+        **parts, **tokenizers, scheduler=EulerDiscreteScheduler(), add_watermarker=False
+    )
 
 
-def test_full_size_layout_has_the_released_names_and_reads_back(full_size_sdxl: StableDiffusionXLPipeline) -> None:
+def test_full_size_layout_has_the_released_names_and_reads_back(
+    full_size_sdxl: StableDiffusionXLPipeline,
+) -> None:
     pipe = full_size_sdxl
     ldm = convert_to_ldm(pipe)
     assert {k: tuple(ldm[k].shape) for k in SDXL_NAMES} == SDXL_NAMES
@@ -202,14 +219,18 @@ def test_full_size_kohya_names_are_sd_scripts_and_diffusers_maps_them_back(
         state[f"unet.{module}.lora_A.weight"] = torch.zeros(1, in_features)
         state[f"unet.{module}.lora_B.weight"] = torch.zeros(out_features, 1)
     save_file(state, tmp_path / "lora.safetensors")
-    kohya_file = export_lora_kohya(tmp_path / "lora.safetensors", tmp_path / "kohya.safetensors", base=full_size_sdxl)
+    kohya_file = export_lora_kohya(
+        tmp_path / "lora.safetensors", tmp_path / "kohya.safetensors", base=full_size_sdxl
+    )
     with safe_open(kohya_file, "pt") as f:
         kohya = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
     assert {k.split(".")[0] for k in kohya} == set(KOHYA_UNET_NAMES.values())
     # What load_lora_weights runs on a kohya file: SGM blocks -> diffusers blocks, kohya -> diffusers -> PEFT.
     back, _ = _convert_non_diffusers_lora_to_diffusers(_maybe_map_sgm_blocks_to_diffusers(kohya, unet.config))
     peft_keys = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in back.items()})
-    assert {k.removesuffix(".lora_A.weight") for k in peft_keys if k.endswith("lora_A.weight")} == set(KOHYA_UNET_NAMES)
+    assert {k.removesuffix(".lora_A.weight") for k in peft_keys if k.endswith("lora_A.weight")} == set(
+        KOHYA_UNET_NAMES
+    )
 
 
 def _lora_pipe(tiny_sdxl: Path) -> tuple[StableDiffusionXLPipeline, dict[str, LoraConfig]]:
@@ -232,20 +253,26 @@ def _lora_pipe(tiny_sdxl: Path) -> tuple[StableDiffusionXLPipeline, dict[str, Lo
 def test_kohya_lora_gives_the_same_image(tiny_sdxl: Path, tmp_path: Path) -> None:
     pipe, configs = _lora_pipe(tiny_sdxl)
     trained = _image(pipe)
-    layers = {f"{n}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(getattr(pipe, n))) for n in configs}
+    layers = {
+        f"{n}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(getattr(pipe, n)))
+        for n in configs
+    }
     metadata = {f"{n}_lora_adapter_metadata": c.to_dict() for n, c in configs.items()}
     StableDiffusionXLPipeline.save_lora_weights(tmp_path, safe_serialization=True, **layers, **metadata)
     diffusers_file = tmp_path / "pytorch_lora_weights.safetensors"
 
     caller = {**CALLER, "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
-    kohya_file = export_lora_kohya(diffusers_file, tmp_path / "kohya.safetensors", base=_load(tiny_sdxl), metadata=caller)
+    kohya_file = export_lora_kohya(
+        diffusers_file, tmp_path / "kohya.safetensors", base=_load(tiny_sdxl), metadata=caller
+    )
 
     with safe_open(kohya_file, "pt") as f:
         meta, kohya = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
     names = {k.split(".")[0] for k in kohya}
     n_modules = {n: len(get_peft_model_state_dict(getattr(pipe, n))) // 2 for n in configs}
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-    assert {n: sum(k.startswith(p) for k in names) for n, p in prefixes.items()} == n_modules  # nothing dropped
+    # nothing dropped
+    assert {n: sum(k.startswith(p) for k in names) for n, p in prefixes.items()} == n_modules
     unet_name = "lora_unet_output_blocks_1_1_transformer_blocks_1_attn2_to_out_0"  # up_blocks.0.attentions.1
     assert kohya[f"{unet_name}.lora_down.weight"].shape == (4, 64)  # [r, in]
     assert kohya[f"{unet_name}.lora_up.weight"].shape == (64, 4)  # [out, r]
@@ -255,11 +282,13 @@ def test_kohya_lora_gives_the_same_image(tiny_sdxl: Path, tmp_path: Path) -> Non
         ("lora_te2_text_model_encoder_layers_0_self_attn_out_proj", "text_encoder_2"),
     ):
         assert float(kohya[f"{name}.alpha"]) == configs[part].lora_alpha
-    assert "lora_unet_input_blocks_3_1_transformer_blocks_1_attn1_to_q" in names  # the second transformer layer
+    # the second transformer layer
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_1_attn1_to_q" in names
     assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k" in names
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
-    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"  # AUTOMATIC1111: SDXL
+    # AUTOMATIC1111: SDXL
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8"  # the most common rank and alpha
     assert meta["modelspec.trigger_phrase"] == "sks dog" and meta["dreambooth.identifier"] == "sks"
     images = {}
@@ -285,8 +314,13 @@ def test_refuses_parameters_without_an_sgm_name(tiny_sdxl: Path, tmp_path: Path)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionXLPipeline.save_lora_weights(tmp_path, safe_serialization=True, unet_lora_layers=layers)
     with pytest.raises(NotImplementedError, match=r"\['class_embedding\.linear_1'\]"):
-        export_lora_kohya(tmp_path / "pytorch_lora_weights.safetensors", tmp_path / "kohya.safetensors", base=other)
-    with pytest.raises(ValueError, match="base="):  # SDXL names need the UNet's blocks; a header, the architecture
-        export_lora_kohya(tmp_path / "pytorch_lora_weights.safetensors", tmp_path / "kohya.safetensors", metadata=CALLER)
+        export_lora_kohya(
+            tmp_path / "pytorch_lora_weights.safetensors", tmp_path / "kohya.safetensors", base=other
+        )
+    # SDXL names need the UNet's blocks; a header, the architecture
+    with pytest.raises(ValueError, match="base="):
+        export_lora_kohya(
+            tmp_path / "pytorch_lora_weights.safetensors", tmp_path / "kohya.safetensors", metadata=CALLER
+        )
     with pytest.raises(ValueError, match="str to str"):
         export_single_file(pipe, tmp_path / "model.safetensors", metadata={"dreambooth.steps": 400})

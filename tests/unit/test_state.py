@@ -98,7 +98,9 @@ def test_no_checkpoint_means_none(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["truncated weights", "empty optimizer", "garbled progress"])
-def test_resume_skips_a_damaged_checkpoint_for_the_newest_intact_one(tmp_path: Path, damage: str, caplog) -> None:
+def test_resume_skips_a_damaged_checkpoint_for_the_newest_intact_one(
+    tmp_path: Path, damage: str, caplog
+) -> None:
     for step in (1, 2):
         save_checkpoint(tmp_path, step, _modules(step), {"optimizer": {"step": step}}, {}, keep_last=3)
     newest = tmp_path / "step-000002"
@@ -114,7 +116,9 @@ def test_resume_skips_a_damaged_checkpoint_for_the_newest_intact_one(tmp_path: P
     with caplog.at_level("WARNING"):
         path, step, state = load_latest(tmp_path, restored)
     assert (path.name, step, state) == ("step-000001", 1, {"optimizer": {"step": 1}})
-    assert torch.equal(restored["unet"][0].weight, _modules(1)["unet"][0].weight) and not torch.equal(before, _modules(1)["unet"][0].weight)
+    assert torch.equal(restored["unet"][0].weight, _modules(1)["unet"][0].weight) and not torch.equal(
+        before, _modules(1)["unet"][0].weight
+    )
     assert "step-000002" in caplog.text and "skipping" in caplog.text
 
 
@@ -133,5 +137,7 @@ def test_a_checkpoint_of_another_shape_names_the_tensor(tmp_path: Path) -> None:
     torch.manual_seed(0)
     wider = {"unet": nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))}
     wider["unet"][1].requires_grad_(False)
-    with pytest.raises(ValueError, match=r"another shape \(unet\.0\.\w+ is \[4.*\] there, \[8.*\] in this model"):
+    with pytest.raises(
+        ValueError, match=r"another shape \(unet\.0\.\w+ is \[4.*\] there, \[8.*\] in this model"
+    ):
         load_checkpoint(latest_checkpoint(tmp_path), wider)

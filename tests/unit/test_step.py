@@ -47,7 +47,9 @@ def test_prior_term_is_weighted_and_split_by_rows(tiny_sd: Path, photos: Path) -
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sd_v"])
-def test_target_follows_the_schedulers_parameterisation(fixture: str, request, photos: Path, monkeypatch) -> None:
+def test_target_follows_the_schedulers_parameterisation(
+    fixture: str, request, photos: Path, monkeypatch
+) -> None:
     """A denoiser that outputs the true target gets zero loss: epsilon for SD 1.x, v for SD 2.x."""
     stage = load_sd(str(request.getfixturevalue(fixture)))[0]
     kind = stage.objective.prediction_type
@@ -72,7 +74,9 @@ def test_unknown_parameterisation_is_refused(tiny_sd: Path) -> None:
     stage = load_sd(str(tiny_sd))[0]
     stage.objective.scheduler.register_to_config(prediction_type="flow")
     with pytest.raises(ValueError, match="unsupported prediction_type 'flow'"):
-        training_target(stage.objective.scheduler, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        training_target(
+            stage.objective.scheduler, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long)
+        )
 
 
 def test_batches_are_the_same_however_the_global_batch_is_split(tiny_sd: Path, photos: Path) -> None:
@@ -83,7 +87,10 @@ def test_batches_are_the_same_however_the_global_batch_is_split(tiny_sd: Path, p
     halves = [_batch(data, stage, step=3, batch_size=1, world=2, rank=r) for r in (0, 1)]
     assert whole.seeds == [halves[0].seeds[0], halves[1].seeds[0], halves[0].seeds[1], halves[1].seeds[1]]
     for key, value in whole.encoded.items():
-        rows = torch.cat([halves[0].encoded[key][:1], halves[1].encoded[key][:1], halves[0].encoded[key][1:], halves[1].encoded[key][1:]])
+        rows = torch.cat([
+            halves[0].encoded[key][:1], halves[1].encoded[key][:1], halves[0].encoded[key][1:],
+            halves[1].encoded[key][1:],
+        ])
         assert torch.equal(value, rows)
 
 
@@ -91,5 +98,8 @@ def test_every_photo_is_seen_once_per_epoch(tiny_sd: Path, photos: Path) -> None
     stage = load_sd(str(tiny_sd))[0]
     data = _data(stage, photos, with_classes=False)
     n = len(data.instance)
-    seen = [tuple(_batch(data, stage, step=s, batch_size=1).encoded["latent_mean"][0].flatten()[:4].tolist()) for s in range(n)]
+    seen = [
+        tuple(_batch(data, stage, step=s, batch_size=1).encoded["latent_mean"][0].flatten()[:4].tolist())
+        for s in range(n)
+    ]
     assert len(set(seen)) == n

@@ -1,4 +1,5 @@
-"""The tiny FLUX.1 and SD3.5 pipelines: they save, reload offline and sample with the stock diffusers pipelines."""
+"""The tiny FLUX.1 and SD3.5 pipelines: they save, reload offline and sample with the stock diffusers
+pipelines."""
 
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ def test_tiny_sd3_reloads_and_samples(tmp_path: Path) -> None:
     prompt_embeds, _, pooled, _ = pipe.encode_prompt(
         "a dog", None, None, do_classifier_free_guidance=False, max_sequence_length=16
     )
-    assert prompt_embeds.shape == (1, 77 + 16, transformer.joint_attention_dim) and pooled.shape == (1, projections)
+    assert prompt_embeds.shape == (1, 77 + 16, transformer.joint_attention_dim) and pooled.shape == (
+        1, projections,
+    )
     images = _sample(pipe)
     assert images.shape == (1, 3, TINY_RESOLUTION, TINY_RESOLUTION) and images.isfinite().all()

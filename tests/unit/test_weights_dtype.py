@@ -1,4 +1,5 @@
-"""Which dtype weights load in: a LoRA run under bf16 keeps its frozen base in bf16, adapters train in fp32."""
+"""Which dtype weights load in: a LoRA run under bf16 keeps its frozen base in bf16, adapters train in
+fp32."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ def test_weights_dtype_follows_the_method_and_precision() -> None:
 
 
 def test_a_bf16_lora_run_loads_its_base_in_bf16(tiny_sdxl: Path) -> None:
-    cfg = RunConfig(model=ModelConfig(source=str(tiny_sdxl)), lora=LoraConfig(rank=2), train=TrainConfig(mixed_precision="bf16"))
+    cfg = RunConfig(
+        model=ModelConfig(source=str(tiny_sdxl)), lora=LoraConfig(rank=2),
+        train=TrainConfig(mixed_precision="bf16"),
+    )
     (stage,) = load_stages(resolve_source(cfg.model), cfg)
     assert {p.dtype for p in stage.denoiser.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in stage.text_encoders["text_encoder_2"].parameters()} == {torch.bfloat16}

@@ -165,7 +165,9 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
 
 
-def center_crop_framing(size_wh: tuple[int, int], size: int, *, flipped: bool = False) -> tuple[int, int, int, int]:
+def center_crop_framing(
+    size_wh: tuple[int, int], size: int, *, flipped: bool = False
+) -> tuple[int, int, int, int]:
     """Where `resize_center_crop` took its square, as SDXL's micro-conditioning describes a crop.
 
     Returns:

@@ -44,9 +44,15 @@ class TrainingSet:
     """Caption -> its (unbatched) text conditioning, when the text encoders are frozen."""
 
     def to(self, device: torch.device) -> TrainingSet:
-        """The set on `device`, where the loop keeps it: a batch is then drawn without any host-device copy."""
-        cache = {caption: text.to(device) for caption, text in self.text_cache.items()} if self.text_cache else self.text_cache
-        return TrainingSet(self.instance.to(device), self.classes.to(device) if self.classes is not None else None, cache)
+        """The set on `device`, where the loop keeps it: a batch is then drawn without any host-device
+        copy."""
+        cache = (
+            {caption: text.to(device) for caption, text in self.text_cache.items()} if self.text_cache
+            else self.text_cache
+        )
+        return TrainingSet(
+            self.instance.to(device), self.classes.to(device) if self.classes is not None else None, cache
+        )
 
 
 @dataclass
@@ -74,7 +80,8 @@ ENCODE_PIXELS = 16 * 256 * 256
 
 @torch.no_grad()
 def encode_examples(
-    stage: Stage, images: list[Image.Image], captions: list[str], *, flip: bool = False, chunk: int | None = None,
+    stage: Stage, images: list[Image.Image], captions: list[str], *, flip: bool = False,
+    chunk: int | None = None,
 ) -> Examples:
     """Resize/crop images to the stage's resolution and encode them (both orientations if `flip`).
 
@@ -88,7 +95,9 @@ def encode_examples(
         part = views[i : i + chunk]
         pixels = to_tensor([resize_center_crop(image, stage.resolution) for image, _ in part])  # [n, 3, r, r]
         pixels = torch.stack([p.flip(-1) if flipped else p for p, (_, flipped) in zip(pixels, part)])
-        framing = torch.tensor([center_crop_framing(image.size, stage.resolution, flipped=flipped) for image, flipped in part])
+        framing = torch.tensor([
+            center_crop_framing(image.size, stage.resolution, flipped=flipped) for image, flipped in part
+        ])
         parts.append({key: value.cpu() for key, value in stage.encode_images(pixels, framing).items()})
     encoded = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     return Examples(encoded, list(captions) + (list(captions) if flip else []))
@@ -107,8 +116,8 @@ def encode_captions(stage: Stage, captions: list[str], chunk: int = 64) -> dict[
 
 
 def sample_batch(
-    data: TrainingSet, tokenize: Callable[[list[str]], Tokens], *, step: int, micro: int, accumulation: int, rank: int,
-    world: int, batch_size: int, seed: int, caption_dropout: float = 0.0,
+    data: TrainingSet, tokenize: Callable[[list[str]], Tokens], *, step: int, micro: int, accumulation: int,
+    rank: int, world: int, batch_size: int, seed: int, caption_dropout: float = 0.0,
 ) -> Batch:
     """This process's share of the global batch of (step, micro-step)."""
     global_size = batch_size * world
@@ -118,7 +127,9 @@ def sample_batch(
     encoded_parts, captions, seeds = [], [], []
     for kind, examples in kinds:
         index = [_pick(len(examples), position + j, seed, kind) for j in rows]
-        encoded_parts.append({key: torch.stack([value[i] for i in index]) for key, value in examples.encoded.items()})
+        encoded_parts.append({
+            key: torch.stack([value[i] for i in index]) for key, value in examples.encoded.items()
+        })
         for j, i in zip(rows, index):
             dropped = caption_dropout > 0 and _uniform(seed, "drop", kind, step, micro, j) < caption_dropout
             captions.append("" if dropped else examples.captions[i])
@@ -126,7 +137,10 @@ def sample_batch(
     encoded = {key: torch.cat([part[key] for part in encoded_parts]) for key in encoded_parts[0]}
     n_class = batch_size if data.classes is not None else 0
     if data.text_cache is not None:
-        return Batch(encoded, seeds, batch_size, n_class, text=TextConditioning.stack([data.text_cache[c] for c in captions]))
+        return Batch(
+            encoded, seeds, batch_size, n_class,
+            text=TextConditioning.stack([data.text_cache[c] for c in captions]),
+        )
     return Batch(encoded, seeds, batch_size, n_class, tokens=tokenize(captions))
 
 
@@ -138,7 +152,11 @@ def _pick(n: int, position: int, seed: int, kind: str) -> int:
 
 @lru_cache(maxsize=8)
 def _permutation(n: int, seed: int, kind: str, epoch: int) -> tuple[int, ...]:
-    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, kind, "epoch", epoch))).tolist())
+    return tuple(
+        torch.randperm(
+            n, generator=torch.Generator().manual_seed(derive_seed(seed, kind, "epoch", epoch))
+        ).tolist()
+    )
 
 
 def _uniform(*parts: int | str) -> float:

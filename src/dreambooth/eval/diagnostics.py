@@ -150,7 +150,8 @@ def colour_pull(generated: Tensor, photos: Tensor, context: Tensor) -> tuple[flo
 
 
 def copy_similarity(generated: Tensor, photos: Tensor) -> tuple[float, int]:
-    """The most similar (generated image, photo) pair: ``1 - mean ΔE / 100`` of their thumbnails, clipped at 0.
+    """The most similar (generated image, photo) pair: ``1 - mean ΔE / 100`` of their thumbnails, clipped at
+    0.
 
     Args:
         generated: ``[n, 16, 16, 3]`` thumbnails of the generated images of one prompt.
@@ -192,6 +193,7 @@ def check_overfitting(similarity: float, photo: str, thresholds: Thresholds) -> 
     if similarity <= thresholds.overfit_similarity:
         return None
     evidence = (
-        f"thumbnail similarity {similarity:.3f} with photo {photo} (threshold {thresholds.overfit_similarity:.3f})"
+        f"thumbnail similarity {similarity:.3f} with photo {photo} (threshold "
+        f"{thresholds.overfit_similarity:.3f})"
     )
     return Flag(OVERFITTING, similarity, thresholds.overfit_similarity, evidence, EXPLANATIONS[OVERFITTING])

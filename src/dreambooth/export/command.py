@@ -76,27 +76,38 @@ class _Plan:
 def _check(request: ExportRequest) -> _Plan:
     layout = RunLayout(request.run)
     if not layout.run_info.is_file() or not layout.config.is_file():
-        raise FileNotFoundError(f"{str(request.run)!r} is not a run folder (no run.json and config.resolved.toml): "
-                                "pass the folder `dreambooth train` wrote (--run-dir)")
+        raise FileNotFoundError(
+            f"{str(request.run)!r} is not a run folder (no run.json and config.resolved.toml): "
+            "pass the folder `dreambooth train` wrote (--run-dir)"
+        )
     info, cfg = read_json(layout.run_info), from_dict(RunConfig, load_config_file(layout.config))
     family, fmt, lora = info["model"]["family"], request.format, info.get("method") == "lora"
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if (served := families_of(fmt)) is not None and family not in served:
-        raise ValueError(f"--format {fmt}: a {family} model has no such layout in the UIs (it serves {', '.join(served)}); "
-                         "export 'diffusers' or 'lora-diffusers' instead")
+        raise ValueError(
+            f"--format {fmt}: a {family} model has no such layout in the UIs (it serves "
+            f"{', '.join(served)}); "
+            "export 'diffusers' or 'lora-diffusers' instead"
+        )
     if fmt in LORA_FORMATS and not lora:
-        raise ValueError(f"--format {fmt}: this run fine-tuned all weights (no LoRA); export 'diffusers' or 'single-file'")
+        raise ValueError(
+            f"--format {fmt}: this run fine-tuned all weights (no LoRA); export 'diffusers' or 'single-file'"
+        )
     if fmt in ("diffusers", "single-file") and lora and not request.merge:
-        raise ValueError(f"--format {fmt} of a LoRA run needs --merge (the adapters folded into a copy of the base "
-                         "model), or export 'lora-diffusers' / 'lora-kohya' to keep the adapters separate")
+        raise ValueError(
+            f"--format {fmt} of a LoRA run needs --merge (the adapters folded into a copy of the base "
+            "model), or export 'lora-diffusers' / 'lora-kohya' to keep the adapters separate"
+        )
     if request.merge and not lora:
         logger.warning("--merge: this run has no LoRA adapters to merge; it is ignored")
     out = request.out or layout.root / "exports" / _default_name(fmt, info)
     if fmt == "single-file" and out.suffix != ".safetensors":
         raise ValueError(f"--out {str(out)!r}: a single file must end in .safetensors, which the UIs list")
     if out.exists() and not request.overwrite:
-        raise ValueError(f"{str(out)!r} already exists: pass --overwrite to replace it, or --out for another path")
+        raise ValueError(
+            f"{str(out)!r} already exists: pass --overwrite to replace it, or --out for another path"
+        )
     checkpoints = _checkpoints(layout, info, request.checkpoint) if request.checkpoint else {}
     if not checkpoints:
         _check_finished(layout, info, lora)
@@ -114,10 +125,14 @@ def _checkpoints(layout: RunLayout, info: dict, name: str) -> dict[str, Path]:
     found = {stage: layout.checkpoints(stage) / name for stage in info["stages"]}
     for stage, path in found.items():
         if not (path / TRAINABLE_FILE).is_file():
-            have = sorted(p.name for p in layout.checkpoints(stage).glob("step-*") if (p / TRAINABLE_FILE).is_file())
+            have = sorted(
+                p.name for p in layout.checkpoints(stage).glob("step-*") if (p / TRAINABLE_FILE).is_file()
+            )
             have += [BEST_DIR] if (layout.checkpoints(stage) / BEST_DIR / TRAINABLE_FILE).is_file() else []
-            raise FileNotFoundError(f"--checkpoint {name}: stage {stage} has no such checkpoint in {layout.checkpoints(stage)} "
-                                    f"(it has: {', '.join(have) or 'none'})")
+            raise FileNotFoundError(
+                f"--checkpoint {name}: stage {stage} has no such checkpoint in {layout.checkpoints(stage)} "
+                f"(it has: {', '.join(have) or 'none'})"
+            )
     return found
 
 
@@ -127,9 +142,14 @@ def _check_finished(layout: RunLayout, info: dict, lora: bool) -> None:
     if info.get("status") == "done" and all(p.exists() for p in needed):
         return
     newest = sorted({p.name for s in info["stages"] for p in layout.checkpoints(s).glob("step-*")})
-    hint = f"export a checkpoint instead: --checkpoint {newest[-1]}" if newest else "it has no checkpoint either: train it first"
+    hint = (
+        f"export a checkpoint instead: --checkpoint {newest[-1]}" if newest
+        else "it has no checkpoint either: train it first"
+    )
     what = "LoRA weights" if lora else "pipeline folder (it was trained with --no-save-pipeline)"
-    raise ValueError(f"run {str(layout.root)!r} has no finished {what} (status: {info.get('status')}); {hint}")
+    raise ValueError(
+        f"run {str(layout.root)!r} has no finished {what} (status: {info.get('status')}); {hint}"
+    )
 
 
 def _write(plan: _Plan, scratch: Path) -> Path:
@@ -158,12 +178,16 @@ def _write(plan: _Plan, scratch: Path) -> Path:
     if fmt == "lora-kohya":
         (stage,) = stages
         write = KOHYA_WRITERS[family]
-        return write(lora_files[stage.name], scratch / "lora.safetensors", base=stage.pipeline, metadata=metadata)
+        return write(
+            lora_files[stage.name], scratch / "lora.safetensors", base=stage.pipeline, metadata=metadata
+        )
     for stage in stages:
         to_fp32_cpu(stage.pipeline)
     if fmt == "single-file":
         (stage,) = stages
-        return export_single_file(stage.pipeline, scratch / "model.safetensors", DTYPES[request.dtype], metadata=metadata)
+        return export_single_file(
+            stage.pipeline, scratch / "model.safetensors", DTYPES[request.dtype], metadata=metadata
+        )
     folder = scratch / "diffusers"
     for stage in stages:
         target = folder / CASCADE_STAGE_DIRS[stage.name] if plan.cascade else folder
@@ -173,7 +197,9 @@ def _write(plan: _Plan, scratch: Path) -> Path:
 
 def _load_base(plan: _Plan) -> list[Stage]:
     """The run's base model (its config's model, unquantised and fp32: exports hold full weights), on CPU."""
-    cfg = dataclasses.replace(plan.cfg, model=dataclasses.replace(plan.cfg.model, quantize="none", dtype="fp32"))
+    cfg = dataclasses.replace(
+        plan.cfg, model=dataclasses.replace(plan.cfg.model, quantize="none", dtype="fp32")
+    )
     return load_stages(resolve_source(cfg.model), cfg)
 
 

@@ -109,7 +109,8 @@ def text_encoder_layout(text_encoder: nn.Module) -> str:
         return "open_clip"
     raise ValueError(
         f"text encoder with hidden_act={act!r} is neither OpenAI CLIP (quick_gelu: SD 1.x, SDXL's "
-        "text_encoder) nor OpenCLIP (gelu: SD 2.x, SDXL's text_encoder_2); the original layout has no place for it"
+        "text_encoder) nor OpenCLIP (gelu: SD 2.x, SDXL's text_encoder_2); the original layout has no place "
+        "for it"
     )
 
 

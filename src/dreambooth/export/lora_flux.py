@@ -42,7 +42,8 @@ DOUBLE_BLOCK = {
     "txt_mlp.2": ("ff_context.net.2",),
     "txt_mod.lin": ("norm1_context.linear",),
 }
-"""Original name in `double_blocks.N` -> the diffusers modules in `transformer_blocks.N` it fuses, in its output order."""
+"""Original name in `double_blocks.N` -> the diffusers modules in `transformer_blocks.N` it fuses, in its
+output order."""
 SINGLE_BLOCK = {
     "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
     "linear2": ("proj_out",),
@@ -65,7 +66,8 @@ OUTSIDE_BLOCKS = {
 SWAPPED = {"final_layer.adaLN_modulation.1"}
 """Layers whose outputs are (shift, scale) in the original and (scale, shift) in diffusers."""
 FINAL_LAYERS = ("final_layer.",)
-"""diffusers' reader ignores these layers' alphas: they are written with the scale folded into up and alpha = rank."""
+"""diffusers' reader ignores these layers' alphas: they are written with the scale folded into up and alpha =
+rank."""
 IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
 """ModelSpec's `implementation` of the original FLUX.1 layout, as kohya writes it."""
 
@@ -97,7 +99,9 @@ def export_lora_flux(lora_file: Path, out: Path, *, base, metadata: dict[str, st
         configs = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
     unknown = sorted({k.split(".")[0] for k in state} - {"transformer", "text_encoder"})
     if unknown:
-        raise NotImplementedError(f"{lora_file}: LoRA parts {unknown} have no kohya FLUX prefix (T5 is never trained here)")
+        raise NotImplementedError(
+            f"{lora_file}: LoRA parts {unknown} have no kohya FLUX prefix (T5 is never trained here)"
+        )
     kohya: dict[str, Tensor] = {}
     pairs = _peft_pairs(unprefixed("transformer.", state), "transformer")
     alpha_of = lambda rank: _kohya_alpha(unprefixed("transformer.", configs), rank)  # noqa: E731
@@ -105,7 +109,10 @@ def export_lora_flux(lora_file: Path, out: Path, *, base, metadata: dict[str, st
         if any(p in pairs for p in parts):
             kohya |= _fused(name, [(p, pairs.pop(p, None)) for p in parts], base.transformer, alpha_of)
     if pairs:
-        raise NotImplementedError(f"{len(pairs)} transformer LoRA modules have no name in the original FLUX layout: {sorted(pairs)[:8]}")
+        raise NotImplementedError(
+            f"{len(pairs)} transformer LoRA modules have no name in the original FLUX layout: "
+            f"{sorted(pairs)[:8]}"
+        )
     clip = _peft_pairs(unprefixed("text_encoder.", state), "text_encoder")
     names = _kohya_modules(list(clip), "text_encoder", None)
     for module, (down, up) in clip.items():
@@ -120,18 +127,28 @@ def export_lora_flux(lora_file: Path, out: Path, *, base, metadata: dict[str, st
 
 
 def _original_layers(transformer) -> dict[str, tuple[str, ...]]:
-    """Every original layer name -> the full diffusers module paths it fuses, for this model's block counts."""
+    """Every original layer name -> the full diffusers module paths it fuses, for this model's block
+    counts."""
     config = transformer.config
     layers = {}
     for i in range(config.num_layers):
-        layers |= {f"double_blocks.{i}.{n}": tuple(f"transformer_blocks.{i}.{p}" for p in ps) for n, ps in DOUBLE_BLOCK.items()}
+        layers |= {
+            f"double_blocks.{i}.{n}": tuple(f"transformer_blocks.{i}.{p}" for p in ps)
+            for n, ps in DOUBLE_BLOCK.items()
+        }
     for i in range(config.num_single_layers):
-        layers |= {f"single_blocks.{i}.{n}": tuple(f"single_transformer_blocks.{i}.{p}" for p in ps) for n, ps in SINGLE_BLOCK.items()}
+        layers |= {
+            f"single_blocks.{i}.{n}": tuple(f"single_transformer_blocks.{i}.{p}" for p in ps)
+            for n, ps in SINGLE_BLOCK.items()
+        }
     return layers | {n: (p,) for n, p in OUTSIDE_BLOCKS.items()}
 
 
-def _fused(original: str, parts: list[tuple[str, tuple[Tensor, Tensor] | None]], transformer, alpha_of) -> dict[str, Tensor]:
-    """The kohya module of original layer `original`, from the adapters of the diffusers modules whose outputs it concatenates."""
+def _fused(
+    original: str, parts: list[tuple[str, tuple[Tensor, Tensor] | None]], transformer, alpha_of
+) -> dict[str, Tensor]:
+    """The kohya module of original layer `original`, from the adapters of the diffusers modules whose outputs
+    it concatenates."""
     name = UNET_PREFIX + original.replace(".", "_")
     ranks = {pair[0].shape[0] for _, pair in parts if pair is not None}
     if len(ranks) > 1:
@@ -142,7 +159,8 @@ def _fused(original: str, parts: list[tuple[str, tuple[Tensor, Tensor] | None]],
     in_features = next(pair[0].shape[1] for _, pair in parts if pair is not None)
     sample = next(pair[0] for _, pair in parts if pair is not None)
     down = torch.zeros(n * rank, in_features, dtype=sample.dtype)   # [n r, in]: the parts' A stacked
-    up = torch.zeros(sum(widths), n * rank, dtype=sample.dtype)     # [sum out, n r]: their B on the block diagonal
+    # [sum out, n r]: their B on the block diagonal
+    up = torch.zeros(sum(widths), n * rank, dtype=sample.dtype)
     row = 0
     for j, ((_, pair), width) in enumerate(zip(parts, widths)):
         if pair is not None:

@@ -77,10 +77,14 @@ def export_lora_kohya(
     parts = SDXL_PARTS if xl else SD_PARTS
     found = {k.split(".")[0] for k in state}
     if base is None and "text_encoder_2" in found:
-        raise ValueError(f"{lora_file} is an SDXL LoRA (it has text_encoder_2 weights): pass base=<the SDXL pipeline>")
+        raise ValueError(
+            f"{lora_file} is an SDXL LoRA (it has text_encoder_2 weights): pass base=<the SDXL pipeline>"
+        )
     others = sorted(found - set(parts))
     if others:
-        raise NotImplementedError(f"{lora_file}: LoRA parts {others} have no kohya prefix (it has {sorted(parts)})")
+        raise NotImplementedError(
+            f"{lora_file}: LoRA parts {others} have no kohya prefix (it has {sorted(parts)})"
+        )
     kohya: dict[str, Tensor] = {}
     for component, prefix in parts.items():
         config = ldm.unprefixed(f"{component}.", adapter_configs)
@@ -102,7 +106,9 @@ def export_lora_kohya(
 def _kohya_modules(modules: list[str], component: str, sdxl_base: DiffusionPipeline | None) -> dict[str, str]:
     """diffusers module path -> the module path kohya names it by (`.` still in place)."""
     if component != "unet":  # transformers >= 5.6 flattened CLIPTextModel; kohya keeps `text_model.`
-        return {m: m if m.startswith(("text_model.", "text_projection")) else f"text_model.{m}" for m in modules}
+        return {
+            m: m if m.startswith(("text_model.", "text_projection")) else f"text_model.{m}" for m in modules
+        }
     if sdxl_base is None:  # SD 1.x/2.x: kohya trains the diffusers UNet and keeps its names
         return {m: m for m in modules}
     renames = ldm.unet_renames(sdxl_base.unet)

@@ -20,7 +20,9 @@ MODELSPEC_ARCHITECTURES = {
 """SAI ModelSpec `modelspec.architecture` of each family, where the model itself is not at hand."""
 
 
-def export_metadata(run_info: dict, *, lora: bool = False, architecture: str | None = None, title: str | None = None) -> dict[str, str]:
+def export_metadata(
+    run_info: dict, *, lora: bool = False, architecture: str | None = None, title: str | None = None
+) -> dict[str, str]:
     """Header metadata of a file exported from a run (`run_info` is its run.json).
 
     Args:

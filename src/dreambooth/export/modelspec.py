@@ -36,7 +36,8 @@ def is_sdxl(pipeline: DiffusionPipeline) -> bool:
 
 
 def modelspec_architecture(pipeline: DiffusionPipeline) -> str:
-    """The SAI ModelSpec architecture id: SD v1, v2-512, v2-768-v, or SDXL base (stable-diffusion-xl-v1-base)."""
+    """The SAI ModelSpec architecture id: SD v1, v2-512, v2-768-v, or SDXL base
+    (stable-diffusion-xl-v1-base)."""
     if is_sdxl(pipeline):
         return SDXL_BASE
     if text_encoder_layout(pipeline.text_encoder) == "clip":
@@ -45,7 +46,8 @@ def modelspec_architecture(pipeline: DiffusionPipeline) -> str:
 
 
 def kohya_base_version(pipeline: DiffusionPipeline) -> str:
-    """kohya's `ss_base_model_version`; AUTOMATIC1111/Forge list a LoRA under SDXL if it starts with `sdxl_`."""
+    """kohya's `ss_base_model_version`; AUTOMATIC1111/Forge list a LoRA under SDXL if it starts with
+    `sdxl_`."""
     if is_sdxl(pipeline):
         return "sdxl_base_v1-0"
     v2 = text_encoder_layout(pipeline.text_encoder) == "open_clip"
@@ -78,8 +80,13 @@ def merged(header: dict[str, str], metadata: dict[str, str] | None) -> dict[str,
     metadata = metadata or {}
     wrong = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
     if wrong:
-        raise ValueError(f"header metadata must map str to str (safetensors stores nothing else); not so for {wrong}")
-    kept = {k: (v, header[k]) for k, v in metadata.items() if k in header and k not in CALLER_FIELDS and v != header[k]}
+        raise ValueError(
+            f"header metadata must map str to str (safetensors stores nothing else); not so for {wrong}"
+        )
+    kept = {
+        k: (v, header[k]) for k, v in metadata.items()
+        if k in header and k not in CALLER_FIELDS and v != header[k]
+    }
     if kept:
         logger.debug("header: kept the exporter's value over the caller's (given, kept): %s", kept)
     return {**header, **{k: v for k, v in metadata.items() if k not in header or k in CALLER_FIELDS}}

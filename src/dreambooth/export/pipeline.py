@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def export_run(
-    stages: list[Stage], layout: RunLayout, family: Family, *, save_pipeline: bool, save_single_file: bool = False,
-    run_info: dict | None = None,
+    stages: list[Stage], layout: RunLayout, family: Family, *, save_pipeline: bool,
+    save_single_file: bool = False, run_info: dict | None = None,
 ) -> dict[str, str]:
     """Save every stage's LoRA adapters, then (if asked) each stage's full fp32 pipeline.
 
@@ -39,7 +39,10 @@ def export_run(
             out = layout.lora(stage.name, cascade)
             written[f"lora/{stage.name}"] = str(save_lora(stage, out))
             if (write_kohya := KOHYA_WRITERS.get(family.name)) is not None:
-                kohya = write_kohya(out / LORA_FILE, out / "lora_kohya.safetensors", base=stage.pipeline, metadata=lora_metadata)
+                kohya = write_kohya(
+                    out / LORA_FILE, out / "lora_kohya.safetensors", base=stage.pipeline,
+                    metadata=lora_metadata,
+                )
                 written[f"lora-kohya/{stage.name}"] = str(kohya)
     for stage in stages:
         if save_pipeline or save_single_file:
@@ -51,7 +54,9 @@ def export_run(
             written[f"pipeline/{stage.name}"] = str(out)
         if save_single_file:
             metadata = export_metadata(run_info) if run_info else None
-            written["single-file"] = str(export_single_file(stage.pipeline, layout.single_file, torch.float16, metadata=metadata))
+            written["single-file"] = str(
+                export_single_file(stage.pipeline, layout.single_file, torch.float16, metadata=metadata)
+            )
     for name, path in written.items():
         logger.info("wrote %s: %s", name, path)
     return written
@@ -61,5 +66,8 @@ def to_fp32_cpu(pipeline) -> None:
     """Bring mixed-precision frozen parts back to fp32 on CPU for saving."""
     pipeline.to("cpu")
     for component in pipeline.components.values():
-        if isinstance(component, torch.nn.Module) and next(component.parameters(), torch.empty(0)).dtype != torch.float32:
+        if (
+            isinstance(component, torch.nn.Module)
+            and next(component.parameters(), torch.empty(0)).dtype != torch.float32
+        ):
             component.to(torch.float32)

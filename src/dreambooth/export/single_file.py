@@ -107,7 +107,9 @@ def _sd_text_state(pipeline: DiffusionPipeline) -> dict[str, Tensor]:
 
 def _sdxl_text_state(pipeline: DiffusionPipeline) -> dict[str, Tensor]:
     """SDXL base: CLIP ViT-L as embedder 0 (transformers layout), OpenCLIP ViT-bigG as embedder 1."""
-    layouts = {name: ldm.text_encoder_layout(getattr(pipeline, name)) for name in ("text_encoder", "text_encoder_2")}
+    layouts = {
+        name: ldm.text_encoder_layout(getattr(pipeline, name)) for name in ("text_encoder", "text_encoder_2")
+    }
     if layouts != {"text_encoder": "clip", "text_encoder_2": "open_clip"}:
         raise ValueError(
             f"SDXL's text encoders must be OpenAI CLIP then OpenCLIP (quick_gelu, then gelu); found {layouts}"

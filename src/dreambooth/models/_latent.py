@@ -34,7 +34,9 @@ def sample_latents(vae: nn.Module, encoded: Encoded, rng: RowRandom) -> Tensor:
     return (latents - shift) * vae.config.scaling_factor
 
 
-def load_pipeline(cls, source: str, single_file_config: str | None, *, revision: str | None, variant: str | None, **kwargs):
+def load_pipeline(
+    cls, source: str, single_file_config: str | None, *, revision: str | None, variant: str | None, **kwargs
+):
     """`cls.from_pretrained(source)`, or `from_single_file` for a .safetensors/.ckpt file, offline."""
     if Path(source).suffix not in SINGLE_FILE_SUFFIXES:
         return cls.from_pretrained(source, revision=revision, variant=variant, **kwargs)
@@ -44,17 +46,21 @@ def load_pipeline(cls, source: str, single_file_config: str | None, *, revision:
         return cls.from_single_file(source, local_files_only=True, **kwargs)
     except (OSError, ValueError) as error:
         hint = (
-            f"the folder given by --model-config ({single_file_config}) must be a diffusers {cls.__name__} folder of the same architecture"
-            if single_file_config is not None
-            else "pass --model-config DIR: a local diffusers folder of the same architecture (e.g. a download of "
-            "stable-diffusion-v1-5/stable-diffusion-v1-5 or stabilityai/stable-diffusion-xl-base-1.0), which supplies "
-            "the configs and tokenizers that a single file lacks"
+            f"the folder given by --model-config ({single_file_config}) must be a diffusers {cls.__name__} "
+            "folder of the same architecture" if single_file_config is not None
+            else "pass --model-config DIR: a local diffusers folder of the same architecture (e.g. a "
+            "download of stable-diffusion-v1-5/stable-diffusion-v1-5 or "
+            "stabilityai/stable-diffusion-xl-base-1.0), which supplies the configs and tokenizers that a "
+            "single file lacks"
         )
-        raise ValueError(f"could not load single-file checkpoint {source!r} offline: {hint}. ({error})") from error
+        raise ValueError(
+            f"could not load single-file checkpoint {source!r} offline: {hint}. ({error})"
+        ) from error
 
 
 def load_vae(source: str | None, dtype: torch.dtype = torch.float32) -> dict:
-    """`{"vae": AutoencoderKL}` from a folder, hub id or single file (e.g. an fp16-safe SDXL VAE), or {} for the model's own."""
+    """`{"vae": AutoencoderKL}` from a folder, hub id or single file (e.g. an fp16-safe SDXL VAE), or {} for
+    the model's own."""
     if source is None:
         return {}
     from diffusers import AutoencoderKL
@@ -65,7 +71,9 @@ def load_vae(source: str | None, dtype: torch.dtype = torch.float32) -> dict:
         subfolder = "vae" if (Path(source) / "vae" / "config.json").is_file() else None
         return {"vae": AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)}
     except (OSError, ValueError) as error:
-        raise ValueError(f"--vae {source!r} could not be loaded as a diffusers AutoencoderKL ({error})") from error
+        raise ValueError(
+            f"--vae {source!r} could not be loaded as a diffusers AutoencoderKL ({error})"
+        ) from error
 
 
 def sample_at(pipeline, resolution: int | None) -> None:

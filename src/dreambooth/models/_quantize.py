@@ -21,26 +21,32 @@ FP8_CAPABILITY = (8, 9)
 
 
 def quantize_problems(method: str) -> list[str]:
-    """What stops `--quantize method` on this machine (library or device), each naming the flag; empty if nothing."""
+    """What stops `--quantize method` on this machine (library or device), each naming the flag; empty if
+    nothing."""
     if method == "none":
         return []
     if method in ("nf4", "int8"):
         if importlib.util.find_spec("bitsandbytes") is None:
             return [f"--quantize {method} needs bitsandbytes: pip install bitsandbytes"]
         if not torch.cuda.is_available():
-            return [f"--quantize {method}: diffusers quantises with bitsandbytes on a CUDA GPU only, and none is visible "
-                    "here; drop --quantize to train unquantised"]
+            return [
+                f"--quantize {method}: diffusers quantises with bitsandbytes on a CUDA GPU only, and none is "
+                "visible here; drop --quantize to train unquantised"
+            ]
         return []
     if method == "fp8":
         if importlib.util.find_spec("torchao") is None:
             return ["--quantize fp8 needs torchao (>= 0.15): pip install torchao"]
         if not torch.cuda.is_available():
-            return ["--quantize fp8: torchao's fp8 weights need a CUDA GPU, and none is visible here; drop --quantize "
-                    "to train unquantised"]
+            return [
+                "--quantize fp8: torchao's fp8 weights need a CUDA GPU, and none is visible here; drop "
+                "--quantize to train unquantised"
+            ]
         capability = torch.cuda.get_device_capability()
         if capability < FP8_CAPABILITY:
             return [f"--quantize fp8 needs a GPU with fp8 support (compute capability 8.9+), found "
-                    f"{torch.cuda.get_device_name()} ({capability[0]}.{capability[1]}); use --quantize nf4 or int8"]
+                    f"{torch.cuda.get_device_name()} ({capability[0]}.{capability[1]}); use --quantize nf4 "
+                    "or int8"]
         return []
     return [f"--quantize {method!r} is not one of none, {', '.join(METHODS)}"]
 
@@ -61,12 +67,15 @@ def quantization_config(method: str):
     from diffusers import BitsAndBytesConfig
 
     if method == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=COMPUTE_DTYPE)
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=COMPUTE_DTYPE
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_quantized_transformer(cls, source: str, single_file_config: str | None, method: str, *, revision, variant,
-                               dtype: torch.dtype):
+def load_quantized_transformer(
+    cls, source: str, single_file_config: str | None, method: str, *, revision, variant, dtype: torch.dtype
+):
     """`cls` (a diffusers transformer class) loaded from a pipeline folder, hub id or single file with
     its linear layers quantised by `method`; the rest of its weights in `dtype`.
 
@@ -79,7 +88,9 @@ def load_quantized_transformer(cls, source: str, single_file_config: str | None,
 
     config = quantization_config(method)  # raises first if this machine cannot quantise
     if Path(source).suffix in SINGLE_FILE_SUFFIXES:
-        return cls.from_single_file(source, config=single_file_config, subfolder="transformer", quantization_config=config,
-                                    torch_dtype=dtype, local_files_only=True)
+        return cls.from_single_file(
+            source, config=single_file_config, subfolder="transformer", quantization_config=config,
+            torch_dtype=dtype, local_files_only=True,
+        )
     return cls.from_pretrained(source, subfolder="transformer", revision=revision, variant=variant,
                                quantization_config=config, torch_dtype=dtype)

@@ -25,7 +25,9 @@ class BuiltinModel:
 def load_builtin_model(path: Path) -> BuiltinModel:
     """The built-in model whose weights are in `path`, described by its `builtin.json`."""
     described = json.loads((path / BUILTIN_FILE).read_text(encoding="utf-8"))
-    return BuiltinModel(path=path, embedders=described.get("embedders"), class_nouns=tuple(described.get("class_nouns", ())))
+    return BuiltinModel(
+        path=path, embedders=described.get("embedders"), class_nouns=tuple(described.get("class_nouns", ()))
+    )
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -48,6 +50,9 @@ def unknown_class_noun(source: str, class_noun: str) -> str | None:
     model = BUILTIN_MODELS.get(source)
     if model is None or not model.class_nouns or class_noun in model.class_nouns:
         return None
-    return (f"--class-noun {class_noun!r}: the built-in {source!r} model only knows {', '.join(model.class_nouns)}, so its "
-            f"class images and prior for {class_noun!r} are meaningless. Use one of those nouns, or give a real model "
-            "(--model <hub id or folder>) for real photos.")
+    return (
+        f"--class-noun {class_noun!r}: the built-in {source!r} model only knows "
+        f"{', '.join(model.class_nouns)}, so its "
+        f"class images and prior for {class_noun!r} are meaningless. Use one of those nouns, or give a "
+        "real model (--model <hub id or folder>) for real photos."
+    )

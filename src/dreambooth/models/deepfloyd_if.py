@@ -40,7 +40,8 @@ LORA_TARGETS = {
     "text_encoder": ("q", "k", "v", "o"),
 }
 NO_SAFETY = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
-"""IF pipeline components the tool neither trains nor needs (the safety checker and its feature extractor, the watermarker)."""
+"""IF pipeline components the tool neither trains nor needs (the safety checker and its feature extractor, the
+watermarker)."""
 
 
 def upscale(lowres: Tensor, size: int) -> Tensor:
@@ -49,7 +50,8 @@ def upscale(lowres: Tensor, size: int) -> Tensor:
 
 
 def preprocess_prompt(prompt: str) -> str:
-    """The text IF's pipelines tokenize (`_text_preprocessing` without caption cleaning): lower-cased, stripped.
+    """The text IF's pipelines tokenize (`_text_preprocessing` without caption cleaning): lower-cased,
+    stripped.
 
     T5 is case-sensitive, so training must see the same text or 'OHWX' trains other tokens than sampling uses.
     """
@@ -59,7 +61,9 @@ def preprocess_prompt(prompt: str) -> str:
 def _encode_t5(text_encoder: nn.Module, tokens: Tokens) -> TextConditioning:
     # IFPipeline.encode_prompt passes the attention mask and takes the last hidden state.
     device = next(text_encoder.parameters()).device
-    return TextConditioning(text_encoder(tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))[0])
+    return TextConditioning(
+        text_encoder(tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))[0]
+    )
 
 
 def _epsilon(output: Tensor, channels: int) -> Tensor:
@@ -113,8 +117,12 @@ class IFBaseStage(_IFStage):
     def encode_images(self, pixels: Tensor, framing: Framing) -> Encoded:
         return {"pixels": pixels.float()}
 
-    def predict(self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom) -> Tensor:
-        return _epsilon(self.denoiser(noisy, level, encoder_hidden_states=text.sequence).sample, noisy.shape[1])
+    def predict(
+        self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom
+    ) -> Tensor:
+        return _epsilon(
+            self.denoiser(noisy, level, encoder_hidden_states=text.sequence).sample, noisy.shape[1]
+        )
 
 
 @dataclass(kw_only=True)
@@ -133,21 +141,30 @@ class IFSuperResStage(_IFStage):
 
     def condition(self, lowres: Tensor, rng: RowRandom) -> tuple[Tensor, Tensor]:
         """Upscaled, noise-augmented low-res input [b, 3, H, W] and its augmentation level [b]."""
-        return augment(upscale(lowres, self.resolution), self.pipeline.image_noising_scheduler, self.noise_level_range, rng)
+        return augment(
+            upscale(lowres, self.resolution), self.pipeline.image_noising_scheduler, self.noise_level_range,
+            rng,
+        )
 
-    def predict(self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom) -> Tensor:
+    def predict(
+        self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom
+    ) -> Tensor:
         augmented, augmentation = self.condition(encoded["lowres"], rng)
-        model_input = torch.cat([noisy, augmented.to(noisy)], dim=1)  # [b, 6, H, W], as the pipeline builds it
-        output = self.denoiser(model_input, level, encoder_hidden_states=text.sequence, class_labels=augmentation).sample
+        # [b, 6, H, W], as the pipeline builds it
+        model_input = torch.cat([noisy, augmented.to(noisy)], dim=1)
+        output = self.denoiser(
+            model_input, level, encoder_hidden_states=text.sequence, class_labels=augmentation
+        ).sample
         return _epsilon(output, noisy.shape[1])
 
 
 def load_if(
-    source: str, sr_source: str | None = None, *, noise_level_range: tuple[int, int] = SR_NOISE_LEVELS, revision: str | None = None,
-    variant: str | None = None, dtype: torch.dtype = torch.float32, share_text_encoder: bool = True, upscaler_source: str | None = None,
+    source: str, sr_source: str | None = None, *, noise_level_range: tuple[int, int] = SR_NOISE_LEVELS,
+    revision: str | None = None, variant: str | None = None, dtype: torch.dtype = torch.float32,
+    share_text_encoder: bool = True, upscaler_source: str | None = None,
 ) -> list:
-    """Load the stages of an IF cascade on CPU in `dtype`: the base from `source`, SR from `sr_source` if given,
-    and the x4 upscaler (`models.sd_upscaler`) from `upscaler_source` if given.
+    """Load the stages of an IF cascade on CPU in `dtype`: the base from `source`, SR from `sr_source` if
+    given, and the x4 upscaler (`models.sd_upscaler`) from `upscaler_source` if given.
 
     Without a `variant`, fp16/bf16 weights are read from a repo's fp16 files when it ships them (IF's
     do: half the bytes of its fp32 files), else from its default files. IF-II ships its own copy of
@@ -164,20 +181,32 @@ def load_if(
         sr_dir = _pipeline_folder(IFSuperResolutionPipeline, sr_source, None, sr_variant)
         shared = share_text_encoder and _same_text_encoder(base_dir, base_variant, sr_dir, sr_variant)
         own = {"text_encoder": base_pipe.text_encoder} if shared else {}
-        sr_pipe = IFSuperResolutionPipeline.from_pretrained(sr_dir, variant=sr_variant, dtype=dtype, **own, **NO_SAFETY)
+        sr_pipe = IFSuperResolutionPipeline.from_pretrained(
+            sr_dir, variant=sr_variant, dtype=dtype, **own, **NO_SAFETY
+        )
         stages.append(
-            IFSuperResStage(**_components(sr_pipe), low_resolution=stages[0].resolution, noise_level_range=noise_level_range)
+            IFSuperResStage(
+                **_components(sr_pipe), low_resolution=stages[0].resolution,
+                noise_level_range=noise_level_range,
+            )
         )
     if upscaler_source is not None:
-        stages.append(load_upscaler(upscaler_source, stages[-1].resolution, variant=_variant(upscaler_source, None, variant, dtype), dtype=dtype))
+        stages.append(
+            load_upscaler(
+                upscaler_source, stages[-1].resolution,
+                variant=_variant(upscaler_source, None, variant, dtype), dtype=dtype,
+            )
+        )
     return stages
 
 
 def _variant(source: str, revision: str | None, variant: str | None, dtype: torch.dtype) -> str | None:
-    """The weight files to read: `variant` if given; for fp16/bf16 weights the fp16 files if the repo has them; else the default files."""
+    """The weight files to read: `variant` if given; for fp16/bf16 weights the fp16 files if the repo has
+    them; else the default files."""
     if variant is not None or dtype == torch.float32:
         return variant
-    fp16 = [name for name in _file_names(source, revision) if ".fp16." in name or ".fp16-" in name]  # model.fp16-00001-of-00002.safetensors
+    # model.fp16-00001-of-00002.safetensors
+    fp16 = [name for name in _file_names(source, revision) if ".fp16." in name or ".fp16-" in name]
     return "fp16" if fp16 else None
 
 
@@ -194,19 +223,28 @@ def _file_names(source: str, revision: str | None) -> list[str]:
 
 
 def _pipeline_folder(cls, source: str, revision: str | None, variant: str | None) -> Path:
-    """The local folder of a pipeline: `source` itself, or a hub repo's snapshot in the hub cache (downloaded if needed)."""
+    """The local folder of a pipeline: `source` itself, or a hub repo's snapshot in the hub cache (downloaded
+    if needed)."""
     if Path(source).is_dir():
         return Path(source)
-    return Path(cls.download(source, revision=revision, variant=variant, **NO_SAFETY))  # NO_SAFETY's parts are not downloaded
+    # NO_SAFETY's parts are not downloaded
+    return Path(cls.download(source, revision=revision, variant=variant, **NO_SAFETY))
 
 
-def _same_text_encoder(base_dir: Path, base_variant: str | None, sr_dir: Path, sr_variant: str | None) -> bool:
-    """Whether two IF pipeline folders hold the same text encoder: the same config and the same weight files."""
+def _same_text_encoder(
+    base_dir: Path, base_variant: str | None, sr_dir: Path, sr_variant: str | None
+) -> bool:
+    """Whether two IF pipeline folders hold the same text encoder: the same config and the same weight
+    files."""
     base, sr = base_dir / "text_encoder", sr_dir / "text_encoder"
-    if not ((base / "config.json").is_file() and (sr / "config.json").is_file()) or _config(base) != _config(sr):
+    if not ((base / "config.json").is_file() and (sr / "config.json").is_file()) or _config(base) != _config(
+        sr
+    ):
         return False
     base_files, sr_files = _weight_files(base, base_variant), _weight_files(sr, sr_variant)
-    return ([f.name for f in base_files] == [f.name for f in sr_files]) and all(map(_same_file, base_files, sr_files))
+    return ([f.name for f in base_files] == [f.name for f in sr_files]) and all(
+        map(_same_file, base_files, sr_files)
+    )
 
 
 def _config(folder: Path) -> dict:
@@ -216,10 +254,14 @@ def _config(folder: Path) -> dict:
 
 
 def _weight_files(folder: Path, variant: str | None) -> list[Path]:
-    """The weight files `from_pretrained` reads from a component folder: the variant's if it has them, else the default ones."""
+    """The weight files `from_pretrained` reads from a component folder: the variant's if it has them, else
+    the default ones."""
     weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
-    chosen = [p for p in weights if variant is not None and (f".{variant}." in p.name or f".{variant}-" in p.name)]
-    return chosen or [p for p in weights if p.name.count(".") == 1]  # model.safetensors, model-00001-of-00002.safetensors
+    chosen = [
+        p for p in weights if variant is not None and (f".{variant}." in p.name or f".{variant}-" in p.name)
+    ]
+    # model.safetensors, model-00001-of-00002.safetensors
+    return chosen or [p for p in weights if p.name.count(".") == 1]
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -241,15 +283,22 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _components(pipeline: IFPipeline | IFSuperResolutionPipeline) -> dict:
     # Training noises with DDPM from the pipeline's config, whatever scheduler sampling is given.
-    return dict(pipeline=pipeline, denoiser=pipeline.unet, text_encoders={"text_encoder": pipeline.text_encoder},
-                objective=DDPMObjective.from_config(pipeline.scheduler.config))
+    return dict(
+        pipeline=pipeline, denoiser=pipeline.unet, text_encoders={"text_encoder": pipeline.text_encoder},
+        objective=DDPMObjective.from_config(pipeline.scheduler.config),
+    )
 
 
 def _load(source: ModelSource, cfg: RunConfig) -> list:
     levels = cfg.cascade.noise_level_range
-    return load_if(source.base, source.sr, noise_level_range=levels, revision=cfg.model.revision, variant=cfg.model.variant,
-                   dtype=DTYPES[cfg.weights_dtype], share_text_encoder=not cfg.train.train_text_encoder, upscaler_source=source.upscaler)
+    return load_if(
+        source.base, source.sr, noise_level_range=levels, revision=cfg.model.revision,
+        variant=cfg.model.variant, dtype=DTYPES[cfg.weights_dtype],
+        share_text_encoder=not cfg.train.train_text_encoder, upscaler_source=source.upscaler,
+    )
 
 
-FAMILY = Family(name="if", pipeline_classes=("IFPipeline",), load=_load, text_encoders=("text_encoder",), cascade=True,
-                preprocess_prompt=preprocess_prompt)
+FAMILY = Family(
+    name="if", pipeline_classes=("IFPipeline",), load=_load, text_encoders=("text_encoder",), cascade=True,
+    preprocess_prompt=preprocess_prompt,
+)

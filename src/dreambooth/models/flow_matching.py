@@ -104,7 +104,8 @@ class DynamicShift:
     def __post_init__(self) -> None:
         if self.max_seq_len <= self.base_seq_len:
             raise ValueError(
-                f"dynamic shift needs max_seq_len > base_seq_len, got {self.max_seq_len} <= {self.base_seq_len}"
+                f"dynamic shift needs max_seq_len > base_seq_len, got {self.max_seq_len} <= "
+                f"{self.base_seq_len}"
             )
         if self.patch_size <= 0:
             raise ValueError(f"dynamic shift patch_size must be > 0, got {self.patch_size}")
@@ -118,7 +119,8 @@ class DynamicShift:
 
 @dataclass(frozen=True)
 class FlowMatchingObjective:
-    """Rectified flow: noise levels sigma in (0, 1], x_t = (1 - sigma) x0 + sigma eps, velocity target eps - x0."""
+    """Rectified flow: noise levels sigma in (0, 1], x_t = (1 - sigma) x0 + sigma eps, velocity target eps -
+    x0."""
 
     density: str = "logit_normal"
     """How sigma is drawn: 'uniform', 'logit_normal' or 'mode'."""
@@ -146,14 +148,16 @@ class FlowMatchingObjective:
             raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
         low, high = MODE_SCALE_RANGE
         if self.density == "mode" and not low <= self.mode_scale <= high:
-            raise ValueError(f"mode_scale must lie in [{low}, {high:.4f}] for the mode density, got {self.mode_scale}")
+            raise ValueError(
+                f"mode_scale must lie in [{low}, {high:.4f}] for the mode density, got {self.mode_scale}"
+            )
         if self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
 
     @classmethod
     def from_scheduler_config(
-        cls, config: Mapping, *, density: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
-        mode_scale: float = 1.29, weighting: str = "none", patch_size: int = 2,
+        cls, config: Mapping, *, density: str = "logit_normal", logit_mean: float = 0.0,
+        logit_std: float = 1.0, mode_scale: float = 1.29, weighting: str = "none", patch_size: int = 2,
     ) -> FlowMatchingObjective:
         """The objective of a model whose sampler is a diffusers FlowMatchEulerDiscreteScheduler.
 
@@ -174,7 +178,8 @@ class FlowMatchingObjective:
         name = config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
         if not name.startswith("FlowMatch"):
             raise ValueError(
-                f"scheduler config is a {name}'s, not a flow-matching scheduler's: the model is not a rectified-flow model"
+                f"scheduler config is a {name}'s, not a flow-matching scheduler's: the model is not a "
+                "rectified-flow model"
             )
         dynamic = None
         if config.get("use_dynamic_shifting", False):
@@ -183,22 +188,27 @@ class FlowMatchingObjective:
                     f"scheduler time_shift_type {config['time_shift_type']!r} is not supported; "
                     "only 'exponential' (FLUX.1's) is"
                 )
-            keys = {"base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+            keys = {
+                "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+            }
             values = {k: config.get(k, default) for k, default in keys.items()}
             if missing := [k for k, v in values.items() if v is None]:
-                raise ValueError(f"scheduler config uses dynamic shifting but sets {', '.join(missing)} to null")
+                raise ValueError(
+                    f"scheduler config uses dynamic shifting but sets {', '.join(missing)} to null"
+                )
             dynamic = DynamicShift(
                 base_seq_len=values["base_image_seq_len"], max_seq_len=values["max_image_seq_len"],
                 base_shift=values["base_shift"], max_shift=values["max_shift"], patch_size=patch_size,
             )
         return cls(
-            density=density, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale, weighting=weighting,
-            shift=float(config.get("shift", 1.0)), dynamic_shift=dynamic,
+            density=density, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale,
+            weighting=weighting, shift=float(config.get("shift", 1.0)), dynamic_shift=dynamic,
             num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
         )
 
     def draw_levels(self, rng: RowRandom, x0: Tensor) -> Tensor:
-        """sigma [b] (float32) from each row's generator; x0 [b, c, h, w] sets the dynamic shift's token count."""
+        """sigma [b] (float32) from each row's generator; x0 [b, c, h, w] sets the dynamic shift's token
+        count."""
         sigma = self.shifted(DENSITIES[self.density](self, rng), x0.shape)
         return sigma.clamp(min=SIGMA_MIN)
 
@@ -223,7 +233,8 @@ class FlowMatchingObjective:
         return level.float()
 
     def timestep(self, level: Tensor) -> Tensor:
-        """sigma on the scheduler's timestep scale (sigma * 1000): SD3's transformer takes this; FLUX's takes sigma."""
+        """sigma on the scheduler's timestep scale (sigma * 1000): SD3's transformer takes this; FLUX's takes
+        sigma."""
         return level * self.num_train_timesteps
 
 

@@ -54,12 +54,14 @@ TRANSFORMER_LORA_TARGETS = (
 )
 """The default of diffusers' `train_dreambooth_lora_flux.py`: every attention projection (the single
 blocks' q, k, v included) and the double blocks' feed-forward layers. Not the single blocks'
-`proj_mlp`/`proj_out`: peft matches names by suffix, and `proj_out` would also catch the final output layer."""
+`proj_mlp`/`proj_out`: peft matches names by suffix, and `proj_out` would also catch the final output
+layer."""
 LORA_TARGETS = {"transformer": TRANSFORMER_LORA_TARGETS, "text_encoder": CLIP_LORA_TARGETS}
 MAX_SEQUENCE_LENGTH = 512
 """T5 tokens per prompt: `FluxPipeline`'s default, so that training sees the sequence length sampling does."""
 DEV_GUIDANCE = 3.5
-"""FLUX.1 [dev]'s sampling guidance: `FluxPipeline`'s default `guidance_scale`, as Black Forest Labs recommend."""
+"""FLUX.1 [dev]'s sampling guidance: `FluxPipeline`'s default `guidance_scale`, as Black Forest Labs
+recommend."""
 PATCH = 2
 """Latent pixels per token side: FLUX packs 2x2 latent pixels into one token."""
 LORA_ONLY = (
@@ -123,17 +125,21 @@ class FluxStage:
         # attends to; CLIP contributes only its pooled output.
         clip, t5 = self.text_encoders["text_encoder"], self.pipeline.text_encoder_2
         sequence = t5(tokens["input_ids_2"].to(_device(t5)), output_hidden_states=False)[0]  # [b, seq, d_t5]
-        pooled = clip(tokens["input_ids"].to(_device(clip)), output_hidden_states=False).pooler_output  # [b, d_clip]
+        # [b, d_clip]
+        pooled = clip(tokens["input_ids"].to(_device(clip)), output_hidden_states=False).pooler_output
         return TextConditioning(sequence, pooled)
 
-    def predict(self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom) -> Tensor:
+    def predict(
+        self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom
+    ) -> Tensor:
         b, _, h, w = noisy.shape
         guidance = None
         if self.guidance_embeds:  # as the pipeline passes guidance_scale
             guidance = torch.full((b,), self.guidance, device=noisy.device, dtype=torch.float32)
         out = self.denoiser(
             hidden_states=pack_latents(noisy),                                  # [b, h/2 * w/2, 4c]
-            timestep=level.to(noisy.dtype),                                     # sigma: the pipeline passes t / 1000
+            # sigma: the pipeline passes t / 1000
+            timestep=level.to(noisy.dtype),
             guidance=guidance,
             pooled_projections=text.pooled,
             encoder_hidden_states=text.sequence,
@@ -141,7 +147,8 @@ class FluxStage:
             img_ids=image_ids(h // PATCH, w // PATCH, noisy.device, noisy.dtype),
             return_dict=False,
         )[0]
-        return unpack_latents(out, h, w)                                        # [b, c, h, w], as the target noise - x0
+        # [b, c, h, w], as the target noise - x0
+        return unpack_latents(out, h, w)
 
 
 def pack_latents(latents: Tensor) -> Tensor:
@@ -152,7 +159,8 @@ def pack_latents(latents: Tensor) -> Tensor:
 
 
 def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
-    """Tokens [b, (h/2)(w/2), 4c] back to latents [b, c, h, w] (`FluxPipeline._unpack_latents`, in latent pixels)."""
+    """Tokens [b, (h/2)(w/2), 4c] back to latents [b, c, h, w] (`FluxPipeline._unpack_latents`, in latent
+    pixels)."""
     b, _, d = tokens.shape
     c = d // (PATCH * PATCH)
     patches = tokens.view(b, h // PATCH, w // PATCH, c, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
@@ -160,7 +168,8 @@ def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
 
 
 def image_ids(rows: int, cols: int, device: torch.device | str, dtype: torch.dtype) -> Tensor:
-    """RoPE positions [rows * cols, 3] of the image tokens: (0, row, col) (`FluxPipeline._prepare_latent_image_ids`)."""
+    """RoPE positions [rows * cols, 3] of the image tokens: (0, row, col)
+    (`FluxPipeline._prepare_latent_image_ids`)."""
     ids = torch.zeros(rows, cols, 3)
     ids[..., 1] = torch.arange(rows)[:, None]
     ids[..., 2] = torch.arange(cols)[None, :]
@@ -177,9 +186,9 @@ def native_resolution(pipeline: FluxPipeline) -> int:
 
 
 def load_flux(
-    source: str, *, single_file_config: str | None = None, revision: str | None = None, variant: str | None = None,
-    vae: str | None = None, quantize: str = "none", flow: FlowConfig | None = None, resolution: int | None = None,
-    dtype: torch.dtype = torch.float32,
+    source: str, *, single_file_config: str | None = None, revision: str | None = None,
+    variant: str | None = None, vae: str | None = None, quantize: str = "none",
+    flow: FlowConfig | None = None, resolution: int | None = None, dtype: torch.dtype = torch.float32,
 ) -> list[FluxStage]:
     """Load a FLUX.1 pipeline (diffusers folder, hub id, or a single file with `single_file_config`).
 
@@ -196,28 +205,37 @@ def load_flux(
         resolution: Training and sampling size in pixels (a multiple of 16); None: `native_resolution`.
 
     Raises:
-        ValueError: a bad resolution, or a quantisation this machine cannot do (names the flag and the install).
+        ValueError: a bad resolution, or a quantisation this machine cannot do (names the flag and the
+    install).
     """
     flow = flow or FlowConfig()
     if resolution is not None and resolution % 16:
-        raise ValueError(f"--resolution {resolution}: FLUX needs a multiple of 16 pixels (8x VAE, 2x2 packing)")
+        raise ValueError(
+            f"--resolution {resolution}: FLUX needs a multiple of 16 pixels (8x VAE, 2x2 packing)"
+        )
     kwargs = dict(dtype=dtype, **load_vae(vae, dtype))
     if quantize != "none":
         kwargs["transformer"] = load_quantized_transformer(
-            FluxTransformer2DModel, source, single_file_config, quantize, revision=revision, variant=variant, dtype=dtype,
+            FluxTransformer2DModel, source, single_file_config, quantize, revision=revision, variant=variant,
+            dtype=dtype,
         )
-    pipeline = load_pipeline(FluxPipeline, source, single_file_config, revision=revision, variant=variant, **kwargs)
+    pipeline = load_pipeline(
+        FluxPipeline, source, single_file_config, revision=revision, variant=variant, **kwargs
+    )
     stage = stage_from_pipeline(pipeline, flow, resolution)
     if not stage.guidance_embeds:
         logger.warning(
-            "%s has no guidance embedding (FLUX.1 [schnell]): it is timestep-distilled for 1-4 sampling steps, and "
-            "fine-tuning with the flow-matching loss gradually undoes that distillation. Sample with more steps "
-            "(20-28), keep runs short, and expect few-step samples to blur", source,
+            "%s has no guidance embedding (FLUX.1 [schnell]): it is timestep-distilled for 1-4 sampling "
+            "steps, and "
+            "fine-tuning with the flow-matching loss gradually undoes that distillation. Sample with more "
+            "steps (20-28), keep runs short, and expect few-step samples to blur", source,
         )
     return [stage]
 
 
-def stage_from_pipeline(pipeline: FluxPipeline, flow: FlowConfig | None = None, resolution: int | None = None) -> FluxStage:
+def stage_from_pipeline(
+    pipeline: FluxPipeline, flow: FlowConfig | None = None, resolution: int | None = None
+) -> FluxStage:
     """Wrap a loaded pipeline as a trainable stage; the pipeline then samples at the stage's resolution."""
     flow = flow or FlowConfig()
     size = resolution or native_resolution(pipeline)
@@ -230,8 +248,9 @@ def stage_from_pipeline(pipeline: FluxPipeline, flow: FlowConfig | None = None, 
     )
     dev = bool(pipeline.transformer.config.guidance_embeds)
     return FluxStage(
-        pipeline=pipeline, denoiser=pipeline.transformer, text_encoders={"text_encoder": pipeline.text_encoder},
-        objective=objective, resolution=size, guidance=flow.guidance,
+        pipeline=pipeline, denoiser=pipeline.transformer,
+        text_encoders={"text_encoder": pipeline.text_encoder}, objective=objective, resolution=size,
+        guidance=flow.guidance,
         default_guidance=DEV_GUIDANCE if dev else 0.0,  # [schnell]'s pipeline ignores guidance_scale
     )
 
@@ -243,8 +262,9 @@ def _device(module: nn.Module) -> torch.device:
 def _load(source: ModelSource, cfg: RunConfig) -> list[FluxStage]:
     model = cfg.model
     return load_flux(
-        source.base, single_file_config=model.single_file_config, revision=model.revision, variant=model.variant,
-        vae=model.vae, quantize=model.quantize, flow=cfg.flow, resolution=cfg.subject.resolution, dtype=DTYPES[cfg.weights_dtype],
+        source.base, single_file_config=model.single_file_config, revision=model.revision,
+        variant=model.variant, vae=model.vae, quantize=model.quantize, flow=cfg.flow,
+        resolution=cfg.subject.resolution, dtype=DTYPES[cfg.weights_dtype],
     )
 
 

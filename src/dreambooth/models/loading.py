@@ -22,7 +22,9 @@ from dreambooth.models.spec import Family, ModelSource
 
 logger = logging.getLogger(__name__)
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (sd.FAMILY, sdxl.FAMILY, deepfloyd_if.FAMILY, sd3.FAMILY, flux.FAMILY)}
+FAMILIES: dict[str, Family] = {
+    family.name: family for family in (sd.FAMILY, sdxl.FAMILY, deepfloyd_if.FAMILY, sd3.FAMILY, flux.FAMILY)
+}
 PIPELINE_FAMILIES = {cls: family.name for family in FAMILIES.values() for cls in family.pipeline_classes}
 
 
@@ -48,7 +50,8 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
 
 
 def _resolve_folder(path: Path, cfg: ModelConfig) -> ModelSource:
-    if (path / "stage_1" / "model_index.json").is_file():  # a cascade folder: stage_1/, stage_2/ and maybe stage_3/
+    # a cascade folder: stage_1/, stage_2/ and maybe stage_3/
+    if (path / "stage_1" / "model_index.json").is_file():
         sr, upscaler = (path / "stage_2", path / "stage_3")
         return ModelSource("if", str(path / "stage_1"), cfg.sr_source or (str(sr) if sr.is_dir() else None),
                            cfg.upscaler_source or (str(upscaler) if upscaler.is_dir() else None))
@@ -60,17 +63,22 @@ def _resolve_folder(path: Path, cfg: ModelConfig) -> ModelSource:
             f"model folder {str(path)!r} is not a diffusers model: it has no model_index.json "
             "(pass a diffusers pipeline folder, a single-file .safetensors checkpoint, or a hub id)"
         )
-    return ModelSource(_family(_pipeline_class(index), str(path)), str(path), cfg.sr_source, cfg.upscaler_source)
+    return ModelSource(
+        _family(_pipeline_class(index), str(path)), str(path), cfg.sr_source, cfg.upscaler_source
+    )
 
 
 def _resolve_run(path: Path, cfg: ModelConfig) -> ModelSource:
-    """A run folder: its merged pipeline, else (a LoRA run saved without one) the model it was trained from."""
+    """A run folder: its merged pipeline, else (a LoRA run saved without one) the model it was trained
+    from."""
     if (path / "pipeline").is_dir():
         return _resolve_folder(path / "pipeline", cfg)
     try:
         model = json.loads((path / "run.json").read_text(encoding="utf-8"))["model"]
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"run folder {str(path)!r}: run.json is damaged ({error!r}) and there is no pipeline/ to load") from error
+        raise ValueError(
+            f"run folder {str(path)!r}: run.json is damaged ({error!r}) and there is no pipeline/ to load"
+        ) from error
     base = run_base_model(model)
     return resolve_source(dataclasses.replace(base, sr_source=cfg.sr_source or base.sr_source,
                                               upscaler_source=cfg.upscaler_source or base.upscaler_source))
@@ -78,7 +86,9 @@ def _resolve_run(path: Path, cfg: ModelConfig) -> ModelSource:
 
 def run_base_model(recorded: dict) -> ModelConfig:
     """The pretrained model a run started from (run.json's "model"), every stage included."""
-    return ModelConfig(source=recorded["source"], sr_source=recorded.get("sr"), upscaler_source=recorded.get("upscaler"))
+    return ModelConfig(
+        source=recorded["source"], sr_source=recorded.get("sr"), upscaler_source=recorded.get("upscaler")
+    )
 
 
 def _pipeline_class(index: Path) -> str:
@@ -87,8 +97,10 @@ def _pipeline_class(index: Path) -> str:
         data = json.loads(index.read_bytes().decode("utf-8"))
         return str(data["_class_name"])
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{str(index)!r} is damaged or not a diffusers model index ({type(error).__name__}: {error}); "
-                         "re-download or re-save the model folder") from error
+        raise ValueError(
+            f"{str(index)!r} is damaged or not a diffusers model index ({type(error).__name__}: {error}); "
+            "re-download or re-save the model folder"
+        ) from error
 
 
 def _resolve_hub_id(repo_id: str, cfg: ModelConfig) -> ModelSource:
@@ -129,7 +141,10 @@ def _single_file_family(path: Path, cfg: ModelConfig) -> str:
     if cfg.single_file_config is not None:
         index = Path(cfg.single_file_config) / "model_index.json"
         if not index.is_file():
-            raise ValueError(f"--model-config {cfg.single_file_config!r} is not a diffusers pipeline folder (no model_index.json)")
+            raise ValueError(
+                f"--model-config {cfg.single_file_config!r} is not a diffusers pipeline folder (no "
+                "model_index.json)"
+            )
         return _family(_pipeline_class(index), cfg.single_file_config)
     if path.suffix != ".safetensors":
         return "sd"  # a pickle's keys cannot be read without unpickling it; SD is what .ckpt files hold
@@ -139,14 +154,17 @@ def _single_file_family(path: Path, cfg: ModelConfig) -> str:
         with safe_open(str(path), "pt") as f:
             keys = list(f.keys())
     except Exception as error:  # safetensors raises its own error types for a damaged header
-        raise ValueError(f"model checkpoint {str(path)!r} is not a readable .safetensors file ({error})") from error
+        raise ValueError(
+            f"model checkpoint {str(path)!r} is not a readable .safetensors file ({error})"
+        ) from error
     singles = [f for f in FAMILIES.values() if f.single_file_marker is not None]
     for family in singles:
         if any(key.startswith(family.single_file_marker) for key in keys):
             return family.name
     raise ValueError(
         f"{str(path)!r} is not a single-file checkpoint of a family this tool trains "
-        f"({', '.join(f.name for f in singles)}); pass --model-config DIR naming a diffusers folder of its architecture"
+        f"({', '.join(f.name for f in singles)}); pass --model-config DIR naming a diffusers folder of its "
+        "architecture"
     )
 
 
@@ -168,51 +186,86 @@ def trained_text_encoders(cfg: RunConfig, family: Family) -> tuple[str, ...]:
 
 
 def cascade_problems(cfg: RunConfig, source: ModelSource) -> list[str]:
-    """Stages of a cascade asked for (--stages, --upscaler-model) that the model does not have; empty if none."""
+    """Stages of a cascade asked for (--stages, --upscaler-model) that the model does not have; empty if
+    none."""
     if not FAMILIES[source.family].cascade:
         return []
     present = {"base": source.base, "sr": source.sr, "upscaler": source.upscaler}
-    how = {"sr": " (pass --sr-model)", "upscaler": " (pass --upscaler-model, e.g. stabilityai/stable-diffusion-x4-upscaler)"}
+    how = {
+        "sr": " (pass --sr-model)",
+        "upscaler": " (pass --upscaler-model, e.g. stabilityai/stable-diffusion-x4-upscaler)",
+    }
     problems = [f"--stages {name}: the cascade {cfg.model.source!r} has no {name} stage{how.get(name, '')}"
                 for name in cfg.cascade.stages if present[name] is None]
     if source.upscaler is not None and source.sr is None:
-        problems.append("the upscaler (stage 3) upscales the super-resolution stage's output: pass --sr-model too")
+        problems.append(
+            "the upscaler (stage 3) upscales the super-resolution stage's output: pass --sr-model too"
+        )
     return problems
 
 
 def option_problems(cfg: RunConfig, family: Family) -> list[str]:
     """Options set in `cfg` that `family` has no use for, each naming its flag; empty if none."""
     problems = []
-    if cfg.train.text_encoders is not None and (unknown := set(cfg.train.text_encoders) - set(family.text_encoders)):
-        problems.append(f"--text-encoders {' '.join(sorted(unknown))}: a {family.name} model's trainable text encoders are "
-                        f"{' '.join(family.text_encoders)}")
+    if cfg.train.text_encoders is not None and (
+        unknown := set(cfg.train.text_encoders) - set(family.text_encoders)
+    ):
+        problems.append(
+            f"--text-encoders {' '.join(sorted(unknown))}: a {family.name} model's trainable text encoders "
+            f"are {' '.join(family.text_encoders)}"
+        )
     if cfg.optim.text_encoder_2_learning_rate is not None and "text_encoder_2" not in family.text_encoders:
-        problems.append(f"--text-encoder-2-learning-rate is for models with a second text encoder (SDXL); a {family.name} model has one")
+        problems.append(
+            "--text-encoder-2-learning-rate is for models with a second text encoder (SDXL); a "
+            f"{family.name} model has one"
+        )
     if cfg.model.vae is not None and not family.latent:
-        problems.append(f"--vae replaces the VAE of a latent model (SD, SDXL); a {family.name} model denoises pixels")
+        problems.append(
+            f"--vae replaces the VAE of a latent model (SD, SDXL); a {family.name} model denoises pixels"
+        )
     if (size := cfg.subject.resolution) is not None:
         if family.cascade:
-            problems.append(f"--resolution {size}: each stage of a cascade trains at its own size (IF: 64 and 256 px), "
-                            "which the next stage expects; drop --resolution")
+            problems.append(
+                f"--resolution {size}: each stage of a cascade trains at its own size (IF: 64 and 256 px), "
+                "which the next stage expects; drop --resolution"
+            )
         elif size % 8:
-            problems.append(f"--resolution {size}: a {family.name} model needs a multiple of 8 pixels (its VAE's factor)")
+            problems.append(
+                f"--resolution {size}: a {family.name} model needs a multiple of 8 pixels (its VAE's factor)"
+            )
     if cfg.model.sr_source is not None and not family.cascade:
-        problems.append(f"--sr-model names the super-resolution stage of a cascade (IF); a {family.name} model has one stage")
+        problems.append(
+            f"--sr-model names the super-resolution stage of a cascade (IF); a {family.name} model has one "
+            "stage"
+        )
     if cfg.model.upscaler_source is not None and not family.cascade:
-        problems.append(f"--upscaler-model names the third stage of a cascade (IF); a {family.name} model has one stage")
+        problems.append(
+            f"--upscaler-model names the third stage of a cascade (IF); a {family.name} model has one stage"
+        )
     if cfg.output.save_single_file and family.single_file_marker is None:
-        problems.append(f"--save-single-file writes SD/SDXL checkpoints; a {family.name} model has no single-file layout "
-                        "(the diffusers pipeline folder is its format)")
+        problems.append(
+            f"--save-single-file writes SD/SDXL checkpoints; a {family.name} model has no single-file layout "
+            "(the diffusers pipeline folder is its format)"
+        )
     if (mode := cfg.model.quantize) != "none":
         if mode not in family.quantize:
-            problems.append(f"--quantize {mode}: a {family.name} model loads "
-                            + (f"with --quantize {' or '.join(family.quantize)}, or unquantised" if family.quantize else "unquantised only"))
+            problems.append(
+                f"--quantize {mode}: a {family.name} model loads "
+                + (
+                    f"with --quantize {' or '.join(family.quantize)}, or unquantised" if family.quantize
+                    else "unquantised only"
+                )
+            )
         if cfg.lora.rank is None:
-            problems.append(f"--quantize {mode} freezes the denoiser's weights: train LoRA adapters on it (--lora-rank N), "
-                            "or drop --quantize to fine-tune every weight")
+            problems.append(
+                f"--quantize {mode} freezes the denoiser's weights: train LoRA adapters on it (--lora-rank "
+                "N), or drop --quantize to fine-tune every weight"
+            )
         if cfg.output.save_pipeline:
-            problems.append(f"--quantize {mode}: the merged pipeline folder cannot be written from a quantised denoiser; "
-                            "pass --no-save-pipeline (the LoRA in lora/ loads onto the full-precision model)")
+            problems.append(
+                f"--quantize {mode}: the merged pipeline folder cannot be written from a quantised denoiser; "
+                "pass --no-save-pipeline (the LoRA in lora/ loads onto the full-precision model)"
+            )
     if cfg.model.quantize in family.quantize:
         problems += quantize_problems(cfg.model.quantize)  # the library and the GPU it needs here
     if family.lora_only is not None and cfg.lora.rank is None:

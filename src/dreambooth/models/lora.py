@@ -29,7 +29,8 @@ def add_lora(stage: Stage, cfg: LoraConfig, modules: dict[str, nn.Module]) -> No
         module.add_adapter(
             PeftLoraConfig(
                 r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
-                lora_dropout=cfg.dropout, init_lora_weights="gaussian", target_modules=list(stage.lora_targets[name]),
+                lora_dropout=cfg.dropout, init_lora_weights="gaussian",
+                target_modules=list(stage.lora_targets[name]),
             )
         )
 
@@ -65,7 +66,10 @@ def _loadable_names(component: str, state: dict) -> dict:
     if component == "transformer":
         return state
     if is_text_encoder(component):  # any encoder's layers (CLIP's q_proj, T5's q), as diffusers names CLIP's
-        return {k.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): v for k, v in state.items()}
+        return {
+            k.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): v
+            for k, v in state.items()
+        }
     renamed = convert_state_dict_to_diffusers(state)
     # The UNet renaming covers attention projections only; where it leaves a peft key (IF's add_k_proj), the
     # loader could not read the mixed file, so the UNet keeps peft's names, which it also reads.

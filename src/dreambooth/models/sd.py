@@ -77,7 +77,9 @@ class SDStage:
     def encode_text(self, tokens: Tokens) -> TextConditioning:
         return encode_clip_text(self.text_encoders["text_encoder"], tokens)
 
-    def predict(self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom) -> Tensor:
+    def predict(
+        self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom
+    ) -> Tensor:
         return self.denoiser(noisy, level, encoder_hidden_states=text.sequence).sample
 
 
@@ -85,17 +87,23 @@ def encode_clip_text(encoder: nn.Module, tokens: Tokens) -> TextConditioning:
     """The last hidden states of a CLIP text encoder, as StableDiffusionPipeline.encode_prompt computes them
     (an attention mask only where the encoder's config asks for one)."""
     device = next(encoder.parameters()).device
-    mask = tokens["attention_mask"].to(device) if getattr(encoder.config, "use_attention_mask", False) else None
+    mask = (
+        tokens["attention_mask"].to(device) if getattr(encoder.config, "use_attention_mask", False) else None
+    )
     return TextConditioning(encoder(tokens["input_ids"].to(device), attention_mask=mask)[0])
 
 
 def load_sd(
-    source: str, *, single_file_config: str | None = None, revision: str | None = None, variant: str | None = None,
-    vae: str | None = None, resolution: int | None = None, dtype: torch.dtype = torch.float32,
+    source: str, *, single_file_config: str | None = None, revision: str | None = None,
+    variant: str | None = None, vae: str | None = None, resolution: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> list[SDStage]:
-    """Load a Stable Diffusion 1.x/2.x pipeline (diffusers folder, hub id or single file), on CPU in `dtype`."""
+    """Load a Stable Diffusion 1.x/2.x pipeline (diffusers folder, hub id or single file), on CPU in
+    `dtype`."""
     kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype, **load_vae(vae, dtype))
-    pipeline = load_pipeline(StableDiffusionPipeline, source, single_file_config, revision=revision, variant=variant, **kwargs)
+    pipeline = load_pipeline(
+        StableDiffusionPipeline, source, single_file_config, revision=revision, variant=variant, **kwargs
+    )
     sample_at(pipeline, resolution)
     return [stage_from_pipeline(pipeline)]
 
@@ -110,8 +118,11 @@ def stage_from_pipeline(pipeline: StableDiffusionPipeline) -> SDStage:
 
 def _load(source: ModelSource, cfg: RunConfig) -> list[SDStage]:
     model = cfg.model
-    return load_sd(source.base, single_file_config=model.single_file_config, revision=model.revision, variant=model.variant,
-                   vae=model.vae, resolution=cfg.subject.resolution, dtype=DTYPES[cfg.weights_dtype])
+    return load_sd(
+        source.base, single_file_config=model.single_file_config, revision=model.revision,
+        variant=model.variant, vae=model.vae, resolution=cfg.subject.resolution,
+        dtype=DTYPES[cfg.weights_dtype],
+    )
 
 
 FAMILY = Family(

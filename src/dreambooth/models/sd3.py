@@ -56,7 +56,10 @@ train_dreambooth_lora_sd3.py. The adaLN modulation layers are left alone, as Sta
 Large fine-tuning tutorial advises against anatomy degradation (quoted in diffusers' README_sd3.md),
 and so are the feed-forward layers and SD3.5 Medium's extra image self-attention (`attn2`)."""
 
-LORA_TARGETS = {"transformer": TRANSFORMER_LORA_TARGETS, "text_encoder": CLIP_LORA_TARGETS, "text_encoder_2": CLIP_LORA_TARGETS}
+LORA_TARGETS = {
+    "transformer": TRANSFORMER_LORA_TARGETS, "text_encoder": CLIP_LORA_TARGETS,
+    "text_encoder_2": CLIP_LORA_TARGETS,
+}
 
 QUANTIZE_MODES = ("nf4", "int8")
 """`--quantize` modes: bitsandbytes 4-bit NormalFloat (QLoRA) or LLM.int8() for the frozen transformer
@@ -86,7 +89,8 @@ class SD3Stage:
     objective: FlowMatchingObjective
     default_guidance: float
     resolution: int
-    """Pixel size it trains at; the pipeline samples at it too (`stage_from_pipeline` sets its default size)."""
+    """Pixel size it trains at; the pipeline samples at it too (`stage_from_pipeline` sets its default
+    size)."""
     name: str = "base"
     denoiser_name: str = "transformer"
     lora_targets: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(LORA_TARGETS))
@@ -113,12 +117,16 @@ class SD3Stage:
     def tokenize(self, prompts: list[str]) -> Tokens:
         # As StableDiffusion3Pipeline: both CLIPs padded to CLIP-L's 77, T5 to max_sequence_length.
         clip_length = self.pipeline.tokenizer_max_length
-        clip_l, clip_g = (tokenize(t, prompts, clip_length) for t in (self.pipeline.tokenizer, self.pipeline.tokenizer_2))
-        t5 = self.pipeline.tokenizer_3(
-            prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True, add_special_tokens=True,
-            return_tensors="pt",
+        clip_l, clip_g = (
+            tokenize(t, prompts, clip_length) for t in (self.pipeline.tokenizer, self.pipeline.tokenizer_2)
         )
-        return {"input_ids": clip_l["input_ids"], "input_ids_2": clip_g["input_ids"], "input_ids_3": t5.input_ids}
+        t5 = self.pipeline.tokenizer_3(
+            prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+            add_special_tokens=True, return_tensors="pt",
+        )
+        return {
+            "input_ids": clip_l["input_ids"], "input_ids_2": clip_g["input_ids"], "input_ids_3": t5.input_ids,
+        }
 
     def encode_images(self, pixels: Tensor, framing: Framing) -> Encoded:
         return encode_latent_distribution(self.vae, pixels)
@@ -135,11 +143,16 @@ class SD3Stage:
             sequences.append(out.hidden_states[-2])  # [b, 77, d_l] and [b, 77, d_g]
             pooled.append(out[0])                    # projected text_embeds [b, p_l], [b, p_g]
         clip = torch.cat(sequences, dim=-1)
-        t5 = self.t5(tokens["input_ids_3"].to(next(self.t5.parameters()).device))[0].to(clip.device, clip.dtype)  # [b, L, d_t5]
+        t5 = self.t5(tokens["input_ids_3"].to(next(self.t5.parameters()).device))[0].to(
+            clip.device, clip.dtype
+        )  # [b, L, d_t5]
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # zero features up to T5's width
-        return TextConditioning(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))  # [b, 77 + L, d_t5], [b, p_l + p_g]
+        # [b, 77 + L, d_t5], [b, p_l + p_g]
+        return TextConditioning(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
 
-    def predict(self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom) -> Tensor:
+    def predict(
+        self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom
+    ) -> Tensor:
         # The pipeline passes the scheduler's timesteps, sigma * num_train_timesteps (0-1000).
         return self.denoiser(
             hidden_states=noisy, timestep=self.objective.timestep(level), encoder_hidden_states=text.sequence,
@@ -148,9 +161,9 @@ class SD3Stage:
 
 
 def load_sd3(
-    source: str, *, single_file_config: str | None = None, revision: str | None = None, variant: str | None = None,
-    vae: str | None = None, quantize: str = "none", flow: FlowConfig | None = None, resolution: int | None = None,
-    dtype: torch.dtype = torch.float32,
+    source: str, *, single_file_config: str | None = None, revision: str | None = None,
+    variant: str | None = None, vae: str | None = None, quantize: str = "none",
+    flow: FlowConfig | None = None, resolution: int | None = None, dtype: torch.dtype = torch.float32,
 ) -> list[SD3Stage]:
     """Load an SD3 / SD3.5 pipeline (diffusers folder, hub id, or a single file with `single_file_config`).
 
@@ -159,7 +172,8 @@ def load_sd3(
 
     Args:
         source: The model.
-        single_file_config: For a single file: a local diffusers SD3 folder of the same release (configs, tokenizers).
+        single_file_config: For a single file: a local diffusers SD3 folder of the same release (configs,
+    tokenizers).
         revision, variant: Hub revision and weights variant.
         vae: A replacement VAE (folder, hub id or single file).
         quantize: 'none', or the quantisation of the frozen transformer.
@@ -168,32 +182,45 @@ def load_sd3(
             native `sample_size` (1024 px for SD3 and SD3.5).
 
     Raises:
-        ValueError: a bad resolution, or a quantisation this machine cannot do (names the flag and the install).
+        ValueError: a bad resolution, or a quantisation this machine cannot do (names the flag and the
+    install).
     """
     if quantize not in ("none", *QUANTIZE_MODES):
-        raise ValueError(f"--quantize {quantize} is not offered for SD3: use {' or '.join(QUANTIZE_MODES)}, or drop the flag")
+        raise ValueError(
+            f"--quantize {quantize} is not offered for SD3: use {' or '.join(QUANTIZE_MODES)}, or drop the "
+            "flag"
+        )
     kwargs = dict(dtype=dtype, **load_vae(vae, dtype))
     if quantize != "none":
         kwargs["transformer"] = load_quantized_transformer(
-            SD3Transformer2DModel, source, single_file_config, quantize, revision=revision, variant=variant, dtype=dtype,
+            SD3Transformer2DModel, source, single_file_config, quantize, revision=revision, variant=variant,
+            dtype=dtype,
         )
-    pipeline = load_pipeline(StableDiffusion3Pipeline, source, single_file_config, revision=revision, variant=variant, **kwargs)
+    pipeline = load_pipeline(
+        StableDiffusion3Pipeline, source, single_file_config, revision=revision, variant=variant, **kwargs
+    )
     return [stage_from_pipeline(pipeline, flow, resolution)]
 
 
-def stage_from_pipeline(pipeline: StableDiffusion3Pipeline, flow: FlowConfig | None = None, resolution: int | None = None) -> SD3Stage:
+def stage_from_pipeline(
+    pipeline: StableDiffusion3Pipeline, flow: FlowConfig | None = None, resolution: int | None = None
+) -> SD3Stage:
     """Wrap a loaded pipeline as a trainable stage; the pipeline then samples at the stage's resolution.
 
     Raises:
-        ValueError: `resolution` is not a multiple of 16 pixels or exceeds the transformer's position embeddings.
+        ValueError: `resolution` is not a multiple of 16 pixels or exceeds the transformer's position
+    embeddings.
     """
     flow = flow or FlowConfig()
     config, scale = pipeline.transformer.config, pipeline.vae_scale_factor
-    size, step = resolution or config.sample_size * scale, config.patch_size * scale  # 16: 8x VAE, 2x2 patches
+    # 16: 8x VAE, 2x2 patches
+    size, step = resolution or config.sample_size * scale, config.patch_size * scale
     largest = (config.pos_embed_max_size or config.sample_size) * step
     if size % step or size > largest:
-        raise ValueError(f"--resolution {size}: SD3 needs a multiple of {step} pixels (8x VAE, 2x2 latent patches) "
-                         f"up to {largest} (its position embeddings)")
+        raise ValueError(
+            f"--resolution {size}: SD3 needs a multiple of {step} pixels (8x VAE, 2x2 latent patches) "
+            f"up to {largest} (its position embeddings)"
+        )
     # StableDiffusion3Pipeline samples at default_sample_size * vae_scale_factor unless given
     # height/width: class images and validation samples come out at the size the stage trains at.
     pipeline.default_sample_size = size // scale
@@ -211,12 +238,13 @@ def stage_from_pipeline(pipeline: StableDiffusion3Pipeline, flow: FlowConfig | N
 def _load(source: ModelSource, cfg: RunConfig) -> list[SD3Stage]:
     model = cfg.model
     return load_sd3(
-        source.base, single_file_config=model.single_file_config, revision=model.revision, variant=model.variant, vae=model.vae,
-        quantize=model.quantize, flow=cfg.flow, resolution=cfg.subject.resolution, dtype=DTYPES[cfg.weights_dtype],
+        source.base, single_file_config=model.single_file_config, revision=model.revision,
+        variant=model.variant, vae=model.vae, quantize=model.quantize, flow=cfg.flow,
+        resolution=cfg.subject.resolution, dtype=DTYPES[cfg.weights_dtype],
     )
 
 
 FAMILY = Family(
-    name="sd3", pipeline_classes=("StableDiffusion3Pipeline",), load=_load, text_encoders=("text_encoder", "text_encoder_2"),
-    latent=True, quantize=QUANTIZE_MODES,
+    name="sd3", pipeline_classes=("StableDiffusion3Pipeline",), load=_load,
+    text_encoders=("text_encoder", "text_encoder_2"), latent=True, quantize=QUANTIZE_MODES,
 )

@@ -59,8 +59,12 @@ class UpscalerStage:
         return tokenize(self.pipeline.tokenizer, prompts)
 
     def encode_images(self, pixels: Tensor, framing: Framing) -> Encoded:
-        # The photo at the stage's size gives the latents; the same photo at the input size is what it upscales.
-        return {**encode_latent_distribution(self.pipeline.vae, pixels), "lowres": downsample(pixels.float(), self.low_resolution)}
+        # The photo at the stage's size gives the latents; the same photo at the input size is what it
+        # upscales.
+        return {
+            **encode_latent_distribution(self.pipeline.vae, pixels),
+            "lowres": downsample(pixels.float(), self.low_resolution),
+        }
 
     def sample_x0(self, encoded: Encoded, rng: RowRandom) -> Tensor:
         return sample_latents(self.pipeline.vae, encoded, rng)
@@ -72,16 +76,25 @@ class UpscalerStage:
         """The noise-augmented low-res input [b, 3, h, w] and its augmentation level [b]."""
         return augment(lowres, self.pipeline.low_res_scheduler, self.noise_level_range, rng)
 
-    def predict(self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom) -> Tensor:
+    def predict(
+        self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom
+    ) -> Tensor:
         augmented, augmentation = self.condition(encoded["lowres"], rng)
-        model_input = torch.cat([noisy, augmented.to(noisy)], dim=1)  # [b, 4 + 3, h, w], as the pipeline builds it
-        return self.denoiser(model_input, level, encoder_hidden_states=text.sequence, class_labels=augmentation).sample
+        # [b, 4 + 3, h, w], as the pipeline builds it
+        model_input = torch.cat([noisy, augmented.to(noisy)], dim=1)
+        return self.denoiser(
+            model_input, level, encoder_hidden_states=text.sequence, class_labels=augmentation
+        ).sample
 
 
-def load_upscaler(source: str, low_resolution: int, *, variant: str | None = None, dtype: torch.dtype = torch.float32) -> UpscalerStage:
-    """Load a `StableDiffusionUpscalePipeline` on CPU in `dtype` as the stage after one of `low_resolution` px."""
-    pipeline = StableDiffusionUpscalePipeline.from_pretrained(source, variant=variant, dtype=dtype, safety_checker=None,
-                                                              feature_extractor=None, watermarker=None)
+def load_upscaler(
+    source: str, low_resolution: int, *, variant: str | None = None, dtype: torch.dtype = torch.float32
+) -> UpscalerStage:
+    """Load a `StableDiffusionUpscalePipeline` on CPU in `dtype` as the stage after one of `low_resolution`
+    px."""
+    pipeline = StableDiffusionUpscalePipeline.from_pretrained(
+        source, variant=variant, dtype=dtype, safety_checker=None, feature_extractor=None, watermarker=None
+    )
     return UpscalerStage(
         pipeline=pipeline, denoiser=pipeline.unet, text_encoders={"text_encoder": pipeline.text_encoder},
         objective=DDPMObjective.from_config(pipeline.scheduler.config), low_resolution=low_resolution,

@@ -37,7 +37,9 @@ from dreambooth.models.spec import (
 )
 from dreambooth.seeding import RowRandom
 
-LORA_TARGETS = {"unet": UNET_LORA_TARGETS, "text_encoder": CLIP_LORA_TARGETS, "text_encoder_2": CLIP_LORA_TARGETS}
+LORA_TARGETS = {
+    "unet": UNET_LORA_TARGETS, "text_encoder": CLIP_LORA_TARGETS, "text_encoder_2": CLIP_LORA_TARGETS,
+}
 SINGLE_FILE_MARKER = "conditioner.embedders.1."
 """Key prefix of SDXL's second text encoder in the original single-file layout (SD 1.x/2.x have none)."""
 
@@ -75,7 +77,9 @@ class SDXLStage:
         return {"input_ids": first["input_ids"], "input_ids_2": second["input_ids"]}
 
     def encode_images(self, pixels: Tensor, framing: Framing) -> Encoded:
-        return {**encode_latent_distribution(self.vae, pixels), "time_ids": time_ids(framing, self.resolution)}
+        return {
+            **encode_latent_distribution(self.vae, pixels), "time_ids": time_ids(framing, self.resolution),
+        }
 
     def sample_x0(self, encoded: Encoded, rng: RowRandom) -> Tensor:
         return sample_latents(self.vae, encoded, rng)
@@ -92,9 +96,13 @@ class SDXLStage:
                 pooled = out[0]
         return TextConditioning(torch.cat(sequences, dim=-1), pooled)
 
-    def predict(self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom) -> Tensor:
+    def predict(
+        self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom
+    ) -> Tensor:
         added = {"text_embeds": text.pooled, "time_ids": encoded["time_ids"].to(text.pooled)}
-        return self.denoiser(noisy, level, encoder_hidden_states=text.sequence, added_cond_kwargs=added).sample
+        return self.denoiser(
+            noisy, level, encoder_hidden_states=text.sequence, added_cond_kwargs=added
+        ).sample
 
 
 def time_ids(framing: Framing, resolution: int) -> Tensor:
@@ -104,12 +112,15 @@ def time_ids(framing: Framing, resolution: int) -> Tensor:
 
 
 def load_sdxl(
-    source: str, *, single_file_config: str | None = None, revision: str | None = None, variant: str | None = None,
-    vae: str | None = None, resolution: int | None = None, dtype: torch.dtype = torch.float32,
+    source: str, *, single_file_config: str | None = None, revision: str | None = None,
+    variant: str | None = None, vae: str | None = None, resolution: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> list[SDXLStage]:
     """Load an SDXL pipeline (diffusers folder, hub id or single file), on CPU in `dtype`."""
     kwargs = dict(dtype=dtype, add_watermarker=False, **load_vae(vae, dtype))
-    pipeline = load_pipeline(StableDiffusionXLPipeline, source, single_file_config, revision=revision, variant=variant, **kwargs)
+    pipeline = load_pipeline(
+        StableDiffusionXLPipeline, source, single_file_config, revision=revision, variant=variant, **kwargs
+    )
     sample_at(pipeline, resolution)
     return [stage_from_pipeline(pipeline)]
 
@@ -125,11 +136,14 @@ def stage_from_pipeline(pipeline: StableDiffusionXLPipeline) -> SDXLStage:
 
 def _load(source: ModelSource, cfg: RunConfig) -> list[SDXLStage]:
     model = cfg.model
-    return load_sdxl(source.base, single_file_config=model.single_file_config, revision=model.revision, variant=model.variant,
-                     vae=model.vae, resolution=cfg.subject.resolution, dtype=DTYPES[cfg.weights_dtype])
+    return load_sdxl(
+        source.base, single_file_config=model.single_file_config, revision=model.revision,
+        variant=model.variant, vae=model.vae, resolution=cfg.subject.resolution,
+        dtype=DTYPES[cfg.weights_dtype],
+    )
 
 
 FAMILY = Family(
-    name="sdxl", pipeline_classes=("StableDiffusionXLPipeline",), load=_load, text_encoders=("text_encoder", "text_encoder_2"),
-    single_file_marker=SINGLE_FILE_MARKER, latent=True,
+    name="sdxl", pipeline_classes=("StableDiffusionXLPipeline",), load=_load,
+    text_encoders=("text_encoder", "text_encoder_2"), single_file_marker=SINGLE_FILE_MARKER, latent=True,
 )

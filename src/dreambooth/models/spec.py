@@ -50,23 +50,33 @@ class TextConditioning:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TextConditioning:
         device = torch.device(device)
-        return self._map(lambda t: to_device(t, device).to(dtype) if dtype is not None else to_device(t, device))
+        return self._map(
+            lambda t: to_device(t, device).to(dtype) if dtype is not None else to_device(t, device)
+        )
 
     def unbind(self) -> list[TextConditioning]:
         """One unbatched conditioning per row."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         rows = len(self.sequence)
-        return [TextConditioning(**{k: (v[i] if v is not None else None) for k, v in fields.items()}) for i in range(rows)]
+        return [
+            TextConditioning(**{k: (v[i] if v is not None else None) for k, v in fields.items()})
+            for i in range(rows)
+        ]
 
     @staticmethod
     def stack(items: Sequence[TextConditioning]) -> TextConditioning:
         """Stack unbatched conditionings into a batch."""
         names = [f.name for f in dataclasses.fields(TextConditioning)]
         columns = {n: [getattr(item, n) for item in items] for n in names}
-        return TextConditioning(**{n: (torch.stack(v) if v[0] is not None else None) for n, v in columns.items()})
+        return TextConditioning(**{
+            n: (torch.stack(v) if v[0] is not None else None) for n, v in columns.items()
+        })
 
     def _map(self, fn) -> TextConditioning:
-        return dataclasses.replace(self, **{f.name: fn(v) for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None})
+        return dataclasses.replace(
+            self,
+            **{f.name: fn(v) for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None},
+        )
 
 
 class Objective(Protocol):
@@ -110,7 +120,8 @@ class Stage(Protocol):
     denoiser: nn.Module
     """The network that denoises: a UNet or a transformer."""
     denoiser_name: str
-    """The denoiser's component name in the pipeline ('unet', 'transformer'): LoRA files and checkpoints use it."""
+    """The denoiser's component name in the pipeline ('unet', 'transformer'): LoRA files and checkpoints use
+    it."""
     text_encoders: dict[str, nn.Module]
     """Text encoders that may train, by pipeline component name ('text_encoder', 'text_encoder_2')."""
     objective: Objective
@@ -149,7 +160,9 @@ class Stage(Protocol):
         """Text conditioning of tokenized prompts, as the pipeline computes it."""
         ...
 
-    def predict(self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom) -> Tensor:
+    def predict(
+        self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom
+    ) -> Tensor:
         """The denoiser's prediction of the objective's target [b, ...]."""
         ...
 
@@ -184,11 +197,14 @@ class Family:
     latent: bool = False
     """Denoises VAE latents (so `--vae` can replace the VAE)."""
     quantize: tuple[str, ...] = ()
-    """The `--quantize` modes its loader implements for the frozen denoiser of a LoRA run (e.g. 'nf4', 'int8')."""
+    """The `--quantize` modes its loader implements for the frozen denoiser of a LoRA run (e.g. 'nf4',
+    'int8')."""
     lora_only: str | None = None
-    """Why it trains LoRA adapters only (said when full fine-tuning is asked for, e.g. FLUX's 12B transformer); None: both."""
+    """Why it trains LoRA adapters only (said when full fine-tuning is asked for, e.g. FLUX's 12B
+    transformer); None: both."""
     preprocess_prompt: Callable[[str], str] = str
-    """What its pipelines do to a prompt before tokenizing it (IF lower-cases); training tokenizes the same text."""
+    """What its pipelines do to a prompt before tokenizing it (IF lower-cases); training tokenizes the same
+    text."""
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int = 77) -> Tokens:
@@ -202,7 +218,9 @@ def tokenize(tokenizer, prompts: list[str], max_length: int = 77) -> Tokens:
 
 def trainable_modules(stage: Stage, text_encoders: Iterable[str]) -> dict[str, nn.Module]:
     """The denoiser and the named text encoders, by component name (the keys checkpoints use)."""
-    return {stage.denoiser_name: stage.denoiser, **{name: stage.text_encoders[name] for name in text_encoders}}
+    return {
+        stage.denoiser_name: stage.denoiser, **{name: stage.text_encoders[name] for name in text_encoders},
+    }
 
 
 def with_modules(stage: Stage, modules: dict[str, nn.Module]) -> Stage:
@@ -214,7 +232,8 @@ def with_modules(stage: Stage, modules: dict[str, nn.Module]) -> Stage:
 
 
 def frozen_modules(stage: Stage, trained_text_encoders: Iterable[str]) -> dict[str, nn.Module]:
-    """The modules that do not train in a run, by name: the family's frozen parts, and the frozen text encoders."""
+    """The modules that do not train in a run, by name: the family's frozen parts, and the frozen text
+    encoders."""
     trained = set(trained_text_encoders)
     return {**stage.frozen_modules(), **{n: m for n, m in stage.text_encoders.items() if n not in trained}}
 

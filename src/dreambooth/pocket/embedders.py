@@ -29,7 +29,8 @@ from dreambooth.pocket.world import CLASSES, CONTEXTS
 
 COLUMNS = {
     "dino": "pocket fidelity", "clip_i": "pocket image-image", "clip_t": "pocket image-text",
-    "pres": "PRES (pocket fidelity)", "div": "DIV (pocket appearance)", "class_div": "DIV class (pocket appearance)",
+    "pres": "PRES (pocket fidelity)", "div": "DIV (pocket appearance)",
+    "class_div": "DIV class (pocket appearance)",
 }  # fmt: skip
 """The table's column names for values these scorers produce: not the paper's DINO, CLIP or LPIPS."""
 
@@ -77,6 +78,9 @@ class PocketDistance:
 
 
 def load_pocket_embedders(device: str = "cpu") -> Embedders:
-    """The pocket scorers as the evaluation's embedders (they run on CPU; `device` is accepted for the interface)."""
+    """The pocket scorers as the evaluation's embedders (they run on CPU; `device` is accepted for the
+    interface)."""
     scorer = PocketScorer.load()
-    return Embedders(subject=scorer, image_text=PocketImageText(scorer), perceptual=PocketDistance(scorer), columns=COLUMNS)
+    return Embedders(
+        subject=scorer, image_text=PocketImageText(scorer), perceptual=PocketDistance(scorer), columns=COLUMNS
+    )

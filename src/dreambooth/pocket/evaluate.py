@@ -104,10 +104,14 @@ def super_resolved_detail(
     truth = torch.from_numpy(render(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1
     lowres = downsample(truth, low_resolution)
     prompts = [f"a {identifier} {subject.cls} {CONTEXTS[scene.context]}" for scene in scenes]
-    outputs = {name: super_resolve(sr, lowres, prompts, steps=steps, seed=seed) for name, sr in sr_stages.items()}
+    outputs = {
+        name: super_resolve(sr, lowres, prompts, steps=steps, seed=seed) for name, sr in sr_stages.items()
+    }
     outputs["bilinear"] = upscale(lowres, truth.shape[-1]).clamp(-1, 1)
     as_8bit = lambda x: ((x + 1) * 127.5).round() / 255  # noqa: E731  [-1, 1] -> [0, 1], quantised as saved images are
-    return {name: float(scorer.detail_score(as_8bit(images), subject).mean()) for name, images in outputs.items()}
+    return {
+        name: float(scorer.detail_score(as_8bit(images), subject).mean()) for name, images in outputs.items()
+    }
 
 
 def format_table(columns: Mapping[str, PocketScores]) -> str:

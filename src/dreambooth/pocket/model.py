@@ -61,7 +61,9 @@ class PocketArchitecture:
     english_words: int = 20000
 
 
-def build_tokenizer(arch: PocketArchitecture = PocketArchitecture(), seed: int = 0) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    arch: PocketArchitecture = PocketArchitecture(), seed: int = 0
+) -> PreTrainedTokenizerFast:
     """A lower-cased word-piece BPE tokenizer over world captions + common English words."""
     from wordfreq import top_n_list
 
@@ -76,36 +78,46 @@ def build_tokenizer(arch: PocketArchitecture = PocketArchitecture(), seed: int =
         initial_alphabet=list("abcdefghijklmnopqrstuvwxyz"), show_progress=False,
     )
     tokenizer.train_from_iterator(english + captions, trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])  # as T5
+    # as T5
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=MAX_LENGTH
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        model_max_length=MAX_LENGTH,
     )
 
 
 def build_text_encoder(arch: PocketArchitecture, vocab_size: int) -> T5EncoderModel:
     return T5EncoderModel(
         T5Config(
-            vocab_size=vocab_size, d_model=arch.text_width, d_kv=arch.text_width // 4, d_ff=arch.text_width * 2,
-            num_layers=arch.text_layers, num_heads=4, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+            vocab_size=vocab_size, d_model=arch.text_width, d_kv=arch.text_width // 4,
+            d_ff=arch.text_width * 2, num_layers=arch.text_layers, num_heads=4, dropout_rate=0.0,
+            pad_token_id=0, eos_token_id=1,
         )
     )
 
 
-def _unet(channels: tuple[int, ...], resolution: int, in_channels: int, attention_levels: int, norm_groups: int, arch: PocketArchitecture, **extra) -> UNet2DConditionModel:
+def _unet(
+    channels: tuple[int, ...], resolution: int, in_channels: int, attention_levels: int, norm_groups: int,
+    arch: PocketArchitecture, **extra,
+) -> UNet2DConditionModel:
     plain = len(channels) - attention_levels
     down = ("ResnetDownsampleBlock2D",) * plain + ("SimpleCrossAttnDownBlock2D",) * attention_levels
     up = ("SimpleCrossAttnUpBlock2D",) * attention_levels + ("ResnetUpsampleBlock2D",) * plain
     return UNet2DConditionModel(
-        sample_size=resolution, in_channels=in_channels, out_channels=6, block_out_channels=channels, layers_per_block=1,
-        down_block_types=down, up_block_types=up, mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        cross_attention_dim=channels[-1], encoder_hid_dim=arch.text_width, encoder_hid_dim_type="text_proj",
-        addition_embed_type="text", addition_embed_type_num_heads=4, attention_head_dim=arch.head_dim,
+        sample_size=resolution, in_channels=in_channels, out_channels=6, block_out_channels=channels,
+        layers_per_block=1, down_block_types=down, up_block_types=up,
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=channels[-1],
+        encoder_hid_dim=arch.text_width, encoder_hid_dim_type="text_proj", addition_embed_type="text",
+        addition_embed_type_num_heads=4, attention_head_dim=arch.head_dim,
         resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=norm_groups, **extra,
     )
 
 
 def _scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", variance_type="fixed_small", prediction_type=prediction_type)
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", variance_type="fixed_small",
+        prediction_type=prediction_type,
+    )
 
 
 def build_cascade(out_dir: Path, arch: PocketArchitecture = PocketArchitecture(), seed: int = 0) -> Path:
@@ -114,11 +126,14 @@ def build_cascade(out_dir: Path, arch: PocketArchitecture = PocketArchitecture()
     torch.manual_seed(seed)
     base = IFPipeline(
         tokenizer=tokenizer, text_encoder=build_text_encoder(arch, len(tokenizer)),
-        unet=_unet(arch.base_channels, arch.base_resolution, 3, 2, arch.base_norm_groups, arch), scheduler=_scheduler("v_prediction"), **NO_SAFETY,
+        unet=_unet(arch.base_channels, arch.base_resolution, 3, 2, arch.base_norm_groups, arch),
+        scheduler=_scheduler("v_prediction"), **NO_SAFETY,
     )
     sr = IFSuperResolutionPipeline(
         tokenizer=tokenizer, text_encoder=build_text_encoder(arch, len(tokenizer)),
-        unet=_unet(arch.sr_channels, arch.sr_resolution, 6, 1, arch.sr_norm_groups, arch, class_embed_type="timestep"),
+        unet=_unet(
+            arch.sr_channels, arch.sr_resolution, 6, 1, arch.sr_norm_groups, arch, class_embed_type="timestep"
+        ),
         scheduler=_scheduler("v_prediction"), image_noising_scheduler=_scheduler(), **NO_SAFETY,
     )
     base.save_pretrained(out_dir / CASCADE_STAGE_DIRS["base"])

@@ -25,11 +25,19 @@ from dreambooth.pocket.scorers import PocketScorer
 from dreambooth.pocket.world import CLASSES, CONTEXTS, sample_dataset
 
 
-def base_accuracy(model: LoadedModel, scorer: PocketScorer, *, images_per_prompt: int = 2, steps: int = 20, guidance: float = 4.0, seed: int = 0) -> dict[str, float]:
+def base_accuracy(
+    model: LoadedModel, scorer: PocketScorer, *, images_per_prompt: int = 2, steps: int = 20,
+    guidance: float = 4.0, seed: int = 0,
+) -> dict[str, float]:
     """Class and context accuracy of base-stage samples over every (class, context) prompt."""
     pairs = list(itertools.product(CLASSES, CONTEXTS))
-    prompts, seeds = expand_prompts([f"a {cls} {CONTEXTS[context]}" for cls, context in pairs], images_per_prompt, seed)
-    images = generate(model.pipelines[:1], prompts, seeds, steps=steps, guidance=[guidance], batch_size=60, progress="base samples")
+    prompts, seeds = expand_prompts(
+        [f"a {cls} {CONTEXTS[context]}" for cls, context in pairs], images_per_prompt, seed
+    )
+    images = generate(
+        model.pipelines[:1], prompts, seeds, steps=steps, guidance=[guidance], batch_size=60,
+        progress="base samples",
+    )
     predicted = scorer.classify(images)
     wanted = [pair for pair in pairs for _ in range(images_per_prompt)]
     return {
@@ -40,21 +48,28 @@ def base_accuracy(model: LoadedModel, scorer: PocketScorer, *, images_per_prompt
 
 
 @torch.no_grad()
-def super_resolution_agreement(model: LoadedModel, *, n: int = 64, steps: int = 20, guidance: float = 4.0, seed: int = 1) -> dict[str, float]:
+def super_resolution_agreement(
+    model: LoadedModel, *, n: int = 64, steps: int = 20, guidance: float = 4.0, seed: int = 1
+) -> dict[str, float]:
     """SR of downsampled renders vs bilinear upsampling, against the true 64x64 renders."""
     renders, captions, _ = sample_dataset(n, seed + 10_000, p_drop=0.0)
     truth = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1  # [n, 3, 64, 64] in [-1, 1]
     lowres = downsample(truth, model.pipelines[0].unet.config.sample_size)   # what the base stage makes
-    super_resolved = super_resolve(model.pipelines[1], lowres, captions, steps=steps, guidance=guidance, seed=seed)
+    super_resolved = super_resolve(
+        model.pipelines[1], lowres, captions, steps=steps, guidance=guidance, seed=seed
+    )
     bilinear = upscale(lowres, truth.shape[-1]).clamp(-1, 1)
     return {
         "psnr_sr": _psnr(super_resolved, truth), "psnr_bilinear": _psnr(bilinear, truth),
-        "detail_corr_sr": _detail_correlation(super_resolved, truth), "detail_corr_bilinear": _detail_correlation(bilinear, truth),
+        "detail_corr_sr": _detail_correlation(super_resolved, truth),
+        "detail_corr_bilinear": _detail_correlation(bilinear, truth),
     }
 
 
 @torch.no_grad()
-def super_resolution_reads_input(model: LoadedModel, *, n: int = 32, t: int = 900, noise_level: int = 250, seed: int = 2) -> dict[str, float]:
+def super_resolution_reads_input(
+    model: LoadedModel, *, n: int = 32, t: int = 900, noise_level: int = 250, seed: int = 2
+) -> dict[str, float]:
     """PSNR of the SR stage's one-step clean estimate at timestep `t` against the true render.
 
     At high `t` the noisy target holds almost nothing, so the estimate is as good as the stage's
@@ -67,16 +82,23 @@ def super_resolution_reads_input(model: LoadedModel, *, n: int = 32, t: int = 90
     bilinear = upscale(downsample(truth, model.pipelines[0].unet.config.sample_size), truth.shape[-1])
     generator = torch.Generator().manual_seed(seed)
     levels, steps = torch.full((n,), noise_level, device=sr.device), torch.full((n,), t, device=sr.device)
-    condition = sr.image_noising_scheduler.add_noise(bilinear, torch.randn(bilinear.shape, generator=generator).to(sr.device), levels)
+    condition = sr.image_noising_scheduler.add_noise(
+        bilinear, torch.randn(bilinear.shape, generator=generator).to(sr.device), levels
+    )
     noisy = sr.scheduler.add_noise(truth, torch.randn(truth.shape, generator=generator).to(sr.device), steps)
-    text, _ = sr.encode_prompt(captions, do_classifier_free_guidance=False, device=sr.device, clean_caption=False)
+    text, _ = sr.encode_prompt(
+        captions, do_classifier_free_guidance=False, device=sr.device, clean_caption=False
+    )
 
     def estimate(low: torch.Tensor) -> torch.Tensor:
-        output = sr.unet(torch.cat([noisy, low], 1), steps, encoder_hidden_states=text, class_labels=levels).sample[:, :3]
+        output = sr.unet(
+            torch.cat([noisy, low], 1), steps, encoder_hidden_states=text, class_labels=levels
+        ).sample[:, :3]
         return sr.scheduler.step(output, t, noisy).pred_original_sample.clamp(-1, 1)
 
     return {
-        f"psnr_estimate_t{t}": _psnr(estimate(condition), truth), f"psnr_estimate_t{t}_input_zeroed": _psnr(estimate(torch.zeros_like(condition)), truth),
+        f"psnr_estimate_t{t}": _psnr(estimate(condition), truth),
+        f"psnr_estimate_t{t}_input_zeroed": _psnr(estimate(torch.zeros_like(condition)), truth),
         "psnr_bilinear": _psnr(bilinear.clamp(-1, 1), truth),
     }
 

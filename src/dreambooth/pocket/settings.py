@@ -1,4 +1,5 @@
-"""Settings of the pocket commands: `dreambooth demo`, `dreambooth pocket pretrain|ablation|quality|train-scorer`.
+"""Settings of the pocket commands: `dreambooth demo`, `dreambooth pocket
+pretrain|ablation|quality|train-scorer`.
 
 A light module: the CLI builds its flags from these dataclasses without importing torch."""
 
@@ -59,16 +60,20 @@ class PretrainConfig:
         raise_problems([
             *((value >= 1, f"pretrain.{name} must be >= 1, got {value}") for name, value in [
                 ("num_images", self.num_images), ("base_steps", self.base_steps), ("sr_steps", self.sr_steps),
-                ("batch_size", self.batch_size), ("keep_checkpoints", self.keep_checkpoints), ("preview_steps", self.preview_steps),
+                ("batch_size", self.batch_size), ("keep_checkpoints", self.keep_checkpoints),
+                ("preview_steps", self.preview_steps),
             ]),
             *((value >= 0, f"pretrain.{name} must be >= 0, got {value}") for name, value in [
-                ("warmup_steps", self.warmup_steps), ("weight_decay", self.weight_decay), ("checkpoint_every", self.checkpoint_every),
+                ("warmup_steps", self.warmup_steps), ("weight_decay", self.weight_decay),
+                ("checkpoint_every", self.checkpoint_every),
                 ("preview_every", self.preview_every), ("preview_guidance", self.preview_guidance),
             ]),
             (self.learning_rate > 0, f"pretrain.learning_rate must be > 0, got {self.learning_rate}"),
-            (0 <= self.caption_dropout < 1, f"pretrain.caption_dropout must be in [0, 1), got {self.caption_dropout}"),
+            (0 <= self.caption_dropout < 1,
+             f"pretrain.caption_dropout must be in [0, 1), got {self.caption_dropout}"),
             (0 < self.ema_decay < 1, f"pretrain.ema_decay must be in (0, 1), got {self.ema_decay}"),
-            (0 <= low < high, f"pretrain.sr_noise_levels must be 0 <= low < high, got {self.sr_noise_levels}"),
+            (0 <= low < high,
+             f"pretrain.sr_noise_levels must be 0 <= low < high, got {self.sr_noise_levels}"),
         ])  # fmt: skip
 
 
@@ -109,13 +114,18 @@ class DemoConfig:
     """Seed of photos, training and samples."""
 
     def __post_init__(self) -> None:
-        for flag, value, low in [("--base-steps", self.base_steps, 1), ("--sr-steps", self.sr_steps, 0),
-                                 ("--num-class-images", self.num_class_images, 1), ("--images-per-prompt", self.images_per_prompt, 1),
-                                 ("--sampling-steps", self.sampling_steps, 1)]:
+        for flag, value, low in [
+            ("--base-steps", self.base_steps, 1), ("--sr-steps", self.sr_steps, 0),
+            ("--num-class-images", self.num_class_images, 1),
+            ("--images-per-prompt", self.images_per_prompt, 1), ("--sampling-steps", self.sampling_steps, 1),
+        ]:
             if value < low:
                 raise ValueError(f"{flag} must be >= {low}, got {value}")
         if not 1 <= self.num_photos <= 8:
-            raise ValueError(f"--num-photos must be 1-8 (each photo takes one of the 10 contexts; the rest are the new ones), got {self.num_photos}")
+            raise ValueError(
+                "--num-photos must be 1-8 (each photo takes one of the 10 contexts; the rest are the new "
+                f"ones), got {self.num_photos}"
+            )
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 KeepBest = Callable[[dict[str, float], dict[str, float] | None, int], bool]
-"""(validation scores now, scores of the best weights so far or None, step) -> whether the weights now become the best."""
+"""(validation scores now, scores of the best weights so far or None, step) -> whether the weights now become
+the best."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class StagePlan:
     validate_every: tuple[int, ...] = ()
     """Call the validation function at multiples of each (and at the end); 0s are ignored."""
     keep_best: KeepBest | None = None
-    """Decides which validated weights are the best so far; the best are exported. None: the last weights are."""
+    """Decides which validated weights are the best so far; the best are exported. None: the last weights
+    are."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -77,7 +79,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def train_stage(
     stage: Stage, data: TrainingSet, plan: StagePlan, paths: StagePaths, accelerator: Accelerator,
-    validate: Callable[[int], dict[str, float] | None] | None = None, on_start: Callable[[], None] | None = None,
+    validate: Callable[[int], dict[str, float] | None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> None:
     """Train `stage` for `plan.train.max_steps` optimizer steps, resuming from its latest checkpoint.
 
@@ -102,25 +105,34 @@ def train_stage(
     model = with_modules(stage, wrapped)                          # forward passes go through the wrappers
     ema = EMAModel(params, decay=train.ema_decay, foreach=True) if train.ema_decay else None
 
-    data = data.to(device)                                        # batches are then drawn without host-device copies
+    # batches are then drawn without host-device copies
+    data = data.to(device)
     dropout = _draws_dropout(modules)
     step = _resume(paths.checkpoints, modules, optimizer, schedule, ema, accelerator.scaler)
     if on_start is not None:
         on_start()
     recorder = Recorder(paths.log, accelerator, resume_step=step)
     eval_recorder = Recorder(paths.eval_log, accelerator, resume_step=step)
-    bar = tqdm(total=train.max_steps, initial=step, desc=f"train {stage.name}", disable=not accelerator.is_main_process)
+    bar = tqdm(
+        total=train.max_steps, initial=step, desc=f"train {stage.name}",
+        disable=not accelerator.is_main_process,
+    )
     writer = CheckpointWriter(background=device.type == "cuda")
-    with _StopOnSigint() as stop, contextlib.closing(writer):  # closing: every checkpoint started is complete on exit
+    # closing: every checkpoint started is complete on exit
+    with _StopOnSigint() as stop, contextlib.closing(writer):
         while step < train.max_steps:
             micro_losses, micro_terms = [], []
             for micro in range(train.gradient_accumulation_steps):
                 batch = sample_batch(
-                    data, stage.tokenize, step=step, micro=micro, accumulation=train.gradient_accumulation_steps,
-                    rank=accelerator.process_index, world=accelerator.num_processes, batch_size=train.batch_size,
-                    seed=train.seed, caption_dropout=train.caption_dropout,
+                    data, stage.tokenize, step=step, micro=micro,
+                    accumulation=train.gradient_accumulation_steps, rank=accelerator.process_index,
+                    world=accelerator.num_processes, batch_size=train.batch_size, seed=train.seed,
+                    caption_dropout=train.caption_dropout,
                 ).to(device)
-                draws = _dropout_rng(train.seed, step, micro, accelerator.process_index) if dropout else contextlib.nullcontext()
+                draws = (
+                    _dropout_rng(train.seed, step, micro, accelerator.process_index) if dropout
+                    else contextlib.nullcontext()
+                )
                 with accelerator.accumulate(*wrapped.values()), draws:
                     loss, terms = compute_loss(model, batch, plan.prior_weight)
                     accelerator.backward(loss)
@@ -146,17 +158,31 @@ def train_stage(
                 bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
             done = step == train.max_steps
             if done or stop.requested or _due(step, plan.checkpoint.every_n_steps):
-                _save(writer, paths, step, modules, optimizer, schedule, ema, plan.checkpoint.keep_last, accelerator, recorder, stage.name)
+                _save(
+                    writer, paths, step, modules, optimizer, schedule, ema, plan.checkpoint.keep_last,
+                    accelerator, recorder, stage.name,
+                )
             if stop.requested:
-                raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved in {paths.checkpoints}: rerun with --resume")
+                raise TrainingInterrupted(
+                    f"interrupted at step {step}; checkpoint saved in {paths.checkpoints}: rerun with "
+                    "--resume"
+                )
             if validate is not None and (done or any(_due(step, every) for every in plan.validate_every)):
-                _with_ema(ema, params, functools.partial(_validate, validate, step, plan, paths, modules, eval_recorder, accelerator))
+                _with_ema(
+                    ema, params,
+                    functools.partial(
+                        _validate, validate, step, plan, paths, modules, eval_recorder, accelerator
+                    ),
+                )
     bar.close()
     if ema is not None:
         ema.copy_to(params)                                       # exports use the averaged weights
     if plan.keep_best is not None and best_record(paths.checkpoints) is not None:
         record = load_best(paths.checkpoints, modules)
-        logger.info("stage %s ends with its best checkpoint: step %d (%s)", stage.name, record["step"], record["scores"])
+        logger.info(
+            "stage %s ends with its best checkpoint: step %d (%s)", stage.name, record["step"],
+            record["scores"],
+        )
 
 
 def _make_trainable(stage: Stage, plan: StagePlan, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
@@ -168,10 +194,12 @@ def _make_trainable(stage: Stage, plan: StagePlan, dtype: torch.dtype) -> dict[s
     modules = trainable_modules(stage, plan.text_encoder_learning_rates)
     if plan.lora.rank is not None:
         for module in modules.values():
-            if dtype != torch.float32 and getattr(module, "hf_quantizer", None) is None:  # quantised weights stay as they are
+            # quantised weights stay as they are
+            if dtype != torch.float32 and getattr(module, "hf_quantizer", None) is None:
                 module.to(dtype=dtype)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):  # the adapters' random init follows the run's seed, nothing else
+        # the adapters' random init follows the run's seed, nothing else
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(derive_seed(plan.train.seed, "lora", stage.name))
             add_lora(stage, plan.lora, modules)
         for param in (p for m in modules.values() for p in m.parameters() if p.requires_grad):
@@ -210,7 +238,10 @@ def _store_frozen(module: torch.nn.Module, device: torch.device, dtype: torch.dt
 
 def _param_groups(modules: dict[str, torch.nn.Module], plan: StagePlan, denoiser_name: str) -> list[dict]:
     rates = {denoiser_name: plan.learning_rate, **plan.text_encoder_learning_rates}
-    return [{"params": [p for p in m.parameters() if p.requires_grad], "lr": rates[name]} for name, m in modules.items()]
+    return [
+        {"params": [p for p in m.parameters() if p.requires_grad], "lr": rates[name]}
+        for name, m in modules.items()
+    ]
 
 
 def _resume(root: Path, modules, optimizer, schedule, ema, scaler) -> int:
@@ -228,11 +259,15 @@ def _resume(root: Path, modules, optimizer, schedule, ema, scaler) -> int:
     return step
 
 
-def _save(writer: CheckpointWriter, paths: StagePaths, step, modules, optimizer, schedule, ema, keep_last, accelerator, recorder, name) -> None:
+def _save(
+    writer: CheckpointWriter, paths: StagePaths, step, modules, optimizer, schedule, ema, keep_last,
+    accelerator, recorder, name,
+) -> None:
     """Checkpoint the step (the files and the loss plot are written in the background)."""
     if accelerator.is_main_process:
         state = {
-            "optimizer": optimizer.state_dict(), "lr_schedule": schedule.state_dict(), "ema": ema.state_dict() if ema else None,
+            "optimizer": optimizer.state_dict(), "lr_schedule": schedule.state_dict(),
+            "ema": ema.state_dict() if ema else None,
             "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
         }
         unwrapped = {k: accelerator.unwrap_model(m) for k, m in modules.items()}
@@ -243,7 +278,9 @@ def _save(writer: CheckpointWriter, paths: StagePaths, step, modules, optimizer,
     accelerator.wait_for_everyone()
 
 
-def _validate(validate, step: int, plan: StagePlan, paths: StagePaths, modules, recorder: Recorder, accelerator) -> None:
+def _validate(
+    validate, step: int, plan: StagePlan, paths: StagePaths, modules, recorder: Recorder, accelerator
+) -> None:
     """Sample/score now; log the scores; keep the weights if they are the best that pass the guard."""
     scores = validate(step) if accelerator.is_main_process else None
     if scores:
@@ -251,7 +288,9 @@ def _validate(validate, step: int, plan: StagePlan, paths: StagePaths, modules, 
         recorder.plot(paths.eval_plot, "evaluation during training", keys=tuple(scores), log_scale=False)
         best = best_record(paths.checkpoints)
         if plan.keep_best is not None and plan.keep_best(scores, best["scores"] if best else None, step):
-            save_best(paths.checkpoints, step, {k: accelerator.unwrap_model(m) for k, m in modules.items()}, scores)
+            save_best(
+                paths.checkpoints, step, {k: accelerator.unwrap_model(m) for k, m in modules.items()}, scores
+            )
     accelerator.wait_for_everyone()
 
 
@@ -261,7 +300,10 @@ def _check_finite(metrics: dict[str, float], step: int, checkpoints: Path, write
         return
     writer.wait()
     last = latest_checkpoint(checkpoints)
-    where = f"the last good checkpoint is {last} (continue from it with --resume)" if last else "no checkpoint was written yet"
+    where = (
+        f"the last good checkpoint is {last} (continue from it with --resume)" if last
+        else "no checkpoint was written yet"
+    )
     raise TrainingDiverged(
         f"loss became {metrics['loss/total']} at step {step + 1}; the update was not applied and {where}. "
         "Try a lower learning rate, bf16 instead of fp16, or a smaller max_grad_norm"
@@ -271,8 +313,9 @@ def _check_finite(metrics: dict[str, float], step: int, checkpoints: Path, write
 def _draws_dropout(modules: dict[str, torch.nn.Module]) -> bool:
     """Whether a module that trains drops activations (nn.Dropout, or attention dropout as a rate)."""
     return any(
-        (isinstance(m, torch.nn.Dropout) and m.p > 0) or (isinstance(getattr(m, "dropout", None), float) and m.dropout > 0)
-        for module in modules.values() for m in module.modules()
+        (isinstance(m, torch.nn.Dropout) and m.p > 0)
+        or (isinstance(getattr(m, "dropout", None), float) and m.dropout > 0) for module in modules.values()
+        for m in module.modules()
     )
 
 

@@ -24,7 +24,8 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.O
                          warmup_init=False, weight_decay=cfg.weight_decay)
     kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
     if not cfg.use_8bit_adam:
-        # One fused kernel for the whole update instead of ~20 passes over the weights (3.5x faster on CPU too).
+        # One fused kernel for the whole update instead of ~20 passes over the weights (3.5x faster on CPU
+        # too).
         return torch.optim.AdamW(param_groups, **kwargs, fused=True)
     try:
         import bitsandbytes as bnb
@@ -37,4 +38,6 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.O
 
 def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
     """Warm-up then `cfg.lr_scheduler`; stepped once per optimizer step."""
-    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=max_steps)
+    return get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=max_steps
+    )

@@ -30,17 +30,26 @@ class Recorder:
         self._started = time.monotonic() - (self.rows[-1].get("elapsed_s", 0.0) if self.rows else 0.0)
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        row = {"step": step, **{k: round(float(v), 6) for k, v in values.items()}, "elapsed_s": round(time.monotonic() - self._started, 1)}
+        row = {
+            "step": step, **{k: round(float(v), 6) for k, v in values.items()},
+            "elapsed_s": round(time.monotonic() - self._started, 1),
+        }
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         self.accelerator.log(values, step=step)
 
-    def plot(self, png: Path, title: str, keys: tuple[str, ...] = ("loss/instance", "loss/prior"), log_scale: bool = True) -> None:
+    def plot(
+        self, png: Path, title: str, keys: tuple[str, ...] = ("loss/instance", "loss/prior"),
+        log_scale: bool = True,
+    ) -> None:
         plot_curves(self.rows, png, title, keys, log_scale)
 
 
-def plot_curves(rows: list[dict], png: Path, title: str, keys: tuple[str, ...] = ("loss/instance", "loss/prior"), log_scale: bool = True) -> None:
+def plot_curves(
+    rows: list[dict], png: Path, title: str, keys: tuple[str, ...] = ("loss/instance", "loss/prior"),
+    log_scale: bool = True,
+) -> None:
     """Curves of `keys` over steps: raw and smoothed when there are many points, markers when few.
 
     Drawn without pyplot's global state, so that it may run in a background thread.
@@ -69,7 +78,8 @@ def plot_curves(rows: list[dict], png: Path, title: str, keys: tuple[str, ...] =
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a JSONL log; a line that does not parse (torn by a crash or power loss) is dropped with a warning."""
+    """The rows of a JSONL log; a line that does not parse (torn by a crash or power loss) is dropped with a
+    warning."""
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         try:
@@ -83,7 +93,9 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def step_metrics(micro_losses: list[torch.Tensor], micro_terms: list[dict[str, torch.Tensor]], accelerator) -> dict[str, float]:
+def step_metrics(
+    micro_losses: list[torch.Tensor], micro_terms: list[dict[str, torch.Tensor]], accelerator
+) -> dict[str, float]:
     """Scalars of one optimizer step over its micro-batches and processes (the global batch): the total
     and per-term losses, and the instance loss by noise-level quartile (`loss/t0` the least noisy quarter
     of the range, `loss/t3` the noisiest). Computed on the device and read by the host in one copy."""
@@ -94,11 +106,17 @@ def step_metrics(micro_losses: list[torch.Tensor], micro_terms: list[dict[str, t
     quartile = (terms["level/instance"].float() * 4).floor().clamp(0, 3).long()
     sums = torch.zeros(4, device=instance.device).index_add_(0, quartile, instance)
     counts = torch.bincount(quartile, minlength=4).float()
-    means = {key: terms[key].float().mean().reshape(1) for key in ("loss/instance", "loss/prior") if terms[key].numel()}
+    means = {
+        key: terms[key].float().mean().reshape(1) for key in ("loss/instance", "loss/prior")
+        if terms[key].numel()
+    }
     values = torch.cat([loss.float().reshape(1), *means.values(), sums, counts]).tolist()
     out = dict(zip(["loss/total", *means], values))
     quartile_sums, quartile_counts = values[-8:-4], values[-4:]
-    out |= {f"loss/t{q}": total / count for q, (total, count) in enumerate(zip(quartile_sums, quartile_counts)) if count}
+    out |= {
+        f"loss/t{q}": total / count for q, (total, count) in enumerate(zip(quartile_sums, quartile_counts))
+        if count
+    }
     return out
 
 

@@ -43,7 +43,9 @@ def trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     }
 
 
-def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module], training_state: dict, extra: dict, keep_last: int) -> Path:
+def save_checkpoint(
+    root: Path, step: int, modules: dict[str, nn.Module], training_state: dict, extra: dict, keep_last: int
+) -> Path:
     """Write checkpoint `step` under `root`, point `latest` at it, and prune to `keep_last`.
 
     Args:
@@ -63,12 +65,17 @@ class CheckpointWriter:
     """
 
     def __init__(self, background: bool = True) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if background else None
+        self._pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if background else None
+        )
         self._pending: Future | None = None
 
-    def save(self, root: Path, step: int, modules: dict[str, nn.Module], training_state: dict, extra: dict, keep_last: int,
-             then: Callable[[], None] | None = None) -> None:
-        """`save_checkpoint` with the tensors copied now and the files written in the background, then `then()`."""
+    def save(
+        self, root: Path, step: int, modules: dict[str, nn.Module], training_state: dict, extra: dict,
+        keep_last: int, then: Callable[[], None] | None = None,
+    ) -> None:
+        """`save_checkpoint` with the tensors copied now and the files written in the background, then
+        `then()`."""
         weights, state = _host_copy(modules, training_state)
         self.wait()
 
@@ -97,11 +104,16 @@ class CheckpointWriter:
 def _host_copy(modules: dict[str, nn.Module], training_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """The trainable weights and the training state as host copies that later steps cannot change."""
     weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trainable_state(modules).items()}
-    state = tree_map(lambda v: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else copy.deepcopy(v), training_state)
+    state = tree_map(
+        lambda v: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else copy.deepcopy(v),
+        training_state,
+    )
     return weights, state
 
 
-def _write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], training_state: dict, extra: dict, keep_last: int) -> Path:
+def _write_checkpoint(
+    root: Path, step: int, weights: dict[str, torch.Tensor], training_state: dict, extra: dict, keep_last: int
+) -> Path:
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -131,7 +143,9 @@ def _candidates(root: Path) -> list[Path]:
         named = root / pointer.read_text(errors="replace").strip()
         if named in complete:
             return [named, *(p for p in complete if p != named)]
-        logger.warning("%s points at a missing or incomplete checkpoint; using the newest complete one", pointer)
+        logger.warning(
+            "%s points at a missing or incomplete checkpoint; using the newest complete one", pointer
+        )
     return complete
 
 
@@ -140,7 +154,8 @@ class DamagedCheckpoint(ValueError):
 
 
 def load_latest(root: Path, modules: dict[str, nn.Module]) -> tuple[Path, int, dict] | None:
-    """Load the newest intact checkpoint under `root` into `modules`: (its path, step, training state), or None.
+    """Load the newest intact checkpoint under `root` into `modules`: (its path, step, training state), or
+    None.
 
     Damaged checkpoints are skipped with a warning naming each and why, falling back to older ones.
 
@@ -157,7 +172,9 @@ def load_latest(root: Path, modules: dict[str, nn.Module]) -> tuple[Path, int, d
             skipped.append(str(error))
             continue
         if skipped:
-            logger.warning("resuming from %s, the newest intact checkpoint (skipped: %s)", path.name, "; ".join(skipped))
+            logger.warning(
+                "resuming from %s, the newest intact checkpoint (skipped: %s)", path.name, "; ".join(skipped)
+            )
         return path, step, state
     if candidates:
         raise ValueError(f"no intact checkpoint in {str(root)!r} to resume from ({'; '.join(skipped)}): "
@@ -186,8 +203,10 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module]) -> tuple[int, dic
     if reshaped := [k for k in weights if weights[k].shape != params[k].shape]:
         key = reshaped[0]
         raise ValueError(
-            f"checkpoint {str(path)!r} belongs to a model of another shape ({key} is {list(weights[key].shape)} there, "
-            f"{list(params[key].shape)} in this model; {len(reshaped)} tensors differ): resume with the model and "
+            f"checkpoint {str(path)!r} belongs to a model of another shape ({key} is "
+            f"{list(weights[key].shape)} there, "
+            f"{list(params[key].shape)} in this model; {len(reshaped)} tensors differ): resume with the "
+            "model and "
             "LoRA rank the run was started with (its config.resolved.toml), or start a new run folder"
         )
     with torch.no_grad():
@@ -208,7 +227,9 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, int]:
     try:
         training_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
     except Exception as error:  # EOFError, UnpicklingError, RuntimeError from zip: all mean a damaged file
-        raise DamagedCheckpoint(f"{str(path / OPTIMIZER_FILE)!r} is unreadable ({type(error).__name__}: {error})") from error
+        raise DamagedCheckpoint(
+            f"{str(path / OPTIMIZER_FILE)!r} is unreadable ({type(error).__name__}: {error})"
+        ) from error
     if not isinstance(training_state, dict):
         raise DamagedCheckpoint(f"{str(path / OPTIMIZER_FILE)!r} holds no training state")
     return weights, training_state, step
@@ -231,7 +252,10 @@ def save_best(root: Path, step: int, modules: dict[str, nn.Module], scores: dict
     tmp, final = root / ".tmp-best", root / BEST_DIR
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in trainable_state(modules).items()}, tmp / TRAINABLE_FILE)
+    save_file(
+        {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trainable_state(modules).items()},
+        tmp / TRAINABLE_FILE,
+    )
     write_json(tmp / BEST_FILE, {STEP_KEY: step, "scores": scores})
     old = root / ".old-best"
     shutil.rmtree(old, ignore_errors=True)

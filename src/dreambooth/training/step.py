@@ -37,7 +37,10 @@ def compute_loss(stage: Stage, batch: Batch, prior_weight: float) -> tuple[Tenso
     instance, prior = split_rows(batch, objective.weight(level) * error)
     loss = instance.mean() + (prior_weight * prior.mean() if batch.n_class else 0.0)
     fraction = objective.level_fraction(level)
-    return loss, {"loss/instance": instance.detach(), "loss/prior": prior.detach(), "level/instance": fraction[: batch.n_instance]}
+    return loss, {
+        "loss/instance": instance.detach(), "loss/prior": prior.detach(),
+        "level/instance": fraction[: batch.n_instance],
+    }
 
 
 def split_rows(batch: Batch, per_sample: Tensor) -> tuple[Tensor, Tensor]:

@@ -29,7 +29,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, overrides_from_args(args))
     args.crash_log_dir = cfg.run_dir / "logs"  # where an unexpected error's traceback goes
     layout = finetune(cfg)
-    print(f"done: {layout.root} (pipeline in {layout.pipeline}, samples in {layout.root / 'samples'})")
+    outputs = {"pipeline": layout.pipeline, "LoRA": layout.root / "lora", "samples": layout.root / "samples"}
+    written = [f"{name} in {path}" for name, path in outputs.items() if path.exists()]
+    print(f"done: {layout.root}" + (f" ({', '.join(written)})" if written else ""))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -74,7 +75,8 @@ def plot_curves(
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png)
-    fig.clear()  # its artists hold reference cycles: freed now, not at the next garbage collection
+    fig.clear()
+    gc.collect()  # a figure is a web of reference cycles: freed now, not kept until a full collection
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -314,7 +314,7 @@ def _draws_dropout(modules: dict[str, torch.nn.Module]) -> bool:
     """Whether a module that trains drops activations (nn.Dropout, or attention dropout as a rate)."""
     return any(
         (isinstance(m, torch.nn.Dropout) and m.p > 0)
-        or (isinstance(getattr(m, "dropout", None), float) and m.dropout > 0) for module in modules.values()
+        or (isinstance(vars(m).get("dropout"), float) and m.dropout > 0) for module in modules.values()
         for m in module.modules()
     )
 

@@ -107,6 +107,9 @@ class Workload:
     photos: Path
     steps: int
     class_images: int
+    resolution: int = RESOLUTION
+    precision: str = "no"
+    """Mixed precision of training and class images: 'no' (fp32), 'bf16' or 'fp16' (a GPU)."""
 
     @property
     def checkpoint_every(self) -> int:
@@ -149,8 +152,8 @@ def ours_command(job: Job, w: Workload) -> list[str]:
         str(w.photos), "--identifier", "sks", "--class-noun", "dog", "--instance-prompt",
         "a photo of {identifier} {class_noun}", "--class-prompt", "a photo of {class_noun}",
         "--prior-preservation", "--num-class-images", str(w.class_images), "--class-dir", str(job.class_dir),
-        "--class-batch-size", str(CLASS_BATCH), "--resolution", str(RESOLUTION), "--max-steps",
-        str(job.steps(w)), "--batch-size", "1", "--learning-rate", "5e-6", "--mixed-precision", "no",
+        "--class-batch-size", str(CLASS_BATCH), "--resolution", str(w.resolution), "--max-steps",
+        str(job.steps(w)), "--batch-size", "1", "--learning-rate", "5e-6", "--mixed-precision", w.precision,
         "--seed", "0", "--checkpoint-every", str(w.checkpoint_every), "--logger", "tensorboard",
         "--validation-images",
         "0",  # no validation samples, as diffusers' script without --validation_prompt
@@ -163,10 +166,11 @@ def diffusers_command(script: Path, job: Job, w: Workload) -> list[str]:
         sys.executable, str(script), "--pretrained_model_name_or_path", str(w.model), "--instance_data_dir",
         str(w.photos), "--instance_prompt", INSTANCE_PROMPT, "--class_prompt", CLASS_PROMPT,
         "--with_prior_preservation", "--num_class_images", str(w.class_images), "--class_data_dir",
-        str(job.class_dir), "--sample_batch_size", str(CLASS_BATCH), "--prior_generation_precision", "fp32",
-        "--resolution", str(RESOLUTION), "--max_train_steps", str(job.steps(w)), "--train_batch_size", "1",
+        str(job.class_dir), "--sample_batch_size", str(CLASS_BATCH), "--prior_generation_precision",
+        {"no": "fp32"}.get(w.precision, w.precision), "--resolution", str(w.resolution), "--max_train_steps",
+        str(job.steps(w)), "--train_batch_size", "1",
         "--learning_rate", "5e-6", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
-        "--mixed_precision", "no", "--seed", "0", "--checkpointing_steps", str(w.checkpoint_every),
+        "--mixed_precision", w.precision, "--seed", "0", "--checkpointing_steps", str(w.checkpoint_every),
         "--report_to", "tensorboard", "--pre_compute_text_embeddings", "--output_dir",
         str(job.folder / "out"),
     ]
@@ -365,6 +369,11 @@ def main() -> None:
         "--repeats", type=int, default=2, help="runs of each kind per program; the best counts"
     )
     parser.add_argument("--json", type=Path, default=None, help="write every run and figure here")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="SD 1.x pipeline folder (bench/full_size_sd15.py on a GPU); default: tiny")
+    parser.add_argument("--resolution", type=int, default=RESOLUTION, help="training and class-image px")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                        help="of training and class images in both programs (bf16/fp16 need a GPU)")
     args = parser.parse_args()
     script = args.diffusers_script.resolve()
     if not script.is_file():
@@ -382,11 +391,15 @@ def main() -> None:
     print(f"load average before: {load_before:.2f}")
     warn_if_busy(load_before, "before the runs")
 
-    w = Workload(prepare_model(), prepare_photos(), args.steps, args.class_images)
+    model = args.model.resolve() if args.model else prepare_model()
+    w = Workload(
+        model, prepare_photos(), args.steps, args.class_images, args.resolution, args.mixed_precision
+    )
     envs = environments(*prepare_torchvision())
     commands = {"ours": ours_command, "diffusers": functools.partial(diffusers_command, script)}
     print(
-        f"\nworkload: {RESOLUTION} px, {args.class_images} class images, runs of {w.steps} and "
+        f"\nworkload: {w.model.name}, {w.resolution} px, precision {w.precision}, {args.class_images} class "
+        f"images, runs of {w.steps} and "
         f"{LONG * w.steps} steps, a checkpoint every {w.checkpoint_every}; {args.repeats} repeat(s)"
     )
 
@@ -426,7 +439,7 @@ def main() -> None:
     if args.json:
         record = {
             "versions": info, "settings": {**vars(args), "diffusers_script": str(script), "long_factor": LONG,
-                                           "resolution": RESOLUTION, "omp_num_threads": threads},
+                                           "resolution": w.resolution, "omp_num_threads": threads},
             "class_sampling": sampling, "load_average": {"before": load_before, "after": load_after},
             "runs": [asdict(r) for r in runs], "figures": figs, "total_s": total,
         }

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -475,6 +477,8 @@ def validate(cfg: RunConfig, *, has_gpu: bool | None = None) -> None:
             has_gpu = torch.cuda.is_available()
         if not has_gpu:
             problems.append("train.mixed_precision 'fp16' needs a GPU; on CPU use 'bf16' or 'no'")
+    if cfg.train.compile and not (shutil.which("g++") or shutil.which("c++") or os.environ.get("CXX")):
+        problems.append("--compile needs a C++ compiler (torch.compile builds kernels): install g++")
     if cfg.output.logger == "tensorboard" and not importlib.util.find_spec("tensorboard"):
         problems.append("--logger tensorboard needs TensorBoard: pip install 'dreambooth[tensorboard]'")
     if cfg.subject.instance_dir is None:

@@ -41,3 +41,18 @@ def write_json(path: Path, data: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def safetensors_keys(path: Path, what: str) -> list[str]:
+    """The tensor names in a .safetensors file's header (no tensor is read).
+
+    Raises:
+        ValueError: naming `what` (e.g. "--lora:") and the file, if the header cannot be read.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return list(handle.keys())
+    except Exception as error:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"{what} {str(path)!r} is not a readable .safetensors file ({error})") from error

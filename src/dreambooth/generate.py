@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dreambooth.config import ModelConfig
+from dreambooth.files import safetensors_keys
 from dreambooth.models.sd_upscaler import NOISE_LEVEL as UPSCALER_NOISE_LEVEL
 from dreambooth.options import Sampling
 
@@ -313,7 +314,6 @@ def check_generate(
 def check_lora_file(path: Path) -> None:
     """A LoRA folder (holding the file diffusers writes) or .safetensors file that exists and whose header
     reads."""
-    from safetensors import safe_open
 
     from dreambooth.layout import CASCADE_STAGE_DIRS
     from dreambooth.models.lora import LORA_FILE
@@ -327,13 +327,7 @@ def check_lora_file(path: Path) -> None:
             f"--lora {str(path)!r} holds no {LORA_FILE} (pass a LoRA run's lora/ folder or the file itself)"
         )
     for file in files:
-        try:
-            with safe_open(str(file), "pt") as handle:
-                keys = list(handle.keys())
-        except Exception as error:  # safetensors raises its own error type for a damaged header
-            raise ValueError(
-                f"--lora: {str(file)!r} is not a readable .safetensors file ({error})"
-            ) from error
+        keys = safetensors_keys(file, "--lora:")
         if not any("lora" in key for key in keys):
             raise ValueError(
                 f"--lora: {str(file)!r} holds no LoRA weights (no 'lora' keys): is it a full model?"

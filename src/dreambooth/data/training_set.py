@@ -46,10 +46,7 @@ class TrainingSet:
     def to(self, device: torch.device) -> TrainingSet:
         """The set on `device`, where the loop keeps it: a batch is then drawn without any host-device
         copy."""
-        cache = (
-            {caption: text.to(device) for caption, text in self.text_cache.items()} if self.text_cache
-            else self.text_cache
-        )
+        cache = self.text_cache and {caption: text.to(device) for caption, text in self.text_cache.items()}
         return TrainingSet(
             self.instance.to(device), self.classes.to(device) if self.classes is not None else None, cache
         )

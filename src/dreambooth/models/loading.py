@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from dreambooth.config import ModelConfig, RunConfig
+from dreambooth.files import safetensors_keys
 from dreambooth.models import deepfloyd_if, flux, sd, sd3, sdxl
 from dreambooth.models._latent import SINGLE_FILE_SUFFIXES
 from dreambooth.models._quantize import quantize_problems
@@ -148,15 +149,7 @@ def _single_file_family(path: Path, cfg: ModelConfig) -> str:
         return _family(_pipeline_class(index), cfg.single_file_config)
     if path.suffix != ".safetensors":
         return "sd"  # a pickle's keys cannot be read without unpickling it; SD is what .ckpt files hold
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            keys = list(f.keys())
-    except Exception as error:  # safetensors raises its own error types for a damaged header
-        raise ValueError(
-            f"model checkpoint {str(path)!r} is not a readable .safetensors file ({error})"
-        ) from error
+    keys = safetensors_keys(path, "model checkpoint")
     singles = [f for f in FAMILIES.values() if f.single_file_marker is not None]
     for family in singles:
         if any(key.startswith(family.single_file_marker) for key in keys):

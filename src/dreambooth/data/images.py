@@ -230,8 +230,12 @@ def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
             f"to_tensor needs RGB images of one size, got modes {sorted(modes)} and sizes {sorted(sizes)}; "
             "load them with load_images and pass them through resize_center_crop first"
         )
-    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images]))  # [b, h, w, 3] uint8
-    return pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return pixels_to_tensor(np.stack([np.asarray(image) for image in images]))
+
+
+def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 pixels [b, h, w, 3] -> float32 [b, 3, h, w] in [-1, 1], the range every denoiser sees."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -150,12 +150,24 @@ class IFSuperResStage(_IFStage):
         self, noisy: Tensor, level: Tensor, text: TextConditioning, encoded: Encoded, rng: RowRandom
     ) -> Tensor:
         augmented, augmentation = self.condition(encoded["lowres"], rng)
-        # [b, 6, H, W], as the pipeline builds it
-        model_input = torch.cat([noisy, augmented.to(noisy)], dim=1)
-        output = self.denoiser(
-            model_input, level, encoder_hidden_states=text.sequence, class_labels=augmentation
-        ).sample
-        return _epsilon(output, noisy.shape[1])
+        return self.denoise(noisy, level, text.sequence, augmented, augmentation)
+
+    def denoise(
+        self, noisy: Tensor, level: Tensor, text: Tensor, augmented: Tensor, augmentation: Tensor
+    ) -> Tensor:
+        """The prediction for `noisy` given the upscaled, already noise-augmented low-res input."""
+        model_input = torch.cat([noisy, augmented.to(noisy)], dim=1)  # [b, 6, H, W], as the pipeline does
+        output = self.denoiser(model_input, level, encoder_hidden_states=text, class_labels=augmentation)
+        return _epsilon(output.sample, noisy.shape[1])
+
+    @classmethod
+    def from_pipeline(
+        cls, pipeline: IFSuperResolutionPipeline, low_resolution: int, *,
+        noise_level_range: tuple[int, int] = SR_NOISE_LEVELS,
+    ) -> IFSuperResStage:
+        """The stage of a loaded SR pipeline whose base stage samples at `low_resolution`."""
+        components = _components(pipeline)
+        return cls(**components, low_resolution=low_resolution, noise_level_range=noise_level_range)
 
 
 def load_if(
@@ -185,10 +197,7 @@ def load_if(
             sr_dir, variant=sr_variant, dtype=dtype, **own, **NO_SAFETY
         )
         stages.append(
-            IFSuperResStage(
-                **_components(sr_pipe), low_resolution=stages[0].resolution,
-                noise_level_range=noise_level_range,
-            )
+            IFSuperResStage.from_pipeline(sr_pipe, stages[0].resolution, noise_level_range=noise_level_range)
         )
     if upscaler_source is not None:
         stages.append(

@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-import torch
 from PIL import Image
 
+from dreambooth.data.images import pixels_to_tensor
 from dreambooth.eval.metrics import mean_cross_cosine
 from dreambooth.generate import super_resolve
 from dreambooth.models.deepfloyd_if import downsample, upscale
@@ -101,7 +101,7 @@ def super_resolved_detail(
     positions = list(POSITIONS)
     scenes = [subject.scene(context, positions[k % len(positions)], view, k % N_VARIANTS)
               for k, (context, view) in enumerate((c, v) for c in CONTEXTS for v in VIEWS)]
-    truth = torch.from_numpy(render(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    truth = pixels_to_tensor(render(scenes))
     lowres = downsample(truth, low_resolution)
     prompts = [f"a {identifier} {subject.cls} {CONTEXTS[scene.context]}" for scene in scenes]
     outputs = {

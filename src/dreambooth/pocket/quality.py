@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dreambooth.data.images import pixels_to_tensor
 from dreambooth.generate import LoadedModel, expand_prompts, generate, super_resolve
-from dreambooth.models.deepfloyd_if import downsample, upscale
+from dreambooth.models.deepfloyd_if import IFSuperResStage, downsample, upscale
 from dreambooth.pocket._scorer_net import gaussian_blur
 from dreambooth.pocket.scorers import PocketScorer
 from dreambooth.pocket.world import CLASSES, CONTEXTS, sample_dataset
@@ -53,7 +54,7 @@ def super_resolution_agreement(
 ) -> dict[str, float]:
     """SR of downsampled renders vs bilinear upsampling, against the true 64x64 renders."""
     renders, captions, _ = sample_dataset(n, seed + 10_000, p_drop=0.0)
-    truth = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1  # [n, 3, 64, 64] in [-1, 1]
+    truth = pixels_to_tensor(renders)  # [n, 3, 64, 64]
     lowres = downsample(truth, model.pipelines[0].unet.config.sample_size)   # what the base stage makes
     super_resolved = super_resolve(
         model.pipelines[1], lowres, captions, steps=steps, guidance=guidance, seed=seed
@@ -77,24 +78,21 @@ def super_resolution_reads_input(
     with the input zeroed, the gap shows how much it relies on it.
     """
     sr = model.pipelines[1]
+    stage = IFSuperResStage.from_pipeline(sr, low_resolution=model.pipelines[0].unet.config.sample_size)
     renders, captions, _ = sample_dataset(n, seed + 10_000, p_drop=0.0)
-    truth = (torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1).to(sr.device)
-    bilinear = upscale(downsample(truth, model.pipelines[0].unet.config.sample_size), truth.shape[-1])
+    truth = pixels_to_tensor(renders).to(sr.device)
+    bilinear = upscale(downsample(truth, stage.low_resolution), truth.shape[-1])
     generator = torch.Generator().manual_seed(seed)
     levels, steps = torch.full((n,), noise_level, device=sr.device), torch.full((n,), t, device=sr.device)
     condition = sr.image_noising_scheduler.add_noise(
         bilinear, torch.randn(bilinear.shape, generator=generator).to(sr.device), levels
     )
     noisy = sr.scheduler.add_noise(truth, torch.randn(truth.shape, generator=generator).to(sr.device), steps)
-    text, _ = sr.encode_prompt(
-        captions, do_classifier_free_guidance=False, device=sr.device, clean_caption=False
-    )
+    text = stage.encode_text(stage.tokenize(captions)).sequence
 
     def estimate(low: torch.Tensor) -> torch.Tensor:
-        output = sr.unet(
-            torch.cat([noisy, low], 1), steps, encoder_hidden_states=text, class_labels=levels
-        ).sample[:, :3]
-        return sr.scheduler.step(output, t, noisy).pred_original_sample.clamp(-1, 1)
+        prediction = stage.denoise(noisy, steps, text, low, levels)
+        return sr.scheduler.step(prediction, t, noisy).pred_original_sample.clamp(-1, 1)
 
     return {
         f"psnr_estimate_t{t}": _psnr(estimate(condition), truth),

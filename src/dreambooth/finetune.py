@@ -55,8 +55,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Subject:
-    """The subject as the model will be taught it."""
+class SubjectName:
+    """What prompts call the subject: its identifier [V] and its class noun."""
 
     identifier: str
     class_noun: str
@@ -157,7 +157,7 @@ def _make_accelerator(cfg: RunConfig) -> Accelerator:
 
 def _resolve_subject(
     cfg: RunConfig, stages: list[Stage], family: Family, layout: RunLayout, resuming: bool
-) -> Subject:
+) -> SubjectName:
     """The identifier: the resumed run's, the user's (checked), or chosen from the model's rare tokens."""
     class_noun = cfg.subject.class_noun
     if (problem := unknown_class_noun(cfg.model.source, class_noun)) is not None:
@@ -168,7 +168,7 @@ def _resolve_subject(
             logger.warning(
                 "resume: keeping the run's identifier %r, not %r", recorded, cfg.identifier.identifier
             )
-        return Subject(recorded, class_noun)
+        return SubjectName(recorded, class_noun)
     if cfg.identifier.identifier is not None:
         text = cfg.identifier.identifier
         if (seen := family.preprocess_prompt(text)) != text:
@@ -194,11 +194,11 @@ def _resolve_subject(
         f"identifier [V] = {text!r}  (prompt: "
         f"{cfg.subject.instance_prompt.format(identifier=text, class_noun=class_noun)!r})"
     )
-    return Subject(text, class_noun)
+    return SubjectName(text, class_noun)
 
 
 def _class_images(
-    cfg: RunConfig, cascade: list[Stage], subject: Subject, family: Family, layout: RunLayout,
+    cfg: RunConfig, cascade: list[Stage], subject: SubjectName, family: Family, layout: RunLayout,
     accelerator: Accelerator,
 ) -> list[Image.Image]:
     """Generate (once) and load the frozen model's class images, sampled through every stage of `cascade`.
@@ -245,7 +245,7 @@ def _class_sampler(cfg: RunConfig, cascade: list[Stage]) -> str:
 
 
 def _training_set(
-    cfg: RunConfig, stage: Stage, photos: list[LoadedImage], subject: Subject,
+    cfg: RunConfig, stage: Stage, photos: list[LoadedImage], subject: SubjectName,
     class_images: list[Image.Image] | None, family: Family,
 ) -> TrainingSet:
     captions = [
@@ -288,7 +288,7 @@ def _plan(cfg: RunConfig, stage: Stage, family: Family) -> StagePlan:
 
 
 def _validator(
-    cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subject, layout: RunLayout,
+    cfg: RunConfig, stages: list[Stage], stage: Stage, subject: SubjectName, layout: RunLayout,
     accelerator: Accelerator, evaluator,
 ):
     """Validation of `stage`: a grid of the validation prompts through the cascade up to it, and the
@@ -356,8 +356,8 @@ def stages_on(stages: list[Stage], device):
 
 
 def _evaluator(
-    cfg: RunConfig, stages: list[Stage], stage: Stage, subject: Subject, photos: list[LoadedImage], embedders,
-    device,
+    cfg: RunConfig, stages: list[Stage], stage: Stage, subject: SubjectName, photos: list[LoadedImage],
+    embedders, device,
 ) -> TrainingEvaluator:
     """Scores the cascade up to `stage` during training; its baseline is sampled now, before the stage
     trains."""
@@ -376,7 +376,7 @@ def _evaluator(
 
 
 def _run_info(
-    cfg: RunConfig, source: ModelSource, subject: Subject, trained, *, status: str, outputs=None
+    cfg: RunConfig, source: ModelSource, subject: SubjectName, trained, *, status: str, outputs=None
 ) -> dict:
     """run.json: what a later `generate`, `eval` or `export` needs to know about the run."""
     return {

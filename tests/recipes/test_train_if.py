@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from dreambooth.cli import main
 from dreambooth.config import ModelConfig, RunConfig
-from dreambooth.finetune import Subject
+from dreambooth.finetune import SubjectName
 from dreambooth.generate import SAMPLERS, generate, load_model
 from dreambooth.models.deepfloyd_if import IFSuperResStage
 from dreambooth.models.loading import load_stages, resolve_source
@@ -208,7 +208,7 @@ def test_validation_samples_with_dropout_off(tiny_if: Path, tmp_path: Path, monk
 
 
 def test_a_caption_may_hold_braces() -> None:
-    subject = Subject("xon", "dog")
+    subject = SubjectName("xon", "dog")
     assert subject.fill("a {identifier} {class_noun} in a {curly} tent }") == "a xon dog in a {curly} tent }"
 
 

@@ -25,10 +25,8 @@ says whether the glyph strokes, which exist only at 64x64, are present and corre
 bilinear 32 -> 64 upsampling has almost no high-pass energy that matches, so it scores far
 lower than the true 64x64 image.
 
-Measured with the committed weights on 1,000 held-out renders: class and context accuracy
-99.9% / 100% at 64x64, 32x32 and 32 -> 64 upsampled, 98% / 100% on "generated-like"
-augmented renders. Retrain them with `dreambooth pocket train-scorer` (seed 0, 1,500
-steps, about 6 minutes on one CPU thread; bitwise reproducible for a given thread count).
+The committed weights' accuracy on held-out renders is in docs/pocket.md. Retrain them with
+`dreambooth pocket train-scorer` (bitwise reproducible for a given thread count).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ class PretrainConfig:
     ema_decay: float = 0.998
     """EMA of the weights; the saved cascade uses the average."""
     mixed_precision: Literal["no", "bf16"] = "no"
-    """fp32 is faster than bf16 autocast for UNets this small on CPU (FIELD-NOTES)."""
+    """fp32 by default: on CPU, bf16 autocast is slower than fp32 for UNets this small."""
     seed: int = 0
     """Seed of the world's scenes, initialisation, noise and data order."""
     lr_scheduler: LrSchedule = "cosine"

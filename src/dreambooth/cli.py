@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "accelerate", "diffusers", "transformers"):
+    for noisy in ("httpx", "urllib3", "PIL", "accelerate", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from dreambooth.training.loop import TrainingDiverged, TrainingInterrupted
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dreambooth.files import atomic_write_text
+from dreambooth.training.chart import Series, line_chart
 
 logger = logging.getLogger(__name__)
 
@@ -51,32 +51,18 @@ def plot_curves(
     rows: list[dict], png: Path, title: str, keys: tuple[str, ...] = ("loss/instance", "loss/prior"),
     log_scale: bool = True,
 ) -> None:
-    """Curves of `keys` over steps: raw and smoothed when there are many points, markers when few.
-
-    Drawn without pyplot's global state, so that it may run in a background thread.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for key in keys:
+    """Curves of `keys` over steps: raw and smoothed when there are many points, markers when few."""
+    series = []
+    for colour, key in enumerate(keys):
         steps = [r["step"] for r in rows if key in r]
         values = [r[key] for r in rows if key in r]
         if len(values) > 20:
-            (line,) = ax.plot(steps, values, alpha=0.25)
-            ax.plot(steps, _smooth(values), color=line.get_color(), label=key)
+            series += [
+                Series(None, steps, values, colour, faint=True), Series(key, steps, _smooth(values), colour)
+            ]
         elif values:
-            ax.plot(steps, values, marker="o", label=key)
-    ax.set(xlabel="step", title=title, yscale="log" if log_scale else "linear")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png)
-    fig.clear()
-    gc.collect()  # a figure is a web of reference cycles: freed now, not kept until a full collection
+            series.append(Series(key, steps, values, colour, markers=True))
+    line_chart(series, png, title, log_scale=log_scale)
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -21,9 +22,7 @@ from PIL import Image
 from dreambooth.config import RunConfig, validate
 from dreambooth.data.images import LoadedImage, load_images, warn_small_images
 from dreambooth.data.training_set import TrainingSet, encode_captions, encode_examples
-from dreambooth.eval.during_training import BestCheckpointPolicy, TrainingEvaluator, load_eval_embedders
 from dreambooth.eval.prompts import format_prompt
-from dreambooth.eval.scoring import SubjectPhotos
 from dreambooth.export.pipeline import export_run
 from dreambooth.files import read_json, write_json
 from dreambooth.generate import expand_prompts, generate, is_flow_matching, sampling_batch
@@ -50,6 +49,9 @@ from dreambooth.prior import (
 )
 from dreambooth.run_folder import open_run_folder, record_config
 from dreambooth.training.loop import DTYPES, StagePlan, train_stage
+
+if TYPE_CHECKING:
+    from dreambooth.eval.during_training import TrainingEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +84,11 @@ def finetune(cfg: RunConfig) -> RunLayout:
         )
     accelerator = _make_accelerator(cfg)
     evaluating = cfg.eval.eval_every > 0 and accelerator.is_main_process
-    embedders = (
-        load_eval_embedders(cfg.eval, cfg.model.source, str(accelerator.device)) if evaluating else None
-    )
+    embedders = None
+    if evaluating:  # the evaluation's modules (and their models) load only in runs that evaluate
+        from dreambooth.eval.during_training import load_eval_embedders
+
+        embedders = load_eval_embedders(cfg.eval, cfg.model.source, str(accelerator.device))
     layout, resuming = (
         open_run_folder(cfg) if accelerator.is_main_process else (RunLayout(cfg.run_dir), cfg.output.resume)
     )
@@ -282,9 +286,14 @@ def _plan(cfg: RunConfig, stage: Stage, family: Family) -> StagePlan:
         },
         prior_weight=cfg.prior.loss_weight,
         validate_every=(cfg.validation.every_n_steps, cfg.eval.eval_every),
-        keep_best=BestCheckpointPolicy(cfg.eval.best_metric, cfg.eval.max_pres_increase)
-        if cfg.eval.eval_every else None,
+        keep_best=_best_checkpoint_policy(cfg) if cfg.eval.eval_every else None,
     )
+
+
+def _best_checkpoint_policy(cfg: RunConfig):
+    from dreambooth.eval.during_training import BestCheckpointPolicy
+
+    return BestCheckpointPolicy(cfg.eval.best_metric, cfg.eval.max_pres_increase)
 
 
 def _validator(
@@ -361,6 +370,9 @@ def _evaluator(
 ) -> TrainingEvaluator:
     """Scores the cascade up to `stage` during training; its baseline is sampled now, before the stage
     trains."""
+    from dreambooth.eval.during_training import TrainingEvaluator
+    from dreambooth.eval.scoring import SubjectPhotos
+
     evaluator = TrainingEvaluator(
         pipelines=[s.pipeline for s in stages[: stages.index(stage) + 1]],
         guidance=[s.default_guidance for s in stages],

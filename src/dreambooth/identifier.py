@@ -19,14 +19,15 @@ word one whole token in the same prompt.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
+import wordfreq
 from transformers import PreTrainedTokenizerBase
-from wordfreq import zipf_frequency
 
 logger = logging.getLogger(__name__)
 
@@ -313,13 +314,30 @@ def _word_problems(word: str) -> list[str]:
         )
     if word.lower() in DENY_LIST:
         problems.append(f"'{word}' is a known-bad identifier: {DENY_LIST[word.lower()]}; {_FIX}.")
-    elif (zipf := zipf_frequency(word, "en")) >= ZIPF_COMMON:
+    elif (zipf := english_zipf(word)) >= ZIPF_COMMON:
         problems.append(
             f"'{word}' is a common English word (Zipf frequency {zipf:.1f} >= {ZIPF_COMMON}): the "
             f"model must unlearn its meaning, which can bleed into the subject (an identifier "
             f"'blue' makes a grey subject blue, Ruiz et al. 2023, Sec. 3.2); {_FIX}."
         )
     return problems
+
+
+def english_zipf(word: str) -> float:
+    """Zipf frequency of `word` in English (wordfreq's list) when it is at least ZIPF_COMMON, else 0."""
+    return _common_english_words().get(word.casefold(), 0.0)
+
+
+@functools.cache
+def _common_english_words() -> dict[str, float]:
+    """The common English words and their Zipf frequencies, read from wordfreq's frequency buckets.
+
+    `wordfreq.zipf_frequency` would keep every word of the language in memory (~35 MB) for the life
+    of the process; the common ones are ~30k.
+    """
+    buckets = wordfreq.read_cBpack(wordfreq.available_languages()["en"])  # bucket i: words at -i centibels
+    last = round((9 - ZIPF_COMMON) * 100)                                 # Zipf = 9 + centibels / 100
+    return {word: round(9 - i / 100, 2) for i, words in enumerate(buckets[: last + 1]) for word in words}
 
 
 def _as_tuple(tokenizers: Tokenizers) -> tuple[PreTrainedTokenizerBase, ...]:
@@ -362,7 +380,7 @@ def _is_candidate_word(word: str) -> bool:
         and word.isalpha()
         and word.islower()
         and word not in DENY_LIST
-        and zipf_frequency(word, "en") < ZIPF_COMMON
+        and english_zipf(word) < ZIPF_COMMON
     )
 
 

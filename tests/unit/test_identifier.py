@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import string
@@ -18,6 +19,7 @@ from dreambooth.identifier import (
     check_identifier,
     choose_identifier,
     default_id_range,
+    english_zipf,
 )
 
 from tiny_models import tiny_clip_tokenizer
@@ -379,3 +381,15 @@ def test_no_tokenizers_is_an_error() -> None:
         choose_identifier([], "dog")
     with pytest.raises(ValueError, match="No tokenizers given"):
         check_identifier([], "zyk", "dog")
+
+
+def test_common_words_are_the_ones_wordfreq_calls_common() -> None:
+    """`english_zipf` reads wordfreq's buckets itself (not its 35 MB dictionary): on every candidate an
+    identifier can be (1-3 lowercase letters) and on words it must fold, it agrees with wordfreq."""
+    short = ["".join(c) for n in (1, 2, 3) for c in itertools.product(string.ascii_lowercase, repeat=n)]
+    for word in short + ["Blue", "CAFÉ", "naïve", "OHWX", "Straße", "photograph", "unbeknownst"]:
+        expected = zipf_frequency(word, "en")
+        if expected >= ZIPF_COMMON:
+            assert english_zipf(word) == expected, word
+        else:
+            assert english_zipf(word) == 0.0, word

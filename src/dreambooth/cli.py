@@ -97,7 +97,7 @@ def cmd_pocket_quality(args: argparse.Namespace) -> None:
 def cmd_pocket_pretrain(args: argparse.Namespace) -> None:
     from dreambooth.pocket.pretrain import pretrain
 
-    print(f"pretrained cascade: {pretrain(_options(PretrainFlags, args).pretrain, export_to=args.export_to)}")
+    print(f"pretrained cascade: {pretrain(_options(PretrainFlags, args).pretrain)}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -201,13 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     pocket = commands.add_parser("pocket", help="the built-in pocket world and model").add_subparsers(
         dest="pocket_command", required=True
     )
-    pre = _command(
+    _command(
         pocket, "pretrain", PretrainFlags, cmd_pocket_pretrain,
         help="pretrain the pocket cascade on the procedural world (resumable)",
-    )
-    pre.add_argument(
-        "--export-to", type=Path,
-        help="also copy the pretrained cascade here (e.g. src/dreambooth/pocket/weights/cascade)",
     )
     _command(
         pocket, "quality", QualityFlags, cmd_pocket_quality,

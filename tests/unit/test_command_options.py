@@ -60,6 +60,23 @@ def test_help_lists_every_option_with_its_dataclass_default(command: str) -> Non
                 assert shown in text[text.index(f"{name} ") :], f"{command}: {name} lacks {shown}"
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_flag_of_a_command_is_a_field_of_its_option_tree(command: str) -> None:
+    """No hand-written flags: each one a command takes sets a field of its tree (besides --config/help)."""
+    parser = build_parser()
+    for name in command.split():
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    fields = {
+        f"{section}.{field.name}" for root in COMMANDS[command] for section, cls in sections(root)
+        for field in dataclasses.fields(cls)
+    }
+    stray = [
+        action.option_strings or [action.dest] for action in parser._actions
+        if action.dest not in fields and action.dest not in {"help", "config"}
+    ]
+    assert not stray, f"{command}: flags outside its option tree: {stray}"
+
+
 def test_defaults_are_written_once() -> None:
     assert (
         ScoringModels().dino == EvalConfig().dino == DEFAULT_DINO

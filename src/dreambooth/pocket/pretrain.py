@@ -42,9 +42,7 @@ PREVIEW_PROMPTS = (
 )
 
 
-def pretrain(
-    cfg: PretrainConfig, export_to: Path | None = None, arch: PocketArchitecture = PocketArchitecture()
-) -> Path:
+def pretrain(cfg: PretrainConfig, arch: PocketArchitecture = PocketArchitecture()) -> Path:
     """Pretrain both stages (resuming where a previous call stopped); save the cascade in fp16.
 
     Returns the folder of the pretrained cascade (stage_1/, stage_2/).
@@ -94,8 +92,8 @@ def pretrain(
     write_json(
         out / "pretraining.json", {"config": to_dict(cfg), "training_seconds": _training_seconds(layout)}
     )
-    if export_to is not None:
-        shutil.copytree(out, export_to, dirs_exist_ok=True)
+    if cfg.export_to is not None:
+        shutil.copytree(out, cfg.export_to, dirs_exist_ok=True)
     return out
 
 

@@ -54,6 +54,8 @@ class PretrainConfig:
     """Denoising steps of the previews."""
     preview_guidance: float = 4.0
     """Classifier-free guidance of the previews (every stage)."""
+    export_to: Path | None = None
+    """Also copy the pretrained cascade here (e.g. src/dreambooth/pocket/weights/cascade)."""
 
     def __post_init__(self) -> None:
         low, high = self.sr_noise_levels

@@ -32,7 +32,7 @@ from tiny_models import tiny_clip_tokenizer
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-# What the run's export passes (export/metadata.py): the exporter keeps its own layout fields.
+# What the run's export passes (modelspec.export_metadata): the exporter keeps its own layout fields.
 CALLER = {
     "modelspec.architecture": "stable-diffusion-v1",
     "modelspec.implementation": "diffusers",

@@ -22,9 +22,9 @@ from dreambooth._config_io import from_dict
 from dreambooth._config_io import load_file as load_config_file
 from dreambooth.config import ModelConfig, RunConfig
 from dreambooth.export.formats import FORMATS, KOHYA_WRITERS, LORA_FORMATS, SINGLE_FILE_FAMILIES, families_of
-from dreambooth.export.metadata import export_metadata
+from dreambooth.export.modelspec import export_metadata, modelspec_architecture
 from dreambooth.export.pipeline import to_fp32_cpu
-from dreambooth.export.single_file import export_single_file, modelspec_architecture
+from dreambooth.export.single_file import export_single_file
 from dreambooth.files import read_json
 from dreambooth.layout import CASCADE_STAGE_DIRS, RunLayout
 from dreambooth.models.loading import FAMILIES, load_stages, resolve_source, trained_text_encoders

@@ -1,11 +1,13 @@
-"""The safetensors header: SAI ModelSpec fields the UIs read to file a model or LoRA under its base.
+"""The safetensors header of an exported file: SAI ModelSpec fields and the facts of the run that made it.
 
-ModelSpec 1.0.0: github.com/Stability-AI/ModelSpec. Architecture ids and implementations as kohya
-sd-scripts writes them (`library/sai_model_spec.py`).
+UIs (ComfyUI, AUTOMATIC1111/Forge, Civitai) read the `modelspec.*` keys to file a model or LoRA under
+its base; the `dreambooth.*` keys record the run. ModelSpec 1.0.0: github.com/Stability-AI/ModelSpec.
+Architecture ids and implementations as kohya sd-scripts writes them (`library/sai_model_spec.py`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import date
 
@@ -17,7 +19,17 @@ from dreambooth.export.ldm_layout import text_encoder_layout
 logger = logging.getLogger(__name__)
 
 WRITER = f"dreambooth {__version__}"
+SPEC_VERSION = "1.0.0"
 SDXL_BASE = "stable-diffusion-xl-v1-base"
+FAMILY_ARCHITECTURES = {
+    "sd": "stable-diffusion-v1",
+    "sdxl": SDXL_BASE,
+    "if": "deepfloyd-if",
+    "sd3": "stable-diffusion-v3-medium",
+    "flux": "flux-1-dev",
+}
+"""The ModelSpec architecture of each family, where the model itself is not at hand to tell (SD 2.x from
+1.x, say: `modelspec_architecture`)."""
 # ModelSpec's `implementation` is the codebase whose variable names the keys are.
 IMPLEMENTATIONS = {
     "stable-diffusion-v1": "https://github.com/CompVis/stable-diffusion",
@@ -58,7 +70,7 @@ def base_fields(pipeline: DiffusionPipeline, title: str) -> dict[str, str]:
     """The ModelSpec fields of a file made from (or for) `pipeline`."""
     size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     return {
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": SPEC_VERSION,
         "modelspec.architecture": modelspec_architecture(pipeline),
         "modelspec.implementation": IMPLEMENTATIONS[modelspec_architecture(pipeline)],
         "modelspec.title": title,
@@ -67,6 +79,41 @@ def base_fields(pipeline: DiffusionPipeline, title: str) -> dict[str, str]:
         "modelspec.date": date.today().isoformat(),
         "dreambooth.writer": WRITER,
     }
+
+
+def export_metadata(
+    run_info: dict, *, lora: bool = False, architecture: str | None = None, title: str | None = None
+) -> dict[str, str]:
+    """Header metadata of a file exported from a run (`run_info` is its run.json).
+
+    Args:
+        run_info: the run's run.json contents.
+        lora: the file is a LoRA (its architecture gets the `/lora` suffix, as ModelSpec says).
+        architecture: the model's ModelSpec architecture if known (e.g. from `modelspec_architecture`
+            of the pipeline, which tells SD 2.x apart); default: the family's.
+        title: `modelspec.title`; default: the identifier and class noun.
+    """
+    family = run_info["model"]["family"]
+    resolution = max(run_info.get("resolution", {}).values(), default=None)
+    architecture = (architecture or FAMILY_ARCHITECTURES.get(family, family)) + ("/lora" if lora else "")
+    trigger = f"{run_info['identifier']} {run_info['class_noun']}"
+    metadata = {
+        "modelspec.sai_model_spec": SPEC_VERSION,
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title or f"DreamBooth {trigger}",
+        "modelspec.trigger_phrase": trigger,
+        "dreambooth.base_model": str(run_info["model"]["source"]),
+        "dreambooth.identifier": run_info["identifier"],
+        "dreambooth.class_noun": run_info["class_noun"],
+        "dreambooth.method": run_info.get("method", "full"),
+        "dreambooth.steps": json.dumps(run_info.get("steps", {})),
+        "dreambooth.version": __version__,
+    }
+    if resolution is not None:
+        metadata["modelspec.resolution"] = f"{resolution}x{resolution}"
+        metadata["dreambooth.resolution"] = str(resolution)
+    return metadata
 
 
 def merged(header: dict[str, str], metadata: dict[str, str] | None) -> dict[str, str]:

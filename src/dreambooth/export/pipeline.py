@@ -11,7 +11,7 @@ import logging
 import torch
 
 from dreambooth.export.formats import KOHYA_WRITERS
-from dreambooth.export.metadata import export_metadata
+from dreambooth.export.modelspec import export_metadata
 from dreambooth.export.single_file import export_single_file
 from dreambooth.layout import RunLayout
 from dreambooth.models.lora import LORA_FILE, lora_modules, merge_lora, save_lora

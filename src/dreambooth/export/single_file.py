@@ -21,10 +21,10 @@ from torch import Tensor
 
 from dreambooth.export import ldm_layout as ldm
 from dreambooth.export.lora_kohya import export_lora_kohya
-from dreambooth.export.modelspec import base_fields, is_sdxl, merged, modelspec_architecture
+from dreambooth.export.modelspec import base_fields, is_sdxl, merged
 from dreambooth.models.lora import has_lora
 
-__all__ = ["convert_to_ldm", "export_lora_kohya", "export_single_file", "modelspec_architecture"]
+__all__ = ["convert_to_ldm", "export_lora_kohya", "export_single_file"]
 
 
 def export_single_file(

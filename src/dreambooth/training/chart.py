@@ -6,12 +6,15 @@ would add its import time and tens of megabytes to every training process.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from dreambooth.files import atomic_write_bytes
 
 COLOURS = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -25,8 +28,9 @@ MARGINS = (70, 34, 20, 44)
 
 @dataclass(frozen=True)
 class Series:
-    """One curve: its legend label, its x values (steps) and y values; `faint` draws it light and thin
-    (the raw values behind a smoothed curve of the same colour)."""
+    """One curve: its legend label (None: not in the legend), x values (steps), y values and colour (an
+    index into COLOURS); `faint` draws it light and thin (the raw values behind a smoothed curve of the
+    same colour), `markers` marks each point."""
 
     label: str | None
     steps: Sequence[float]
@@ -70,8 +74,9 @@ def line_chart(
     else:
         _centred(draw, "no values yet", (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, font)
     draw.rectangle(box, outline=(120, 120, 120), width=SCALE)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    image.resize(size, Image.Resampling.LANCZOS).save(png)
+    encoded = io.BytesIO()
+    image.resize(size, Image.Resampling.LANCZOS).save(encoded, format="PNG")
+    atomic_write_bytes(png, encoded.getvalue())
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,7 @@ def _y_ticks(lo: float, hi: float, log_scale: bool) -> list[tuple[float, str]]:
 
 def _draw_series(draw: ImageDraw.ImageDraw, series: Series, points: list[tuple[float, float]]) -> None:
     colour = COLOURS[series.colour % len(COLOURS)]
-    if series.faint:  # the raw values behind a smoothed curve: a quarter of the colour on white
+    if series.faint:  # 30% of the colour over white
         colour = tuple(round(255 - (255 - c) * 0.3) for c in colour)
     if len(points) > 1:
         draw.line(points, fill=colour, width=SCALE if series.faint else 2 * SCALE, joint="curve")

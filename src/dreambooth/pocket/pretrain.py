@@ -51,8 +51,8 @@ def pretrain(cfg: PretrainConfig, arch: PocketArchitecture = PocketArchitecture(
     init = cfg.run_dir / "init"
     if not (init / CASCADE_STAGE_DIRS["sr"] / "model_index.json").is_file():
         if any(latest_checkpoint(layout.checkpoints(name)) for name in CASCADE_STAGE_DIRS):
-            # A rebuilt tokenizer may number tokens differently (a rebuild here renumbered 310 of
-            # 8,192), which would silently scramble the prompts of the checkpointed text encoder.
+            # A rebuilt tokenizer may number tokens differently, which would silently scramble the
+            # prompts of the checkpointed text encoder.
             raise FileNotFoundError(
                 f"{init} is missing but {cfg.run_dir} holds checkpoints trained with its tokenizer: "
                 "restore init/ from a backup, or start over with a new --run-dir"

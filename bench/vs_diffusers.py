@@ -24,7 +24,8 @@ checkpoints written every steps / 2 steps, as a real run does. The progress line
 run's CPU time (user + system), kept in the JSON: a run that lost the CPUs to another program shows
 a wall time out of line with it. On a shared 2-core machine a run's wall time moves by a second or
 two: the class-image figure (a second or a few, against runs of about 12 s) moves as much, and
-`--class-images 32` steadies it.
+`--class-images 32` steadies it. Ours also gets a median and p90 step time, read from its own step log
+(millisecond timestamps) of the long run; diffusers' script logs none.
 
 The workload, the same for both wherever their flags allow: a tiny random SD 1.x model
 (tests/tiny_models.py `build_tiny_sd`, 32x32 px), 3 photos of a coloured disc, "a photo of sks dog";
@@ -64,6 +65,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -78,6 +80,7 @@ CACHE = Path(__file__).resolve().parent / ".cache" / "vs_diffusers"
 PROGRAMS = ("ours", "diffusers")
 KINDS = ("cold", "warm", "long")
 LONG = 5                # the long run trains LONG x --steps: steps/s comes from the (LONG - 1) x --steps more
+WARM_STEPS = 10         # steps left out of our logged step times (allocator and kernel warm-up)
 RESOLUTION = 32         # build_tiny_sd's images (16x16 latents)
 CLASS_BATCH = 8         # ours' default --class-batch-size; diffusers' script gets it as --sample_batch_size
 DIFFUSERS_CLASS_STEPS = 50   # the script calls the pipeline without num_inference_steps: its default, 50
@@ -144,6 +147,8 @@ class Run:
     wall_s: float
     peak_rss_mb: float
     cpu_s: float
+    step_ms: tuple[float, float] | None = None
+    """Ours only: median and p90 of its own logged step times after the first WARM_STEPS steps."""
 
 
 def ours_command(job: Job, w: Workload) -> list[str]:
@@ -273,8 +278,23 @@ def execute(job: Job, cmd: list[str], env: dict[str, str], w: Workload) -> Run:
             f"--- stderr tail ({job.folder / 'stderr.txt'}) "
             f"---\n{tail(job.folder / 'stderr.txt')}"
         )
+    step_ms = logged_step_ms(job.folder / "out" / "logs" / "base.jsonl") if job.program == "ours" else None
     shutil.rmtree(job.folder / "out")
-    return Run(job.program, job.kind, job.repeat, job.steps(w), timed.wall_s, timed.peak_rss_mb, timed.cpu_s)
+    return Run(
+        job.program, job.kind, job.repeat, job.steps(w), timed.wall_s, timed.peak_rss_mb, timed.cpu_s, step_ms
+    )
+
+
+def logged_step_ms(log: Path) -> tuple[float, float] | None:
+    """Median and p90 (ms) of the step times in our JSONL log (differences of its `elapsed_s`), after the
+    first WARM_STEPS steps; the steps that wrote a checkpoint are among them. None for a short run."""
+    if not log.is_file():
+        return None
+    elapsed = [json.loads(line)["elapsed_s"] for line in log.read_text().splitlines()]
+    times = sorted(1000 * (b - a) for a, b in zip(elapsed[WARM_STEPS:], elapsed[WARM_STEPS + 1 :]))
+    if len(times) < 10:
+        return None
+    return statistics.median(times), times[int(0.9 * (len(times) - 1))]
 
 
 def class_sampling(program: str, class_dir: Path, model: Path) -> tuple[int, str]:
@@ -426,6 +446,11 @@ def main() -> None:
         + "; ".join(f"{p} {steps} denoising steps ({sampler})" for p, (steps, sampler) in sampling.items())
         + f"; {CLASS_BATCH} per batch, guidance 7.5 in both"
     )
+    logged = [r.step_ms for r in runs if r.program == "ours" and r.kind == "long" and r.step_ms]
+    if logged:
+        median, p90 = min(logged)
+        print(f"ours, from its own log of the long run: step time median {median:.1f} ms, p90 {p90:.1f} ms "
+              f"(steps after the first {WARM_STEPS}; diffusers' script logs no step times)")
     if any(figs[p]["steps_per_s"] is None or figs[p]["class_images_s"] <= 0 for p in PROGRAMS):
         print(
             "WARNING: a difference of wall times is not positive: noise exceeds the signal; raise --steps or "

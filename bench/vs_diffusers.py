@@ -53,6 +53,8 @@ wheel is built against CUDA torch: beside a CPU build of torch its compiled ops 
 torchvision tolerates, except for two fake-kernel registrations (`torchvision::nms`, `qnms`) that
 fail because the ops do not exist. A `sitecustomize.py` on the same PYTHONPATH declares these two op
 schemas, with no kernels, so `import torchvision` goes through; nothing the script runs calls them.
+Where the interpreter already imports torchvision (a GPU machine's own torch and torchvision), it is
+used as it is. There, each run's peak GPU memory is read with `nvidia-smi` too (bench/_timing.py).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ import argparse
 import functools
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -149,6 +152,8 @@ class Run:
     cpu_s: float
     step_ms: tuple[float, float] | None = None
     """Ours only: median and p90 of its own logged step times after the first WARM_STEPS steps."""
+    peak_gpu_mb: float | None = None
+    """GPU memory at its peak during the run, above what was in use before it (None without a GPU)."""
 
 
 def ours_command(job: Job, w: Workload) -> list[str]:
@@ -223,12 +228,16 @@ def prepare_photos() -> Path:
     return folder
 
 
-def prepare_torchvision() -> tuple[Path, Path]:
-    """torchvision for the diffusers process, installed once, and the shim that lets it import.
+def prepare_torchvision() -> list[Path]:
+    """torchvision for the diffusers process, installed once, and the shim that lets it import; nothing
+    where the interpreter already imports it (a GPU machine's own torch and torchvision).
 
     Returns:
-        The folder holding the `torchvision` package and the folder holding `sitecustomize.py`.
+        The folders to put on the diffusers process's PYTHONPATH: the one holding `sitecustomize.py`
+        and the one holding the `torchvision` package.
     """
+    if importlib.util.find_spec("torchvision") is not None:
+        return []
     release = torchvision_release()
     target, shim = CACHE / f"torchvision-{release}", CACHE / "torchvision_shim"
     shim.mkdir(parents=True, exist_ok=True)
@@ -242,13 +251,13 @@ def prepare_torchvision() -> tuple[Path, Path]:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), str(partial)])}
         setup_step([sys.executable, "-c", "from torchvision import transforms"], env, "import torchvision")
         partial.rename(target)
-    return target, shim
+    return [shim, target]
 
 
-def environments(torchvision: Path, shim: Path) -> dict[str, dict[str, str]]:
+def environments(torchvision: list[Path]) -> dict[str, dict[str, str]]:
     """Each program's environment: offline, and torchvision for diffusers' script only."""
     base = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    paths = [str(shim), str(torchvision), *filter(None, [os.environ.get("PYTHONPATH")])]
+    paths = [*map(str, torchvision), *filter(None, [os.environ.get("PYTHONPATH")])]
     return {"ours": base, "diffusers": {**base, "PYTHONPATH": os.pathsep.join(paths)}}
 
 
@@ -281,7 +290,8 @@ def execute(job: Job, cmd: list[str], env: dict[str, str], w: Workload) -> Run:
     step_ms = logged_step_ms(job.folder / "out" / "logs" / "base.jsonl") if job.program == "ours" else None
     shutil.rmtree(job.folder / "out")
     return Run(
-        job.program, job.kind, job.repeat, job.steps(w), timed.wall_s, timed.peak_rss_mb, timed.cpu_s, step_ms
+        job.program, job.kind, job.repeat, job.steps(w), timed.wall_s, timed.peak_rss_mb, timed.cpu_s,
+        step_ms, timed.peak_gpu_mb,
     )
 
 
@@ -326,6 +336,10 @@ def figures(runs: list[Run], w: Workload, class_steps: dict[str, int]) -> dict[s
             "class_ms_per_image_step": 1000 * class_s / (w.class_images * class_steps[program]),
             "peak_rss_cold_mb": min(r.peak_rss_mb for r in mine if r.kind == "cold"),
             "peak_rss_long_mb": min(r.peak_rss_mb for r in mine if r.kind == "long"),
+            **{
+                f"peak_gpu_{kind}_mb": min(r.peak_gpu_mb for r in mine if r.kind == kind)
+                for kind in ("cold", "long") if all(r.peak_gpu_mb is not None for r in mine)
+            },
         }
     return out
 
@@ -337,6 +351,8 @@ ROWS = (  # key, label, which way is better
     ("class_ms_per_image_step", "class images (ms per image per denoising step)", "lower"),
     ("peak_rss_cold_mb", "peak RSS, cold run (MB)", "lower"),
     ("peak_rss_long_mb", "peak RSS, long run (MB)", "lower"),
+    ("peak_gpu_cold_mb", "peak GPU memory, cold run (MB, nvidia-smi)", "lower"),
+    ("peak_gpu_long_mb", "peak GPU memory, long run (MB, nvidia-smi)", "lower"),
 )
 
 
@@ -346,6 +362,8 @@ def table(figs: dict[str, dict[str, float | None]]) -> str:
 
     lines = [f"{'figure':48s} {'ours':>9s} {'diffusers':>10s} {'ours/theirs':>12s}  better"]
     for key, label, better in ROWS:
+        if key not in figs["ours"]:  # GPU memory, on a machine without a GPU
+            continue
         ours, theirs = figs["ours"][key], figs["diffusers"][key]
         ratio = ours / theirs if ours is not None and theirs and theirs > 0 and ours > 0 else None
         lines.append(f"{label:48s} {cell(ours):>9s} {cell(theirs):>10s} {cell(ratio):>12s}  {better}")
@@ -415,7 +433,7 @@ def main() -> None:
     w = Workload(
         model, prepare_photos(), args.steps, args.class_images, args.resolution, args.mixed_precision
     )
-    envs = environments(*prepare_torchvision())
+    envs = environments(prepare_torchvision())
     commands = {"ours": ours_command, "diffusers": functools.partial(diffusers_command, script)}
     print(
         f"\nworkload: {w.model.name}, {w.resolution} px, precision {w.precision}, {args.class_images} class "
@@ -434,7 +452,9 @@ def main() -> None:
             flush=True,
         )
         run = execute(job, commands[job.program](job, w), envs[job.program], w)
-        print(f"{run.wall_s:6.1f} s (CPU {run.cpu_s:5.1f} s), peak RSS {run.peak_rss_mb:4.0f} MB", flush=True)
+        gpu = f", peak GPU {run.peak_gpu_mb:5.0f} MB" if run.peak_gpu_mb is not None else ""
+        rss = f"peak RSS {run.peak_rss_mb:4.0f} MB"
+        print(f"{run.wall_s:6.1f} s (CPU {run.cpu_s:5.1f} s), {rss}{gpu}", flush=True)
         runs.append(run)
         if job.kind == "cold" and job.repeat == 0:
             sampling[job.program] = class_sampling(job.program, job.class_dir, w.model)

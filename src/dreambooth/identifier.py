@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
-import wordfreq
 from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -335,6 +334,8 @@ def _common_english_words() -> dict[str, float]:
     `wordfreq.zipf_frequency` would keep every word of the language in memory (~35 MB) for the life
     of the process; the common ones are ~30k.
     """
+    import wordfreq  # on first use: its import and data are large
+
     buckets = wordfreq.read_cBpack(wordfreq.available_languages()["en"])  # bucket i: words at -i centibels
     last = round((9 - ZIPF_COMMON) * 100)                                 # Zipf = 9 + centibels / 100
     return {word: round(9 - i / 100, 2) for i, words in enumerate(buckets[: last + 1]) for word in words}

@@ -143,6 +143,14 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path: Path) -> None:
     assert np.asarray(to_rgb(as_int32))[0, :, 1].tolist() == [0, 100, 127, 255]
 
 
+def test_float_greyscale_in_zero_one_is_scaled_not_blackened(tmp_path: Path) -> None:
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)).save(tmp_path / "linear.tif")
+    (loaded,) = load_images(tmp_path)
+    assert np.asarray(loaded.image)[0, :, 0].tolist() == [0, 128, 255]
+    as_0_255 = Image.fromarray(np.array([[0.0, 100.0, 300.0]], dtype=np.float32))
+    assert np.asarray(to_rgb(as_0_255))[0, :, 2].tolist() == [0, 100, 255]
+
+
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     image = Image.new("RGB", (40, 20), RED)
     image.paste((0, 0, 255), (20, 0, 40, 20))  # left half red, right half blue

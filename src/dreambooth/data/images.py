@@ -126,6 +126,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     - 16-bit greyscale (I;16 and kin, and I, which Pillow uses for 16-bit data) is scaled by
       255 / 65535. Pillow's own `convert("RGB")` clips it at 255 instead, turning most of the
       picture white.
+    - 32-bit float greyscale (F: float TIFFs) is read as [0, 1] when every value lies there (Pillow
+      would make it black), else as 0-255; what lies outside is clipped.
     - Everything else (CMYK, greyscale, YCbCr, ...) uses Pillow's conversion. ICC colour
       profiles are not applied.
 
@@ -139,6 +141,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image).astype(np.int32).clip(0, 65535)  # [h, w]
         grey = ((values + 128) // 257).astype(np.uint8)  # round(v * 255 / 65535), exactly
         return Image.fromarray(grey).convert("RGB")
+    if image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))  # [h, w]
+        scale = 255.0 if values.size and 0.0 <= values.min() and values.max() <= 1.0 else 1.0
+        return Image.fromarray(np.rint(values * scale).clip(0, 255).astype(np.uint8)).convert("RGB")
     if image.has_transparency_data:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")

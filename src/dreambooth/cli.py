@@ -244,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as error:
         print(f"stopped: {error}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # outside the training loop, which checkpoints first (TrainingInterrupted)
+        if args.debug:
+            raise
+        print(
+            "stopped: interrupted. What was finished is kept (class images, checkpoints, samples): run the "
+            "same command again to continue (a run that had begun training: with --resume)", file=sys.stderr,
+        )
+        return 130
     except USER_ERRORS as error:
         if args.debug:
             raise

@@ -134,6 +134,19 @@ def test_an_unexpected_error_is_one_line_with_the_traceback_in_the_run_folder(
         ])
 
 
+def test_ctrl_c_outside_training_is_one_line_not_a_traceback(tmp_path: Path, capsys, monkeypatch) -> None:
+    def making_class_images(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dreambooth.finetune, "finetune", making_class_images)
+    argv = ["train", "--instance-dir", str(tmp_path), "--class-noun", "dog", "--run-dir", str(tmp_path / "r")]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "stopped: interrupted" in err and "same command again" in err
+    with pytest.raises(KeyboardInterrupt):
+        main(["--debug", *argv])
+
+
 def test_retraining_the_scorer_never_overwrites_the_shipped_one(tmp_path: Path, monkeypatch) -> None:
     import dreambooth.pocket.scorers as scorers
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,17 @@ def test_every_photo_is_seen_once_per_epoch(tiny_sd: Path, photos: Path) -> None
         for s in range(n)
     ]
     assert len(set(seen)) == n
+
+
+def test_mixed_precision_casts_say_nothing_when_no_module_must_stay_fp32(tiny_sd: Path, caplog) -> None:
+    """diffusers warns on every dtype cast of its models that fp32 modules may be lost, even for models
+    that keep none in fp32 (every family here): a bf16 run must not print that to its user."""
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth.training.loop import _store_frozen
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    with caplog.at_level(logging.WARNING):
+        _store_frozen(unet, torch.device("cpu"), torch.bfloat16)
+    assert next(unet.parameters()).dtype == torch.bfloat16
+    assert "float32" not in caplog.text

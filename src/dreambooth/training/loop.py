@@ -196,7 +196,7 @@ def _make_trainable(stage: Stage, plan: StagePlan, dtype: torch.dtype) -> dict[s
         for module in modules.values():
             # quantised weights stay as they are
             if dtype != torch.float32 and getattr(module, "hf_quantizer", None) is None:
-                module.to(dtype=dtype)
+                _cast(module, dtype)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         # the adapters' random init follows the run's seed, nothing else
         with torch.random.fork_rng(devices=devices):
@@ -233,7 +233,22 @@ def _store_frozen(module: torch.nn.Module, device: torch.device, dtype: torch.dt
     whose config says `force_upcast`, e.g. SDXL's, which overflows in fp16)."""
     module.requires_grad_(False).to(device)
     if dtype != torch.float32 and not getattr(getattr(module, "config", None), "force_upcast", False):
+        _cast(module, dtype)
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """`module.to(dtype=dtype)`, without the warning diffusers models print on every such cast (that
+    modules meant to stay in fp32 may be cast) when the model names no such module."""
+    if getattr(module, "_keep_in_fp32_modules", None):
         module.to(dtype=dtype)
+        return
+    diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = diffusers_logger.level
+    diffusers_logger.setLevel(logging.ERROR)
+    try:
+        module.to(dtype=dtype)
+    finally:
+        diffusers_logger.setLevel(level)
 
 
 def _param_groups(modules: dict[str, torch.nn.Module], plan: StagePlan, denoiser_name: str) -> list[dict]:

@@ -20,6 +20,7 @@ from diffusers import IFPipeline, IFSuperResolutionPipeline
 from torch import Tensor, nn
 
 from dreambooth.config import SR_NOISE_LEVELS, RunConfig
+from dreambooth.models._latent import folder_variant
 from dreambooth.models._lowres import augment, downsample
 from dreambooth.models.ddpm import DDPMObjective
 from dreambooth.models.sd_upscaler import load_upscaler
@@ -210,10 +211,14 @@ def load_if(
 
 
 def _variant(source: str, revision: str | None, variant: str | None, dtype: torch.dtype) -> str | None:
-    """The weight files to read: `variant` if given; for fp16/bf16 weights the fp16 files if the repo has
-    them; else the default files."""
-    if variant is not None or dtype == torch.float32:
+    """The weight files to read: `variant` if given; the only ones a local folder's components have
+    (`folder_variant`); for fp16/bf16 weights the fp16 files if the repo has them; else the default files."""
+    if variant is not None:
         return variant
+    if Path(source).is_dir() and (only := folder_variant(Path(source))) is not None:
+        return only
+    if dtype == torch.float32:
+        return None
     # model.fp16-00001-of-00002.safetensors
     fp16 = [name for name in _file_names(source, revision) if ".fp16." in name or ".fp16-" in name]
     return "fp16" if fp16 else None

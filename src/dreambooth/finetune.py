@@ -51,7 +51,7 @@ from dreambooth.run_folder import open_run_folder, record_config
 from dreambooth.training.loop import DTYPES, StagePlan, train_stage
 
 if TYPE_CHECKING:
-    from dreambooth.eval.during_training import TrainingEvaluator
+    from dreambooth.eval.during_training import BestCheckpointPolicy, TrainingEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def _plan(cfg: RunConfig, stage: Stage, family: Family) -> StagePlan:
     )
 
 
-def _best_checkpoint_policy(cfg: RunConfig):
+def _best_checkpoint_policy(cfg: RunConfig) -> BestCheckpointPolicy:
     from dreambooth.eval.during_training import BestCheckpointPolicy
 
     return BestCheckpointPolicy(cfg.eval.best_metric, cfg.eval.max_pres_increase)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dreambooth.config import ModelConfig, RunConfig
-from dreambooth.models._latent import folder_variant
+from dreambooth.models._folders import folder_variant
 from dreambooth.models.loading import load_stages, resolve_source
 
 

@@ -20,7 +20,7 @@ from diffusers import IFPipeline, IFSuperResolutionPipeline
 from torch import Tensor, nn
 
 from dreambooth.config import SR_NOISE_LEVELS, RunConfig
-from dreambooth.models._latent import folder_variant
+from dreambooth.models._folders import folder_variant
 from dreambooth.models._lowres import augment, downsample
 from dreambooth.models.ddpm import DDPMObjective
 from dreambooth.models.sd_upscaler import load_upscaler

@@ -1,0 +1,38 @@
+"""Which weight files of a local diffusers pipeline folder to read."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_WEIGHT_FILE = re.compile(r"^[^.]+?(?:\.(?P<variant>\w+))?(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)$")
+"""A component's weight file: `model.safetensors`, `diffusion_pytorch_model.fp16.safetensors`,
+`model.fp16-00001-of-00002.safetensors`, ..."""
+
+
+def folder_variant(folder: Path) -> str | None:
+    """The variant a local pipeline folder must be read with: the one of the components that ship only
+    variant weight files (which `from_pretrained` without `variant` cannot find), else None.
+
+    Raises:
+        ValueError: if such components ship different variants (pass --variant).
+    """
+    only_variant: dict[str, set[str]] = {}
+    for component in sorted(p for p in folder.iterdir() if p.is_dir()):
+        matches = [m for f in component.iterdir() if (m := _WEIGHT_FILE.match(f.name))]
+        if matches and all(m["variant"] for m in matches):
+            only_variant[component.name] = {m["variant"] for m in matches}
+    variants = set().union(*only_variant.values())
+    if len(variants) > 1:
+        raise ValueError(
+            f"model folder {str(folder)!r}: components {sorted(only_variant)} ship only variant weights, "
+            f"of several kinds ({sorted(variants)}): pass --variant to say which to read"
+        )
+    if variants:
+        (variant,) = variants
+        logger.info("%s: reading its %s weights (%s ship no others)", folder, variant, sorted(only_variant))
+        return variant
+    return None

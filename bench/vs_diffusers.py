@@ -229,28 +229,32 @@ def prepare_photos() -> Path:
 
 
 def prepare_torchvision() -> list[Path]:
-    """torchvision for the diffusers process, installed once, and the shim that lets it import; nothing
-    where the interpreter already imports it (a GPU machine's own torch and torchvision).
+    """torchvision for the diffusers process, installed once, and the shim where it needs one to import;
+    nothing where the interpreter already imports it (a GPU machine's own torch and torchvision).
 
     Returns:
-        The folders to put on the diffusers process's PYTHONPATH: the one holding `sitecustomize.py`
-        and the one holding the `torchvision` package.
+        The folders to put on the diffusers process's PYTHONPATH: the one holding the `torchvision`
+        package, after the one holding `sitecustomize.py` where the shim is needed (a CPU build of torch).
     """
     if importlib.util.find_spec("torchvision") is not None:
         return []
     release = torchvision_release()
     target, shim = CACHE / f"torchvision-{release}", CACHE / "torchvision_shim"
-    shim.mkdir(parents=True, exist_ok=True)
-    (shim / "sitecustomize.py").write_text(TORCHVISION_SHIM)
     if not (target / "torchvision" / "__init__.py").exists():
         print(f"installing torchvision {release}.* into {target.relative_to(ROOT)} (once) ...", flush=True)
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         setup_step([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(partial),
                     f"torchvision=={release}.*"], dict(os.environ), "pip install torchvision")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), str(partial)])}
-        setup_step([sys.executable, "-c", "from torchvision import transforms"], env, "import torchvision")
         partial.rename(target)
+    check = [sys.executable, "-c", "from torchvision import transforms"]
+    plain = {**os.environ, "PYTHONPATH": str(target)}
+    if subprocess.run(check, env=plain, capture_output=True).returncode == 0:
+        return [target]  # a CUDA build of torch: the wheel's compiled ops load
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "sitecustomize.py").write_text(TORCHVISION_SHIM)
+    shimmed = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), str(target)])}
+    setup_step(check, shimmed, "import torchvision")
     return [shim, target]
 
 

@@ -33,3 +33,16 @@ def test_a_torn_last_line_does_not_stop_a_resume(tmp_path: Path) -> None:
     recorder = Recorder(log, _ACCELERATOR, resume_step=2)
     recorder.log(2, {"loss/total": 0.5})
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+def test_each_step_is_on_disk_as_soon_as_it_is_logged(tmp_path: Path) -> None:
+    """The log stays open between steps, yet a crash after step n leaves steps 1..n readable."""
+    log = tmp_path / "base.jsonl"
+    recorder = Recorder(log, _ACCELERATOR)
+    for step in (1, 2):
+        recorder.log(step, {"loss/total": 1.0 / step})
+        assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, step + 1))
+    recorder.close()
+    recorder.log(3, {"loss/total": 0.3})  # a closed recorder reopens the file to append
+    recorder.close()
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]

@@ -118,8 +118,11 @@ def train_stage(
         disable=not accelerator.is_main_process,
     )
     writer = CheckpointWriter(background=device.type == "cuda")
-    # closing: every checkpoint started is complete on exit
-    with _StopOnSigint() as stop, contextlib.closing(writer):
+    # closing: every checkpoint started is complete on exit, and the logs are closed
+    with (
+        _StopOnSigint() as stop, contextlib.closing(writer), contextlib.closing(recorder),
+        contextlib.closing(eval_recorder),
+    ):
         while step < train.max_steps:
             micro_losses, micro_terms = [], []
             for micro in range(train.gradient_accumulation_steps):
@@ -154,8 +157,9 @@ def train_stage(
             if accelerator.is_main_process:
                 metrics["lr"] = schedule.get_last_lr()[0]
                 recorder.log(step, metrics)
+                # redrawn by update() at most every 0.1 s, not on every step
+                bar.set_postfix(loss=f"{metrics['loss/total']:.4f}", refresh=False)
                 bar.update()
-                bar.set_postfix(loss=f"{metrics['loss/total']:.4f}")
             done = step == train.max_steps
             if done or stop.requested or _due(step, plan.checkpoint.every_n_steps):
                 _save(

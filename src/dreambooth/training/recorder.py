@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -18,7 +19,8 @@ logger = logging.getLogger(__name__)
 class Recorder:
     """Appends step metrics to `path`; on resume, drops lines past the checkpoint it resumed from.
 
-    Each line carries `elapsed_s`, the stage's wall-clock seconds so far, summed over resumes.
+    Each line carries `elapsed_s`, the stage's wall-clock seconds so far, summed over resumes. The file
+    stays open between steps (`close` ends it); every line is flushed as it is written.
     """
 
     def __init__(self, path: Path, accelerator, resume_step: int = 0) -> None:
@@ -29,6 +31,7 @@ class Recorder:
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
         path.parent.mkdir(parents=True, exist_ok=True)
         self._started = time.monotonic() - (self.rows[-1].get("elapsed_s", 0.0) if self.rows else 0.0)
+        self._file: TextIO | None = None
 
     def log(self, step: int, values: dict[str, float]) -> None:
         row = {
@@ -36,9 +39,16 @@ class Recorder:
             "elapsed_s": round(time.monotonic() - self._started, 3),  # ms: per-step times can be read back
         }
         self.rows.append(row)
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self._file is None:
+            self._file = self.path.open("a", encoding="utf-8")
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
         self.accelerator.log(values, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def plot(
         self, png: Path, title: str, keys: tuple[str, ...] = ("loss/instance", "loss/prior"),

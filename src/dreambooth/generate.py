@@ -203,6 +203,7 @@ def load_model(
     from dreambooth.layout import CASCADE_STAGE_DIRS, RunLayout
     from dreambooth.models.ddpm import without_learned_variance
     from dreambooth.models.loading import load_stages, resolve_source
+    from dreambooth.models.lora import load_lora_weights
 
     config = model if isinstance(model, ModelConfig) else ModelConfig(source=model)
     layout = RunLayout(Path(config.source))
@@ -222,7 +223,7 @@ def load_model(
         for pipeline, stage_dir in zip(pipelines, CASCADE_STAGE_DIRS.values()):
             path = lora_path / stage_dir if (lora_path / stage_dir).exists() else lora_path
             if path.exists() and (len(pipelines) == 1 or path != lora_path):
-                pipeline.load_lora_weights(str(path))
+                load_lora_weights(pipeline, path)
                 pipeline.scheduler = without_learned_variance(pipeline.scheduler)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return LoadedModel([p.to(device) for p in pipelines], [s.default_guidance for s in stages], subject)

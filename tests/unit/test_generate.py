@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from dreambooth.generate import generate, generate_cascades
+from dreambooth.config import LoraConfig
+from dreambooth.generate import generate, generate_cascades, load_model
 from dreambooth.models.deepfloyd_if import load_if
+from dreambooth.models.lora import add_lora, has_lora, save_lora
+from dreambooth.models.sdxl import load_sdxl
 
 
 def _pixels(images) -> np.ndarray:
@@ -45,6 +50,29 @@ def test_an_image_depends_on_its_seed_not_its_batch(tiny_cascade: Path) -> None:
     batched = generate(pipelines, ["a ball", "a cube"], [4, 5], steps=2, guidance=[4.0, 4.0], batch_size=2)
     # uint8; batched matmuls may round differently
     np.testing.assert_allclose(_pixels(alone)[0], _pixels(batched)[1], atol=2)
+
+
+@pytest.mark.parametrize("adapted", ["unet", "text_encoder"])
+def test_an_adapter_loads_with_no_warning_about_the_components_it_leaves_alone(
+    tiny_sdxl: Path, tmp_path: Path, caplog, adapted: str
+) -> None:
+    """diffusers warns "No LoRA keys associated to CLIPTextModel... open an issue" for each text encoder an
+    adapter leaves alone, as every LoRA run that does not train them writes it: not shown. An adapter that
+    leaves the denoiser alone is unusual: its warning stays."""
+    (stage,) = load_sdxl(str(tiny_sdxl))
+    component = getattr(stage.pipeline, adapted)
+    add_lora(stage, LoraConfig(rank=4), {adapted: component})
+    lora = save_lora(stage, tmp_path / "lora")
+
+    with caplog.at_level(logging.WARNING):
+        model = load_model(str(tiny_sdxl), lora=str(lora.parent), device="cpu")
+
+    assert has_lora(getattr(model.pipelines[0], adapted))
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("No LoRA keys")]
+    if adapted == "unet":
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "UNet2DConditionModel" in warnings[0]
 
 
 def _counting(function, calls: list):

@@ -28,7 +28,7 @@ from dreambooth.export.single_file import export_single_file
 from dreambooth.files import read_json
 from dreambooth.layout import CASCADE_STAGE_DIRS, RunLayout
 from dreambooth.models.loading import FAMILIES, load_stages, resolve_source, trained_text_encoders
-from dreambooth.models.lora import LORA_FILE, add_lora, merge_lora, save_lora
+from dreambooth.models.lora import LORA_FILE, add_lora, load_lora_weights, merge_lora, save_lora
 from dreambooth.models.spec import Stage, trainable_modules
 from dreambooth.options import ExportRequest
 from dreambooth.training.state import BEST_DIR, OPTIMIZER_FILE, TRAINABLE_FILE, load_checkpoint
@@ -167,7 +167,7 @@ def _write(plan: _Plan, scratch: Path) -> Path:
         lora_files = {s.name: plan.layout.lora(s.name, plan.cascade) / LORA_FILE for s in trained}
         if fmt not in LORA_FORMATS:
             for stage in trained:
-                stage.pipeline.load_lora_weights(str(lora_files[stage.name].parent), weight_name=LORA_FILE)
+                load_lora_weights(stage.pipeline, lora_files[stage.name].parent, weight_name=LORA_FILE)
                 stage.pipeline.fuse_lora()
                 stage.pipeline.unload_lora_weights()
     family = plan.info["model"]["family"]

@@ -11,6 +11,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from dreambooth.config import LoraConfig
+from dreambooth.models._logs import without_warning
 from dreambooth.models.spec import Stage, is_text_encoder
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -33,6 +34,14 @@ def add_lora(stage: Stage, cfg: LoraConfig, modules: dict[str, nn.Module]) -> No
                 target_modules=list(stage.lora_targets[name]),
             )
         )
+
+
+def load_lora_weights(pipeline, path: str | Path, **kwargs) -> None:
+    """`pipeline.load_lora_weights(path)`, without diffusers' warning for each text encoder the adapter does
+    not touch (it asks the user to open an issue; an adapter of the denoiser alone is the usual case). A file
+    with no keys for the denoiser still gets diffusers' warning for that."""
+    with without_warning("diffusers.loaders.lora_base", "No LoRA keys associated to"):
+        pipeline.load_lora_weights(str(path), **kwargs)
 
 
 def has_lora(module: nn.Module) -> bool:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from dreambooth.config import CheckpointConfig, LoraConfig, OptimConfig, TrainConfig
 from dreambooth.data.training_set import TrainingSet, sample_batch
 from dreambooth.layout import StagePaths
+from dreambooth.models._logs import without_warning
 from dreambooth.models.lora import add_lora
 from dreambooth.models.spec import Stage, frozen_modules, is_text_encoder, trainable_modules, with_modules
 from dreambooth.seeding import derive_seed
@@ -246,13 +247,8 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
     if getattr(module, "_keep_in_fp32_modules", None):
         module.to(dtype=dtype)
         return
-    diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
-    level = diffusers_logger.level
-    diffusers_logger.setLevel(logging.ERROR)
-    try:
+    with without_warning("diffusers.models.modeling_utils", "There are modules in"):
         module.to(dtype=dtype)
-    finally:
-        diffusers_logger.setLevel(level)
 
 
 def _param_groups(modules: dict[str, torch.nn.Module], plan: StagePlan, denoiser_name: str) -> list[dict]:

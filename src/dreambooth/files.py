@@ -25,6 +25,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def with_usual_permissions(path: Path) -> Path:
+    """Give the .safetensors file `path`, or each one under the folder `path`, the mode a plain `open()` gives
+    a new file (0o666 less the umask); return `path`.
+
+    safetensors 0.8 writes through a temporary file created 0600 (safetensors issue #782): weights saved by
+    one user, or by root in a container, could not be read by another user or a UI's service account.
+    """
+    files = [path] if path.is_file() else path.rglob("*.safetensors")
+    mode = 0o666 & ~_umask()
+    for file in files:
+        if file.suffix == ".safetensors" and not file.is_symlink():
+            os.chmod(file, mode)
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

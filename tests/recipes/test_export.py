@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,26 @@ def test_a_checkpoint_exports_its_own_weights(sdxl_lora_run: Path, tiny_sdxl: Pa
     first = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     first.load_lora_weights(str(tmp_path / "first"))
     assert np.abs(_sample(first) - _sample(last)).max() > 1e-4
+
+
+def test_weights_files_are_readable_by_whoever_can_read_the_runs_other_files(
+    sdxl_lora_run: Path, tmp_path: Path
+) -> None:
+    """safetensors 0.8 creates its files 0600: a UI running as another user (a container's service account)
+    could not read a run's weights. They get the mode of the run's other files, exports too."""
+    umask = os.umask(0)
+    os.umask(umask)
+    if umask & 0o044:
+        pytest.skip(f"umask {umask:03o} keeps every new file from other users")
+    assert _export(sdxl_lora_run, "--format", "lora-kohya", "--out", str(tmp_path / "k.safetensors")) == 0
+    weights = [*sdxl_lora_run.rglob("*.safetensors"), tmp_path / "k.safetensors"]
+    assert {p.parent.name for p in weights} >= {"unet", "lora", "step-000002", tmp_path.name}
+
+    usual = stat.S_IMODE((sdxl_lora_run / "run.json").stat().st_mode)
+    assert usual & 0o044
+    assert {p.relative_to(p.parents[1]): oct(stat.S_IMODE(p.stat().st_mode)) for p in weights} == {
+        p.relative_to(p.parents[1]): oct(usual) for p in weights
+    }
 
 
 def test_full_run_exports_a_single_file_and_a_pipeline(sd_full_run: Path, tmp_path: Path) -> None:

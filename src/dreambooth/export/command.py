@@ -25,7 +25,7 @@ from dreambooth.export.formats import FORMATS, KOHYA_WRITERS, LORA_FORMATS, SING
 from dreambooth.export.modelspec import export_metadata, modelspec_architecture
 from dreambooth.export.pipeline import to_fp32_cpu
 from dreambooth.export.single_file import export_single_file
-from dreambooth.files import read_json
+from dreambooth.files import read_json, with_usual_permissions
 from dreambooth.layout import CASCADE_STAGE_DIRS, RunLayout
 from dreambooth.models.loading import FAMILIES, load_stages, resolve_source, trained_text_encoders
 from dreambooth.models.lora import LORA_FILE, add_lora, load_lora_weights, merge_lora, save_lora
@@ -49,7 +49,7 @@ def export(request: ExportRequest) -> Path:
         written = _write(plan, Path(scratch))
         if plan.out.exists():  # --overwrite, checked above
             shutil.rmtree(plan.out) if plan.out.is_dir() else plan.out.unlink()
-        written.rename(plan.out)
+        with_usual_permissions(written).rename(plan.out)
     logger.info("wrote %s (%s)", plan.out, request.format)
     return plan.out
 

@@ -7,12 +7,14 @@ call the same format functions.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
 from dreambooth.export.formats import KOHYA_WRITERS
 from dreambooth.export.modelspec import export_metadata
 from dreambooth.export.single_file import export_single_file
+from dreambooth.files import with_usual_permissions
 from dreambooth.layout import RunLayout
 from dreambooth.models.lora import LORA_FILE, lora_modules, merge_lora, save_lora
 from dreambooth.models.spec import Family, Stage
@@ -58,6 +60,7 @@ def export_run(
                 export_single_file(stage.pipeline, layout.single_file, torch.float16, metadata=metadata)
             )
     for name, path in written.items():
+        with_usual_permissions(Path(path))
         logger.info("wrote %s: %s", name, path)
     return written
 

@@ -32,6 +32,7 @@ from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
+from dreambooth.files import with_usual_permissions
 from dreambooth.layout import CASCADE_STAGE_DIRS
 from dreambooth.models.deepfloyd_if import NO_SAFETY
 from dreambooth.pocket.world import sample_dataset
@@ -138,4 +139,4 @@ def build_cascade(out_dir: Path, arch: PocketArchitecture = PocketArchitecture()
     )
     base.save_pretrained(out_dir / CASCADE_STAGE_DIRS["base"])
     sr.save_pretrained(out_dir / CASCADE_STAGE_DIRS["sr"])
-    return out_dir
+    return with_usual_permissions(out_dir)

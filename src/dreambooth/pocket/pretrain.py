@@ -21,7 +21,7 @@ from PIL import Image
 from dreambooth._config_io import to_dict
 from dreambooth.config import CheckpointConfig, LoraConfig, OptimConfig, TrainConfig
 from dreambooth.data.training_set import TrainingSet, encode_captions, encode_examples
-from dreambooth.files import write_json
+from dreambooth.files import with_usual_permissions, write_json
 from dreambooth.generate import generate
 from dreambooth.grid import image_grid, upscale_for_viewing
 from dreambooth.layout import CASCADE_STAGE_DIRS, RunLayout
@@ -89,6 +89,7 @@ def pretrain(cfg: PretrainConfig, arch: PocketArchitecture = PocketArchitecture(
     for stage in (base, sr):
         stage.pipeline.to("cpu", torch.float16).save_pretrained(out / CASCADE_STAGE_DIRS[stage.name])
         stage.pipeline.to(torch.float32)
+    with_usual_permissions(out)
     write_json(
         out / "pretraining.json", {"config": to_dict(cfg), "training_seconds": _training_seconds(layout)}
     )

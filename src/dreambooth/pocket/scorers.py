@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from dreambooth.eval.metrics import mean_self_cosine
+from dreambooth.files import with_usual_permissions
 from dreambooth.pocket._scorer_net import (
     TRAIN_STEPS,
     ScorerNet,
@@ -343,5 +344,6 @@ def train_scorer(out_path: str | Path = WEIGHTS, seed: int = 0, steps: int = TRA
         str(out_path),
         metadata={k: f"{v:.4f}" for k, v in metrics.items()} | {"seed": str(seed), "steps": str(steps)},
     )
+    with_usual_permissions(Path(out_path))
     return metrics
 

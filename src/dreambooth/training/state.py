@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from dreambooth.files import atomic_write_text, read_json, write_json
+from dreambooth.files import atomic_write_text, read_json, with_usual_permissions, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def _write_checkpoint(
     save_file(weights, tmp / TRAINABLE_FILE)
     torch.save(training_state, tmp / OPTIMIZER_FILE)
     write_json(tmp / PROGRESS_FILE, {STEP_KEY: step, **extra})
+    with_usual_permissions(tmp)
     if final.exists():  # the same step saved again (e.g. on interrupt right after a save)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -257,6 +258,7 @@ def save_best(root: Path, step: int, modules: dict[str, nn.Module], scores: dict
         tmp / TRAINABLE_FILE,
     )
     write_json(tmp / BEST_FILE, {STEP_KEY: step, "scores": scores})
+    with_usual_permissions(tmp)
     old = root / ".old-best"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

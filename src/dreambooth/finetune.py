@@ -47,7 +47,7 @@ from dreambooth.prior import (
     model_fingerprint,
     record_class_images,
 )
-from dreambooth.run_folder import open_run_folder, record_config
+from dreambooth.run_folder import open_run_folder, record_config, removed_if_left_empty
 from dreambooth.training.loop import DTYPES, StagePlan, train_stage
 
 if TYPE_CHECKING:
@@ -68,11 +68,17 @@ class SubjectName:
 
 
 def finetune(cfg: RunConfig) -> RunLayout:
-    """Run DreamBooth as configured; return the run folder's layout.
+    """Run DreamBooth as configured; return the run folder's layout. A run folder this call creates is
+    removed again if the call fails before writing anything in it.
 
     Raises:
         ValueError / FileNotFoundError: for any problem with the inputs, before loading weights.
     """
+    with removed_if_left_empty(cfg.run_dir):
+        return _finetune(cfg)
+
+
+def _finetune(cfg: RunConfig) -> RunLayout:
     validate(cfg)
     photos = load_images(cfg.subject.instance_dir, on_bad_file=cfg.subject.on_bad_file)
     source = resolve_source(cfg.model)

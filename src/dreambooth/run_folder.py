@@ -1,7 +1,8 @@
 """Opening a run folder: refuse to clobber, resume only on request, record the resolved config.
 
-Opening only checks (and creates an empty folder): nothing in it is written until the caller
-records the config, so a command that fails before that leaves a resumed run as it was.
+Opening only checks (and creates an empty folder, which `removed_if_left_empty` takes away again if
+the command fails with it still empty): nothing in it is written until the caller records the
+config, so a command that fails before that leaves a resumed run as it was.
 
 `config.resolved.toml` holds every value the run uses (`config.resolve`): the learning rates
 resolved from the method's defaults, the run folder, and the identifier once it is chosen.
@@ -9,9 +10,11 @@ resolved from the method's defaults, the run folder, and the identifier once it 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from dreambooth._config_io import from_dict, load_file, save_toml, to_dict
@@ -46,6 +49,20 @@ def open_run_folder(cfg: RunConfig) -> tuple[RunLayout, bool]:
     if resuming and layout.config.is_file():
         _warn_config_changes(layout.config, cfg)
     return layout, resuming
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(folder: Path) -> Iterator[None]:
+    """If `folder` does not exist yet and the block fails leaving it empty, remove it: a command that fails
+    leaves no trace of a run it never started."""
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):  # not empty (reusable class images), or already gone
+                folder.rmdir()
+        raise
 
 
 def record_config(layout: RunLayout, cfg: RunConfig, identifier: str | None = None) -> None:

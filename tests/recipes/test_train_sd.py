@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -95,7 +96,7 @@ def test_single_file_checkpoint_loads_offline_with_a_config_folder(
 
 
 def test_resume_after_ctrl_c_reaches_the_uninterrupted_weights(
-    tiny_sd: Path, photos: Path, tmp_path: Path, monkeypatch
+    tiny_sd: Path, photos: Path, tmp_path: Path, monkeypatch, caplog
 ) -> None:
     assert train(tiny_sd, photos, tmp_path / "straight", "--max-steps", "4") == 0
 
@@ -128,6 +129,13 @@ def test_resume_after_ctrl_c_reaches_the_uninterrupted_weights(
         json.loads(l)["loss/total"] for l in (run / "logs" / "base.jsonl").read_text().splitlines()
     ]  # noqa: E731,E741
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+
+    # resumed with fewer steps than its checkpoint has: nothing trains, the weights stay, and the user is told
+    with caplog.at_level(logging.WARNING):
+        assert train(tiny_sd, photos, tmp_path / "straight", "--max-steps", "2", "--resume") == 0
+    assert "resumed at step 4, past its 2 steps" in caplog.text
+    again = load_file(tmp_path / "straight" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
 
 
 def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(

@@ -110,6 +110,12 @@ def train_stage(
     data = data.to(device)
     dropout = _draws_dropout(modules)
     step = _resume(paths.checkpoints, modules, optimizer, schedule, ema, accelerator.scaler)
+    if step > train.max_steps:
+        logger.warning(
+            "stage %s resumed at step %d, past its %d steps: nothing is left to train, and it ends with step "
+            "%d's weights. An earlier step's weights: `dreambooth export RUN --checkpoint step-NNNNNN` of a "
+            "checkpoint kept in %s", stage.name, step, train.max_steps, step, paths.checkpoints,
+        )
     if on_start is not None:
         on_start()
     recorder = Recorder(paths.log, accelerator, resume_step=step)

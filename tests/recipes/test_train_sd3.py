@@ -207,7 +207,7 @@ def test_full_finetune_of_transformer_and_both_clips_loads_in_stock_diffusers(
 
 
 def test_lora_run_reloads_with_load_lora_weights_and_resumes_exactly(
-    tiny_sd3: Path, photos: Path, tmp_path: Path
+    tiny_sd3: Path, photos: Path, tmp_path: Path, capsys
 ) -> None:
     lora = [
         "--lora-rank", "4", "--train-text-encoder", "--learning-rate", "1e-2", "--flow-weighting",
@@ -236,6 +236,13 @@ def test_lora_run_reloads_with_load_lora_weights_and_resumes_exactly(
     # validation: 3 prompts, sampled at the end
     grid = Image.open(resumed / "samples" / "base" / "step-000003.png")
     assert grid.size[0] >= TINY_RESOLUTION
+
+    # the names ComfyUI's loader maps for SD3 (`transformer.<module>` with lora_A/lora_B): the export says so
+    transformer = [k for k in weights if k.startswith("transformer.")]
+    assert transformer and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in transformer)
+    assert main(["export", str(resumed), "--format", "lora-kohya"]) == 2
+    err = capsys.readouterr().err
+    assert "ComfyUI loads an SD3 LoRA in diffusers' layout: export 'lora-diffusers'" in err
 
 
 def test_quantize_is_refused_with_its_flag_named(

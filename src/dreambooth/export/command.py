@@ -85,10 +85,13 @@ def _check(request: ExportRequest) -> _Plan:
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if (served := families_of(fmt)) is not None and family not in served:
+        instead = (
+            "ComfyUI loads an SD3 LoRA in diffusers' layout: export 'lora-diffusers'"
+            if family == "sd3" and lora else "export 'diffusers' or 'lora-diffusers' instead"
+        )
         raise ValueError(
             f"--format {fmt}: a {family} model has no such layout in the UIs (it serves "
-            f"{', '.join(served)}); "
-            "export 'diffusers' or 'lora-diffusers' instead"
+            f"{', '.join(served)}); {instead}"
         )
     if fmt in LORA_FORMATS and not lora:
         raise ValueError(

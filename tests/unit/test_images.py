@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dreambooth.data.images as images_module
 from dreambooth.data.images import (
     load_images,
     resize_center_crop,
@@ -74,13 +75,14 @@ def test_captions_with_a_byte_order_mark_or_another_encoding(tmp_path: Path) -> 
         load_images(tmp_path)
 
 
-def test_huge_image_is_named_with_advice(
+def test_an_image_beyond_any_camera_is_named_with_advice(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     save_photos(tmp_path, ["a.png", "b.png", "c.png"], size=(8, 8))
     save_photos(tmp_path / "x", ["huge.png"], size=(64, 64))
     (tmp_path / "x" / "huge.png").rename(tmp_path / "huge.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses images over twice this
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(images_module, "PHOTO_PIXEL_LIMIT", 1000)  # refused over twice this
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert len(load_images(tmp_path)) == 3
     assert "huge.png" in caplog.text and "downscale it" in caplog.text
@@ -162,6 +164,30 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     top, bottom = np.asarray(loaded.image)[[5, 35], 10].astype(int)
     assert top[0] > 200 and top[2] < 50
     assert bottom[2] > 200 and bottom[0] < 50
+
+
+def test_photos_above_pillows_size_limit_load_upright_and_are_kept_smaller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow refuses images above 2 x 89 MP as decompression bombs: a 200 MP phone photo was skipped. They
+    load (a JPEG decoded at reduced scale), are kept at PHOTO_SIDE on their shorter side, and keep their EXIF
+    orientation. Sizes scaled down here: Pillow's limit 5,000 px, photos of 320x160 = 51,200 px."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000)
+    monkeypatch.setattr(images_module, "LARGE_PHOTO_PIXELS", 5_000)
+    monkeypatch.setattr(images_module, "PHOTO_SIDE", 40)
+    monkeypatch.setattr(images_module, "PHOTO_PIXEL_LIMIT", 100_000)
+    image = Image.new("RGB", (320, 160), RED)
+    image.paste((0, 0, 255), (160, 0, 320, 160))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the left edge goes on top
+    image.save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    image.save(tmp_path / "scan.png")
+
+    jpeg, png = load_images(tmp_path)
+    assert jpeg.image.size == (40, 80) and png.image.size == (80, 40)
+    top, bottom = np.asarray(jpeg.image)[[10, 70], 20].astype(int)
+    assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50
+    assert Image.MAX_IMAGE_PIXELS == 5_000  # Pillow's own limit is back for everything else
 
 
 def test_missing_folder_and_file_are_errors(tmp_path: Path) -> None:

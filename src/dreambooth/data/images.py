@@ -32,6 +32,15 @@ IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini"})
 """Files that operating systems leave in photo folders; hidden files (".*") are ignored too."""
 HEIF_SUFFIXES = frozenset({".heic", ".heif"})
 
+LARGE_PHOTO_PIXELS = 89_478_485
+"""Photos above this (Pillow's decompression-bomb warning size: 108 and 200 MP phone photos) are decoded
+reduced and kept at `PHOTO_SIDE` pixels on their shorter side, not at full size for the whole run."""
+PHOTO_SIDE = 2048
+"""Shorter side a large photo is kept at: above every training and scoring resolution."""
+PHOTO_PIXEL_LIMIT = 1_000_000_000
+"""Pillow's decompression-bomb limit while reading a photo (the user's own file; Pillow's default refuses
+the 200 MP photos of phone cameras): twice this is refused, as a file no camera writes."""
+
 # Pillow raises OSError (UnidentifiedImageError included) for unreadable and truncated files;
 # some of its plugins still raise SyntaxError for malformed headers.
 _DECODE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
@@ -106,14 +115,33 @@ def open_image(path: Path) -> Image.Image:
         path: The image file.
 
     Returns:
-        The image with its EXIF orientation applied, converted by `to_rgb`.
+        The image with its EXIF orientation applied, converted by `to_rgb`; one of more than
+        `LARGE_PHOTO_PIXELS` shrunk to `PHOTO_SIDE` pixels on its shorter side (a JPEG decoded at
+        reduced scale).
 
     Raises:
         OSError: If Pillow cannot read the file or it is truncated.
     """
-    with Image.open(path) as image:
-        image.load()  # decodes now, so that a truncated file fails here, inside the `with`
-        return to_rgb(ImageOps.exif_transpose(image))
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None:
+        Image.MAX_IMAGE_PIXELS = max(limit, PHOTO_PIXEL_LIMIT)
+    try:
+        with Image.open(path) as image:
+            large = image.width * image.height > LARGE_PHOTO_PIXELS
+            if large:
+                image.draft(None, _shrunk_size(image.size))  # JPEG: decoded at 1/2 to 1/8 scale, no smaller
+            image.load()  # decodes now, so that a truncated file fails here, inside the `with`
+            image = to_rgb(ImageOps.exif_transpose(image))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    if large and min(image.size) > PHOTO_SIDE:
+        image = image.resize(_shrunk_size(image.size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return image
+
+
+def _shrunk_size(size: tuple[int, int]) -> tuple[int, int]:
+    scale = PHOTO_SIDE / min(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

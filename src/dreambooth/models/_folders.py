@@ -1,4 +1,4 @@
-"""Which weight files of a local diffusers pipeline folder to read."""
+"""Local model folders: the snapshot a hub cache entry points at, and which weight files to read."""
 
 from __future__ import annotations
 
@@ -36,3 +36,25 @@ def folder_variant(folder: Path) -> str | None:
         logger.info("%s: reading its %s weights (%s ship no others)", folder, variant, sorted(only_variant))
         return variant
     return None
+
+
+def hub_cache_snapshot(folder: Path) -> Path | None:
+    """The model a hub cache entry (`models--org--name/`, as `hf download` leaves it) holds: the snapshot
+    `refs/main` names, else its only snapshot; None for a folder that is not such an entry.
+
+    Raises:
+        ValueError: if it holds several snapshots and no `refs/main`, naming them.
+    """
+    snapshots = folder / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    main = folder / "refs" / "main"
+    if main.is_file() and (snapshots / main.read_text(encoding="utf-8").strip()).is_dir():
+        return snapshots / main.read_text(encoding="utf-8").strip()
+    found = sorted(p for p in snapshots.iterdir() if p.is_dir())
+    if len(found) == 1:
+        return found[0]
+    raise ValueError(
+        f"model folder {str(folder)!r} is a hub cache entry with {len(found)} snapshots and no refs/main: "
+        f"pass one of them ({', '.join(str(p) for p in found) or 'none found'})"
+    )

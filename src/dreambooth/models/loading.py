@@ -16,6 +16,7 @@ from pathlib import Path
 from dreambooth.config import ModelConfig, RunConfig
 from dreambooth.files import safetensors_keys
 from dreambooth.models import deepfloyd_if, flux, sd, sd3, sdxl
+from dreambooth.models._folders import hub_cache_snapshot
 from dreambooth.models._latent import SINGLE_FILE_SUFFIXES
 from dreambooth.models._quantize import quantize_problems
 from dreambooth.models.builtin import BUILTIN_MODELS
@@ -59,6 +60,9 @@ def _resolve_folder(path: Path, cfg: ModelConfig) -> ModelSource:
     if (path / "run.json").is_file() and not (path / "model_index.json").exists():
         return _resolve_run(path, cfg)
     index = path / "model_index.json"
+    if not index.is_file() and (snapshot := hub_cache_snapshot(path)) is not None:
+        logger.info("model folder %s is a hub cache entry: reading its snapshot %s", path, snapshot.name)
+        return _resolve_folder(snapshot, cfg)
     if not index.is_file():
         raise ValueError(
             f"model folder {str(path)!r} is not a diffusers model: it has no model_index.json "

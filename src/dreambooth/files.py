@@ -18,7 +18,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -33,17 +33,22 @@ def with_usual_permissions(path: Path) -> Path:
     one user, or by root in a container, could not be read by another user or a UI's service account.
     """
     files = [path] if path.is_file() else path.rglob("*.safetensors")
-    mode = 0o666 & ~_umask()
+    mode = 0o666 & ~_UMASK
     for file in files:
         if file.suffix == ".safetensors" and not file.is_symlink():
             os.chmod(file, mode)
     return path
 
 
-def _umask() -> int:
+def _read_umask() -> int:
+    """The process's umask. Reading it means setting it, so this runs once, at import, before any thread
+    writes files: a file created meanwhile in another thread would get the temporary mask."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -470,13 +470,12 @@ def validate(cfg: RunConfig, *, has_gpu: bool | None = None) -> None:
         ValueError: if any rule is broken.
     """
     problems: list[str] = []
-    if cfg.train.mixed_precision == "fp16":
-        if has_gpu is None:
-            import torch
+    if cfg.train.mixed_precision != "no" and has_gpu is None:
+        import torch
 
-            has_gpu = torch.cuda.is_available()
-        if not has_gpu:
-            problems.append("train.mixed_precision 'fp16' needs a GPU; on CPU use 'bf16' or 'no'")
+        has_gpu = torch.cuda.is_available()
+    if cfg.train.mixed_precision == "fp16" and not has_gpu:
+        problems.append("train.mixed_precision 'fp16' needs a GPU; on CPU use 'no' (fp32)")
     if cfg.train.compile and not (shutil.which("g++") or shutil.which("c++") or os.environ.get("CXX")):
         problems.append("--compile needs a C++ compiler (torch.compile builds kernels): install g++")
     if cfg.output.logger == "tensorboard" and not importlib.util.find_spec("tensorboard"):
@@ -506,6 +505,11 @@ def validate(cfg: RunConfig, *, has_gpu: bool | None = None) -> None:
     if problems:
         raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
+    if cfg.train.mixed_precision == "bf16" and not has_gpu:
+        logger.warning(
+            "train.mixed_precision 'bf16' without a GPU: a CPU without bf16 matrix units runs it slower than "
+            "fp32 (--mixed-precision no)"
+        )
     if not cfg.prior.enabled and cfg.prior.class_dir is not None:
         logger.warning("prior.class_dir is set but prior preservation is off: it is ignored")
     for name in ("text_encoder_learning_rate", "text_encoder_2_learning_rate"):

@@ -121,7 +121,7 @@ def test_fp16_on_cpu_is_refused_with_the_alternative(
     tiny_sd: Path, photos: Path, tmp_path: Path, capsys
 ) -> None:
     assert run(tmp_path, tiny_sd, photos, "--mixed-precision", "fp16") == 2
-    assert "use 'bf16'" in capsys.readouterr().err
+    assert "on CPU use 'no' (fp32)" in capsys.readouterr().err
 
 
 def test_missing_class_noun_is_reported_with_the_flag(

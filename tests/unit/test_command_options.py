@@ -207,6 +207,18 @@ def test_validate_rejects_fp16_without_a_gpu_along_with_other_problems() -> None
     validate(ok, has_gpu=True)
 
 
+def test_bf16_without_a_gpu_warns_that_fp32_is_faster(caplog) -> None:
+    cfg = from_dict(
+        RunConfig,
+        {"train": {"mixed_precision": "bf16"}, "subject": {"instance_dir": "p", "class_noun": "dog"}},
+    )
+    with caplog.at_level(logging.WARNING):
+        validate(cfg, has_gpu=True)
+        assert "bf16" not in caplog.text
+        validate(cfg, has_gpu=False)
+    assert "'bf16' without a GPU" in caplog.text and "--mixed-precision no" in caplog.text
+
+
 def test_pretrain_settings_are_fields_with_the_old_defaults() -> None:
     cfg = PretrainConfig()
     assert (cfg.checkpoint_every, cfg.keep_checkpoints, cfg.lr_scheduler, cfg.weight_decay) == (

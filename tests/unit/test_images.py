@@ -206,6 +206,12 @@ def test_folder_without_images_lists_what_it_found(tmp_path: Path, caplog: pytes
     assert "b.pdf" in caplog.text  # skipped with a warning before the error
 
 
+def test_a_folder_of_subfolders_names_the_one_to_pass(tmp_path: Path) -> None:
+    save_photos(tmp_path / "dog", ["a.png", "b.png", "c.png"])
+    with pytest.raises(ValueError, match=r"found: dog/\..*Subfolders are not searched: pass .*'.*dog'"):
+        load_images(tmp_path)
+
+
 def test_empty_folder_is_an_error(tmp_path: Path) -> None:
     (tmp_path / ".DS_Store").write_bytes(b"")
     with pytest.raises(ValueError, match="has 0 images; found: nothing"):

@@ -330,7 +330,12 @@ def _check_count(folder: Path, images: Sequence[LoadedImage], entries: Sequence[
             if not entry.name.startswith(".")
         ]
         found = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-        raise ValueError(f"{count}; found: {found or 'nothing'}. {need}.")
+        subfolders = [entry for entry in entries if entry.is_dir() and not entry.name.startswith(".")]
+        hint = (
+            f" Subfolders are not searched: pass the one that holds the photos, e.g. '{subfolders[0]}'."
+            if subfolders else ""
+        )
+        raise ValueError(f"{count}; found: {found or 'nothing'}. {need}.{hint}")
     if len(images) < MIN_IMAGES:
         logger.warning("%s; %s: with fewer, the model overfits to these views.", count, need)
     elif len(images) > MAX_IMAGES:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +26,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dreambooth.config import ModelConfig
-from dreambooth.files import safetensors_keys
+from dreambooth.files import read_json, safetensors_keys
 from dreambooth.models.sd_upscaler import NOISE_LEVEL as UPSCALER_NOISE_LEVEL
 from dreambooth.options import Sampling
+
+logger = logging.getLogger(__name__)
 
 SAMPLERS = {  # the names of config.Sampler
     "dpm++": DPMSolverMultistepScheduler,
@@ -199,7 +203,6 @@ def load_model(
     fixed variance (see `models.ddpm`).
     """
     from dreambooth.config import RunConfig, TrainConfig
-    from dreambooth.files import read_json
     from dreambooth.layout import CASCADE_STAGE_DIRS, RunLayout
     from dreambooth.models.ddpm import without_learned_variance
     from dreambooth.models.loading import load_stages, resolve_source
@@ -301,15 +304,27 @@ def check_generate(
     resolve_source(config)
     if lora is not None:
         check_lora_file(Path(lora))
-    if not RunLayout(Path(config.source)).run_info.is_file() and any(
-        p in text for text in prompts for p in IDENTIFIER_PLACEHOLDERS
-    ):
+    run_info = RunLayout(Path(config.source)).run_info
+    subject = read_json(run_info) if run_info.is_file() else {}
+    if subject.get("identifier") and not any(_names_subject(text, subject["identifier"]) for text in prompts):
+        logger.warning(
+            "no prompt names the subject: write [V] where it goes (e.g. 'a [V] %s on a beach'; this run's "
+            "[V] is %r), else the images show the class as the fine-tuned model draws it",
+            subject.get("class_noun", "dog"), subject["identifier"],
+        )
+    if not run_info.is_file() and any(p in text for text in prompts for p in IDENTIFIER_PLACEHOLDERS):
         raise ValueError(
             f"a prompt holds [V], but {config.source!r} is not a run folder, so there is no identifier to "
             "put there: write the identifier itself (a run's run.json names it), or pass the run "
             "folder as --model"
         )
     check_output_folder(out, "--out")
+
+
+def _names_subject(prompt: str, identifier: str) -> bool:
+    return any(p in prompt for p in IDENTIFIER_PLACEHOLDERS) or bool(
+        re.search(rf"(?<!\w){re.escape(identifier)}(?!\w)", prompt)
+    )
 
 
 def check_lora_file(path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from dreambooth.config import LoraConfig
-from dreambooth.generate import generate, generate_cascades, load_model
+from dreambooth.generate import check_generate, generate, generate_cascades, load_model
 from dreambooth.models.deepfloyd_if import load_if
 from dreambooth.models.lora import add_lora, has_lora, save_lora
 from dreambooth.models.sdxl import load_sdxl
@@ -73,6 +74,26 @@ def test_an_adapter_loads_with_no_warning_about_the_components_it_leaves_alone(
         assert warnings == []
     else:
         assert len(warnings) == 1 and "UNet2DConditionModel" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "warns"),
+    [
+        ("a dog in a bath", True), ("a fepx dog", True), ("a [V] dog", False),
+        ("a fep dog, oil painting", False),
+    ],
+)
+def test_sampling_a_run_with_prompts_that_never_name_its_subject_warns(
+    tiny_sd: Path, tmp_path: Path, caplog, prompt: str, warns: bool
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(
+        json.dumps({"identifier": "fep", "class_noun": "dog", "model": {"source": str(tiny_sd)}})
+    )
+    with caplog.at_level(logging.WARNING):
+        check_generate(str(run), [prompt, "a photo of a dog"], tmp_path / "out")
+    assert ("no prompt names the subject" in caplog.text) == warns
 
 
 def _counting(function, calls: list):

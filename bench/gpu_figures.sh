@@ -36,7 +36,7 @@ diffusers.__version__, '| transformers', transformers.__version__)"
   python bench/vs_diffusers.py --diffusers-script "$script" "${model_args[@]}" --resolution "$size" \
     --mixed-precision "$precision" --steps "$steps" --class-images "$class_images" --repeats 1 \
     --json "$out/w1_w3.json"
-  model=${model_args[1]:-bench/.cache/vs_diffusers/model}
+  model=${model_args[1]:-bench/.cache/vs_diffusers/model_sd}
 
   echo "== W4: ours end to end ($class_images class images, $long_steps steps, pipeline saved)"
   rm -rf "$out/class" "$out/w4"

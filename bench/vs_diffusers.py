@@ -1,15 +1,17 @@
-"""Our `dreambooth train` against diffusers' DreamBooth example, on one tiny offline SD 1.x workload, timed by
-one harness.
+"""Our `dreambooth train` against diffusers' DreamBooth examples, on a tiny offline workload, timed by one
+harness: SD 1.x full UNet fine-tuning (`--workload sd-full`, the default) or SDXL LoRA (`sdxl-lora`).
 
 Run: python bench/vs_diffusers.py --diffusers-script
 /path/to/diffusers/examples/dreambooth/train_dreambooth.py
-     (about 3.5 minutes on 2 CPU cores, the first time 20 s more to build the cache; `--steps 20 --repeats 1`
-     for a quick look; `--json runs.json` keeps every run and figure)
+     python bench/vs_diffusers.py --workload sdxl-lora --diffusers-script
+/path/to/diffusers/examples/dreambooth/train_dreambooth_lora_sdxl.py
+     (about 3 minutes each on 2 CPU cores, the first time 20 s more to build the cache; `--steps 20
+     --repeats 1` for a quick look; `--json runs.json` keeps every run and figure)
 
-The script comes from a diffusers source checkout (it must suit the installed diffusers, whose
-version it checks on start):
+The scripts come from a diffusers source checkout (they must suit the installed diffusers, whose
+version they check on start):
     git clone https://github.com/huggingface/diffusers
-    -> diffusers/examples/dreambooth/train_dreambooth.py
+    -> diffusers/examples/dreambooth/train_dreambooth.py, train_dreambooth_lora_sdxl.py
 
 How it is measured. Every run is a fresh Python process that the harness starts itself,
 `python -m dreambooth.cli train ...` or `python train_dreambooth.py ...` (no `accelerate launch`), so
@@ -27,21 +29,23 @@ two: the class-image figure (a second or a few, against runs of about 12 s) move
 `--class-images 32` steadies it. Ours also gets a median and p90 step time, read from its own step log
 (millisecond timestamps) of the long run; diffusers' script logs none.
 
-The workload, the same for both wherever their flags allow: a tiny random SD 1.x model
-(tests/tiny_models.py `build_tiny_sd`, 32x32 px), 3 photos of a coloured disc, "a photo of sks dog";
-prior preservation with 8 class images of "a photo of dog" (classifier-free guidance 7.5, 8 per
-batch, fp32); batch 1, learning rate 5e-6 constant, full UNet fine-tuning (text encoder frozen),
-fp32, seed 0; a checkpoint every steps / 2 (30) steps; TensorBoard logging (diffusers' script
-always logs, to TensorBoard by default); the fine-tuned pipeline saved at the end. Model and photos
-are built once in bench/.cache/vs_diffusers/ (gitignored), where the runs' logs also go.
+The workload, the same for both wherever their flags allow: a tiny random model (tests/tiny_models.py:
+`build_tiny_sd`, 32x32 px, or `build_tiny_sdxl`, 64x64 px), 3 photos of a coloured disc, "a photo of
+sks dog"; prior preservation with 8 class images of "a photo of dog" (the pipeline's default
+classifier-free guidance, 7.5 or 5, 8 per batch, fp32); batch 1, constant learning rate, fp32, seed 0;
+sd-full: full UNet fine-tuning at 5e-6, the fine-tuned pipeline saved at the end; sdxl-lora: LoRA rank 16
+on the UNet at 1e-4, the adapter saved at the end; text encoders frozen in both; a checkpoint every
+steps / 2 (30) steps; TensorBoard logging (diffusers' scripts always log, to TensorBoard by default).
+Models and photos are built once in bench/.cache/vs_diffusers/ (gitignored), where the runs' logs go.
 
 What still differs, by design of the programs:
   - Class images: ours samples 25 DPM++ steps (its default `--class-steps`); diffusers' script calls
     the pipeline with its default 50 steps of the model's own scheduler. The time per image per
     denoising step compares equal work; it still carries that phase's fixed costs (diffusers loads
     a second copy of the pipeline for it).
-  - Ours encodes photos and class images to latents once; diffusers' script runs the VAE encoder on
-    every batch. Both encode the prompts once (diffusers: `--pre_compute_text_embeddings`).
+  - Ours encodes photos and class images to latents once; diffusers' scripts run the VAE encoder on
+    every batch. Both encode the prompts once (train_dreambooth.py: `--pre_compute_text_embeddings`;
+    the SDXL LoRA script does it whenever the text encoders are frozen).
   - Neither samples validation images (ours `--validation-images 0`; diffusers' script without
     `--validation_prompt`).
   - Ours keeps the last 2 checkpoints (its default) and deletes older ones; diffusers' keeps all.
@@ -84,13 +88,45 @@ PROGRAMS = ("ours", "diffusers")
 KINDS = ("cold", "warm", "long")
 LONG = 5                # the long run trains LONG x --steps: steps/s comes from the (LONG - 1) x --steps more
 WARM_STEPS = 10         # steps left out of our logged step times (allocator and kernel warm-up)
-RESOLUTION = 32         # build_tiny_sd's images (16x16 latents)
 CLASS_BATCH = 8         # ours' default --class-batch-size; diffusers' script gets it as --sample_batch_size
 DIFFUSERS_CLASS_STEPS = 50   # the script calls the pipeline without num_inference_steps: its default, 50
 INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of dog"
-WEIGHTS = {  # the fine-tuned UNet each program saves at the end, relative to its output folder
-    "ours": Path("pipeline/unet/diffusion_pytorch_model.safetensors"),
-    "diffusers": Path("unet/diffusion_pytorch_model.safetensors"),
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What is fine-tuned, and how each program is told: the rest of the workload is shared."""
+
+    script: str
+    """The diffusers example that trains it (examples/dreambooth/<script>)."""
+    builder: str
+    """The tests/tiny_models.py function that builds the tiny model."""
+    resolution: int
+    """The tiny model's native image size."""
+    guidance: float
+    """Classifier-free guidance of the class images: the pipeline's default, which both programs use."""
+    ours: tuple[str, ...]
+    theirs: tuple[str, ...]
+    weights: dict[str, Path]
+    """The fine-tuned weights each program saves at the end, relative to its output folder."""
+
+
+KINDS_OF_WORKLOAD = {
+    # W1 of the performance issue: SD 1.x, full UNet fine-tuning (the paper's method), text encoder frozen
+    "sd-full": Kind(
+        "train_dreambooth.py", "build_tiny_sd", 32, 7.5, ("--learning-rate", "5e-6"),
+        ("--learning_rate", "5e-6", "--pre_compute_text_embeddings"),
+        {"ours": Path("pipeline/unet/diffusion_pytorch_model.safetensors"),
+         "diffusers": Path("unet/diffusion_pytorch_model.safetensors")},
+    ),
+    # W2: SDXL, LoRA rank 16 on the UNet (text encoders frozen; their prompts are encoded once by both)
+    "sdxl-lora": Kind(
+        "train_dreambooth_lora_sdxl.py", "build_tiny_sdxl", 64, 5.0,
+        ("--lora-rank", "16", "--learning-rate", "1e-4", "--no-save-pipeline"),
+        ("--rank", "16", "--learning_rate", "1e-4"),
+        {"ours": Path("lora/pytorch_lora_weights.safetensors"),
+         "diffusers": Path("pytorch_lora_weights.safetensors")},
+    ),
 }
 IMAGE_SUFFIXES = (".png", ".jpg")
 BUSY_LOAD = 0.25        # x CPU count: the 1-minute load before the runs above which the figures are suspect
@@ -109,11 +145,12 @@ for _name in ("nms", "qnms"):
 
 @dataclass(frozen=True)
 class Workload:
+    kind: Kind
     model: Path
     photos: Path
     steps: int
     class_images: int
-    resolution: int = RESOLUTION
+    resolution: int
     precision: str = "no"
     """Mixed precision of training and class images: 'no' (fp32), 'bf16' or 'fp16' (a GPU)."""
 
@@ -163,7 +200,7 @@ def ours_command(job: Job, w: Workload) -> list[str]:
         "a photo of {identifier} {class_noun}", "--class-prompt", "a photo of {class_noun}",
         "--prior-preservation", "--num-class-images", str(w.class_images), "--class-dir", str(job.class_dir),
         "--class-batch-size", str(CLASS_BATCH), "--resolution", str(w.resolution), "--max-steps",
-        str(job.steps(w)), "--batch-size", "1", "--learning-rate", "5e-6", "--mixed-precision", w.precision,
+        str(job.steps(w)), "--batch-size", "1", *w.kind.ours, "--mixed-precision", w.precision,
         "--seed", "0", "--checkpoint-every", str(w.checkpoint_every), "--logger", "tensorboard",
         "--validation-images",
         "0",  # no validation samples, as diffusers' script without --validation_prompt
@@ -178,11 +215,9 @@ def diffusers_command(script: Path, job: Job, w: Workload) -> list[str]:
         "--with_prior_preservation", "--num_class_images", str(w.class_images), "--class_data_dir",
         str(job.class_dir), "--sample_batch_size", str(CLASS_BATCH), "--prior_generation_precision",
         {"no": "fp32"}.get(w.precision, w.precision), "--resolution", str(w.resolution), "--max_train_steps",
-        str(job.steps(w)), "--train_batch_size", "1",
-        "--learning_rate", "5e-6", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
-        "--mixed_precision", w.precision, "--seed", "0", "--checkpointing_steps", str(w.checkpoint_every),
-        "--report_to", "tensorboard", "--pre_compute_text_embeddings", "--output_dir",
-        str(job.folder / "out"),
+        str(job.steps(w)), "--train_batch_size", "1", *w.kind.theirs, "--lr_scheduler", "constant",
+        "--lr_warmup_steps", "0", "--mixed_precision", w.precision, "--seed", "0", "--checkpointing_steps",
+        str(w.checkpoint_every), "--report_to", "tensorboard", "--output_dir", str(job.folder / "out"),
     ]
 
 
@@ -203,15 +238,15 @@ def setup_step(cmd: list[str], env: dict[str, str], what: str) -> None:
         raise RuntimeError(f"{what} failed (exit {result.returncode}):\n{tail(logs / 'stderr.txt')}")
 
 
-def prepare_model() -> Path:
-    """The tiny SD 1.x pipeline folder, built on first use (in a child process: the harness stays light)."""
-    path = CACHE / "model"
+def prepare_model(kind: Kind) -> Path:
+    """The tiny pipeline folder, built on first use (in a child process: the harness stays light)."""
+    path = CACHE / kind.builder.replace("build_tiny", "model")
     if not (path / "model_index.json").exists():
-        print("building the tiny SD 1.x model (once) ...", flush=True)
-        partial = path.with_name("model.partial")
+        print(f"building the tiny model ({kind.builder}, once) ...", flush=True)
+        partial = path.with_name(path.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         code = (f"import sys; from pathlib import Path; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
-                f"from tiny_models import build_tiny_sd; build_tiny_sd(Path({str(partial)!r}))")
+                f"from tiny_models import {kind.builder}; {kind.builder}(Path({str(partial)!r}))")
         setup_step([sys.executable, "-c", code], dict(os.environ), "build model")
         partial.rename(path)
     return path
@@ -272,8 +307,8 @@ def problems_with(job: Job, w: Workload, timed: Timed) -> list[str]:
     steps = job.steps(w)
     if f"{steps}/{steps} [" not in (job.folder / "stderr.txt").read_text(errors="replace"):
         problems.append(f"its progress bar never reached {steps}/{steps} steps")
-    if not (job.folder / "out" / WEIGHTS[job.program]).is_file():
-        problems.append(f"no {WEIGHTS[job.program]} in {job.folder / 'out'}")
+    if not (job.folder / "out" / w.kind.weights[job.program]).is_file():
+        problems.append(f"no {w.kind.weights[job.program]} in {job.folder / 'out'}")
     found = [p for p in job.class_dir.glob("*") if p.suffix in IMAGE_SUFFIXES]
     if len(found) < w.class_images:
         problems.append(f"{len(found)} class images in {job.class_dir}, expected {w.class_images}")
@@ -388,7 +423,7 @@ def versions(script: Path) -> dict[str, str]:
     return {
         "python": platform.python_version(), **packages,
         "dreambooth": git("rev-parse", "--short", "HEAD") + dirty,
-        "train_dreambooth.py": f"{script} (sha256 {hashlib.sha256(script.read_bytes()).hexdigest()[:12]})",
+        script.name: f"{script} (sha256 {hashlib.sha256(script.read_bytes()).hexdigest()[:12]})",
     }
 
 
@@ -404,7 +439,10 @@ def warn_if_busy(load: float, when: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--diffusers-script", type=Path, required=True,
-                        help="examples/dreambooth/train_dreambooth.py of a diffusers source checkout")
+                        help="the workload's examples/dreambooth/ script of a diffusers source checkout")
+    parser.add_argument("--workload", choices=KINDS_OF_WORKLOAD, default="sd-full",
+                        help="sd-full: SD 1.x full UNet (train_dreambooth.py); sdxl-lora: SDXL LoRA rank 16 "
+                             "(train_dreambooth_lora_sdxl.py)")
     parser.add_argument("--steps", type=int, default=60, help="training steps of the cold and warm runs")
     parser.add_argument("--class-images", type=int, default=8, help="class images for prior preservation")
     parser.add_argument(
@@ -412,15 +450,21 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="write every run and figure here")
     parser.add_argument("--model", type=Path, default=None,
-                        help="SD 1.x pipeline folder (bench/full_size_sd15.py on a GPU); default: tiny")
-    parser.add_argument("--resolution", type=int, default=RESOLUTION, help="training and class-image px")
+                        help="pipeline folder of the workload's family (bench/full_size_sd15.py on a GPU); "
+                             "default: tiny")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="training and class-image px; default: the tiny model's")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
                         help="of training and class images in both programs (bf16/fp16 need a GPU)")
     args = parser.parse_args()
-    script = args.diffusers_script.resolve()
+    script, kind = args.diffusers_script.resolve(), KINDS_OF_WORKLOAD[args.workload]
     if not script.is_file():
         parser.error(f"--diffusers-script {args.diffusers_script} is not a file; get it with `git clone "
-                     "https://github.com/huggingface/diffusers`: examples/dreambooth/train_dreambooth.py")
+                     f"https://github.com/huggingface/diffusers`: examples/dreambooth/{kind.script}")
+    if script.name != kind.script:
+        parser.error(
+            f"--workload {args.workload} compares with examples/dreambooth/{kind.script}, not {script.name}"
+        )
     if min(args.steps, args.class_images, args.repeats) < 1:
         parser.error("--steps, --class-images and --repeats must be >= 1")
     start = time.perf_counter()
@@ -433,14 +477,16 @@ def main() -> None:
     print(f"load average before: {load_before:.2f}")
     warn_if_busy(load_before, "before the runs")
 
-    model = args.model.resolve() if args.model else prepare_model()
+    model = args.model.resolve() if args.model else prepare_model(kind)
     w = Workload(
-        model, prepare_photos(), args.steps, args.class_images, args.resolution, args.mixed_precision
+        kind, model, prepare_photos(), args.steps, args.class_images, args.resolution or kind.resolution,
+        args.mixed_precision,
     )
     envs = environments(prepare_torchvision())
     commands = {"ours": ours_command, "diffusers": functools.partial(diffusers_command, script)}
     print(
-        f"\nworkload: {w.model.name}, {w.resolution} px, precision {w.precision}, {args.class_images} class "
+        f"\nworkload {args.workload}: {w.model.name}, {w.resolution} px, precision {w.precision}, "
+        f"{args.class_images} class "
         f"images, runs of {w.steps} and "
         f"{LONG * w.steps} steps, a checkpoint every {w.checkpoint_every}; {args.repeats} repeat(s)"
     )
@@ -468,7 +514,7 @@ def main() -> None:
     print(
         "class images: "
         + "; ".join(f"{p} {steps} denoising steps ({sampler})" for p, (steps, sampler) in sampling.items())
-        + f"; {CLASS_BATCH} per batch, guidance 7.5 in both"
+        + f"; {CLASS_BATCH} per batch, guidance {kind.guidance:g} in both"
     )
     logged = [r.step_ms for r in runs if r.program == "ours" and r.kind == "long" and r.step_ms]
     if logged:

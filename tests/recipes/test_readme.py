@@ -30,7 +30,7 @@ DOCS = [README, ROOT / "docs" / "pocket.md"]
 # Flags of other programs the README shows (pip, accelerate, torchrun, the bench script).
 OTHER_TOOLS_FLAGS = {
     "--no-deps", "--multi_gpu", "--num_processes", "--nproc_per_node", "--data", "--dino", "--clip",
-    "--bench-", "--diffusers-script",
+    "--bench-", "--diffusers-script", "--workload",
 }
 
 

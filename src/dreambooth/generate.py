@@ -305,7 +305,13 @@ def check_generate(
     if lora is not None:
         check_lora_file(Path(lora))
     run_info = RunLayout(Path(config.source)).run_info
-    subject = read_json(run_info) if run_info.is_file() else {}
+    try:
+        subject = read_json(run_info) if run_info.is_file() else {}
+    except ValueError as error:
+        raise ValueError(
+            f"{str(run_info)!r} is damaged ({error}); pass the run's pipeline/ folder as --model and "
+            "write the identifier in the prompts"
+        ) from error
     if subject.get("identifier") and not any(_names_subject(text, subject["identifier"]) for text in prompts):
         logger.warning(
             "no prompt names the subject: write [V] where it goes (e.g. 'a [V] %s on a beach'; this run's "

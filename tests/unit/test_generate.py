@@ -96,6 +96,15 @@ def test_sampling_a_run_with_prompts_that_never_name_its_subject_warns(
     assert ("no prompt names the subject" in caplog.text) == warns
 
 
+def test_a_run_folder_with_a_damaged_run_json_is_named(tiny_sd: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pipeline").symlink_to(tiny_sd)
+    (run / "run.json").write_text('{"identifier": "fe')
+    with pytest.raises(ValueError, match=r"run\.json' is damaged .*pass the run's pipeline/ folder"):
+        check_generate(str(run), ["a [V] dog"], tmp_path / "out")
+
+
 def _counting(function, calls: list):
     def counted(self, *args, **kwargs):
         calls.append(1)

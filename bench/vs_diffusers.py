@@ -94,8 +94,8 @@ INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of dog"
 
 
 @dataclass(frozen=True)
-class Kind:
-    """What is fine-tuned, and how each program is told: the rest of the workload is shared."""
+class Recipe:
+    """What a workload fine-tunes, and how each program is told to: the rest of the workload is shared."""
 
     script: str
     """The diffusers example that trains it (examples/dreambooth/<script>)."""
@@ -106,21 +106,23 @@ class Kind:
     guidance: float
     """Classifier-free guidance of the class images: the pipeline's default, which both programs use."""
     ours: tuple[str, ...]
+    """Our `dreambooth train` flags for it."""
     theirs: tuple[str, ...]
+    """The diffusers script's flags for it."""
     weights: dict[str, Path]
     """The fine-tuned weights each program saves at the end, relative to its output folder."""
 
 
-KINDS_OF_WORKLOAD = {
+RECIPES = {
     # W1 of the performance issue: SD 1.x, full UNet fine-tuning (the paper's method), text encoder frozen
-    "sd-full": Kind(
+    "sd-full": Recipe(
         "train_dreambooth.py", "build_tiny_sd", 32, 7.5, ("--learning-rate", "5e-6"),
         ("--learning_rate", "5e-6", "--pre_compute_text_embeddings"),
         {"ours": Path("pipeline/unet/diffusion_pytorch_model.safetensors"),
          "diffusers": Path("unet/diffusion_pytorch_model.safetensors")},
     ),
     # W2: SDXL, LoRA rank 16 on the UNet (text encoders frozen; their prompts are encoded once by both)
-    "sdxl-lora": Kind(
+    "sdxl-lora": Recipe(
         "train_dreambooth_lora_sdxl.py", "build_tiny_sdxl", 64, 5.0,
         ("--lora-rank", "16", "--learning-rate", "1e-4", "--no-save-pipeline"),
         ("--rank", "16", "--learning_rate", "1e-4"),
@@ -145,7 +147,7 @@ for _name in ("nms", "qnms"):
 
 @dataclass(frozen=True)
 class Workload:
-    kind: Kind
+    recipe: Recipe
     model: Path
     photos: Path
     steps: int
@@ -200,7 +202,7 @@ def ours_command(job: Job, w: Workload) -> list[str]:
         "a photo of {identifier} {class_noun}", "--class-prompt", "a photo of {class_noun}",
         "--prior-preservation", "--num-class-images", str(w.class_images), "--class-dir", str(job.class_dir),
         "--class-batch-size", str(CLASS_BATCH), "--resolution", str(w.resolution), "--max-steps",
-        str(job.steps(w)), "--batch-size", "1", *w.kind.ours, "--mixed-precision", w.precision,
+        str(job.steps(w)), "--batch-size", "1", *w.recipe.ours, "--mixed-precision", w.precision,
         "--seed", "0", "--checkpoint-every", str(w.checkpoint_every), "--logger", "tensorboard",
         "--validation-images",
         "0",  # no validation samples, as diffusers' script without --validation_prompt
@@ -215,7 +217,7 @@ def diffusers_command(script: Path, job: Job, w: Workload) -> list[str]:
         "--with_prior_preservation", "--num_class_images", str(w.class_images), "--class_data_dir",
         str(job.class_dir), "--sample_batch_size", str(CLASS_BATCH), "--prior_generation_precision",
         {"no": "fp32"}.get(w.precision, w.precision), "--resolution", str(w.resolution), "--max_train_steps",
-        str(job.steps(w)), "--train_batch_size", "1", *w.kind.theirs, "--lr_scheduler", "constant",
+        str(job.steps(w)), "--train_batch_size", "1", *w.recipe.theirs, "--lr_scheduler", "constant",
         "--lr_warmup_steps", "0", "--mixed_precision", w.precision, "--seed", "0", "--checkpointing_steps",
         str(w.checkpoint_every), "--report_to", "tensorboard", "--output_dir", str(job.folder / "out"),
     ]
@@ -238,15 +240,15 @@ def setup_step(cmd: list[str], env: dict[str, str], what: str) -> None:
         raise RuntimeError(f"{what} failed (exit {result.returncode}):\n{tail(logs / 'stderr.txt')}")
 
 
-def prepare_model(kind: Kind) -> Path:
+def prepare_model(recipe: Recipe) -> Path:
     """The tiny pipeline folder, built on first use (in a child process: the harness stays light)."""
-    path = CACHE / kind.builder.replace("build_tiny", "model")
+    path = CACHE / recipe.builder.replace("build_tiny", "model")
     if not (path / "model_index.json").exists():
-        print(f"building the tiny model ({kind.builder}, once) ...", flush=True)
+        print(f"building the tiny model ({recipe.builder}, once) ...", flush=True)
         partial = path.with_name(path.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         code = (f"import sys; from pathlib import Path; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
-                f"from tiny_models import {kind.builder}; {kind.builder}(Path({str(partial)!r}))")
+                f"from tiny_models import {recipe.builder}; {recipe.builder}(Path({str(partial)!r}))")
         setup_step([sys.executable, "-c", code], dict(os.environ), "build model")
         partial.rename(path)
     return path
@@ -307,8 +309,8 @@ def problems_with(job: Job, w: Workload, timed: Timed) -> list[str]:
     steps = job.steps(w)
     if f"{steps}/{steps} [" not in (job.folder / "stderr.txt").read_text(errors="replace"):
         problems.append(f"its progress bar never reached {steps}/{steps} steps")
-    if not (job.folder / "out" / w.kind.weights[job.program]).is_file():
-        problems.append(f"no {w.kind.weights[job.program]} in {job.folder / 'out'}")
+    if not (job.folder / "out" / w.recipe.weights[job.program]).is_file():
+        problems.append(f"no {w.recipe.weights[job.program]} in {job.folder / 'out'}")
     found = [p for p in job.class_dir.glob("*") if p.suffix in IMAGE_SUFFIXES]
     if len(found) < w.class_images:
         problems.append(f"{len(found)} class images in {job.class_dir}, expected {w.class_images}")
@@ -440,7 +442,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--diffusers-script", type=Path, required=True,
                         help="the workload's examples/dreambooth/ script of a diffusers source checkout")
-    parser.add_argument("--workload", choices=KINDS_OF_WORKLOAD, default="sd-full",
+    parser.add_argument("--workload", choices=RECIPES, default="sd-full",
                         help="sd-full: SD 1.x full UNet (train_dreambooth.py); sdxl-lora: SDXL LoRA rank 16 "
                              "(train_dreambooth_lora_sdxl.py)")
     parser.add_argument("--steps", type=int, default=60, help="training steps of the cold and warm runs")
@@ -457,13 +459,13 @@ def main() -> None:
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
                         help="of training and class images in both programs (bf16/fp16 need a GPU)")
     args = parser.parse_args()
-    script, kind = args.diffusers_script.resolve(), KINDS_OF_WORKLOAD[args.workload]
+    script, recipe = args.diffusers_script.resolve(), RECIPES[args.workload]
     if not script.is_file():
         parser.error(f"--diffusers-script {args.diffusers_script} is not a file; get it with `git clone "
-                     f"https://github.com/huggingface/diffusers`: examples/dreambooth/{kind.script}")
-    if script.name != kind.script:
+                     f"https://github.com/huggingface/diffusers`: examples/dreambooth/{recipe.script}")
+    if script.name != recipe.script:
         parser.error(
-            f"--workload {args.workload} compares with examples/dreambooth/{kind.script}, not {script.name}"
+            f"--workload {args.workload} compares with examples/dreambooth/{recipe.script}, not {script.name}"
         )
     if min(args.steps, args.class_images, args.repeats) < 1:
         parser.error("--steps, --class-images and --repeats must be >= 1")
@@ -477,9 +479,9 @@ def main() -> None:
     print(f"load average before: {load_before:.2f}")
     warn_if_busy(load_before, "before the runs")
 
-    model = args.model.resolve() if args.model else prepare_model(kind)
+    model = args.model.resolve() if args.model else prepare_model(recipe)
     w = Workload(
-        kind, model, prepare_photos(), args.steps, args.class_images, args.resolution or kind.resolution,
+        recipe, model, prepare_photos(), args.steps, args.class_images, args.resolution or recipe.resolution,
         args.mixed_precision,
     )
     envs = environments(prepare_torchvision())
@@ -514,7 +516,7 @@ def main() -> None:
     print(
         "class images: "
         + "; ".join(f"{p} {steps} denoising steps ({sampler})" for p, (steps, sampler) in sampling.items())
-        + f"; {CLASS_BATCH} per batch, guidance {kind.guidance:g} in both"
+        + f"; {CLASS_BATCH} per batch, guidance {recipe.guidance:g} in both"
     )
     logged = [r.step_ms for r in runs if r.program == "ours" and r.kind == "long" and r.step_ms]
     if logged:
